@@ -1,0 +1,61 @@
+"""``MixedDepthwiseConv2d``: the drop-in layer for :func:`fastseg.ops.mixed_depthwise_conv2d`."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..backend import _check_name
+from ..ops.mixed_depthwise_conv import equal_splits, mixed_depthwise_conv2d
+
+
+class MixedDepthwiseConv2d(nn.Module):
+    """Depthwise convs with a different odd kernel size per channel group (LGMSNet's LMS block).
+
+    Input and output ``[N, channels, H, W]``. Group ``g`` covers ``splits[g]`` consecutive channels
+    (default: equal, remainder to the first group) with kernel ``kernel_sizes[g]``, stride 1 and
+    'same' padding. Parameters ``weights.{g}`` ``[C_g, 1, k_g, k_g]`` and ``biases.{g}`` ``[C_g]``
+    have the shapes and the default initialisation of per-group ``nn.Conv2d(C_g, C_g, k_g,
+    groups=C_g)``, so weights move between this layer and such convs unchanged.
+    """
+
+    def __init__(self, channels: int, kernel_sizes: Sequence[int] = (3, 5, 7, 9),
+                 splits: Optional[Sequence[int]] = None, bias: bool = True, residual: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        kernel_sizes = [int(k) for k in kernel_sizes]
+        if not kernel_sizes or any(k < 1 or k % 2 == 0 for k in kernel_sizes):
+            raise ValueError(f"kernel_sizes must be positive odd integers, got {kernel_sizes}")
+        if splits is None:
+            splits = equal_splits(channels, len(kernel_sizes))
+        splits = [int(s) for s in splits]
+        if len(splits) != len(kernel_sizes) or any(s <= 0 for s in splits) or sum(splits) != channels:
+            raise ValueError(f"splits must be {len(kernel_sizes)} positive counts summing to "
+                             f"channels={channels}, got {splits}")
+        self.channels, self.kernel_sizes, self.splits = channels, kernel_sizes, splits
+        self.residual = residual
+        self.backend = _check_name(backend)
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(c, 1, k, k)) for c, k in zip(splits, kernel_sizes))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(c)) for c in splits) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``'s default init per group (kaiming-uniform weights, fan-in bound biases)."""
+        for g, w in enumerate(self.weights):
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            if self.biases is not None:
+                bound = 1.0 / math.sqrt(w[0].numel())
+                nn.init.uniform_(self.biases[g], -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[N, channels, H, W]`` → ``[N, channels, H, W]``."""
+        return mixed_depthwise_conv2d(x, list(self.weights),
+                                      list(self.biases) if self.biases is not None else None,
+                                      self.residual, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.channels}, kernel_sizes={tuple(self.kernel_sizes)}, splits={tuple(self.splits)}, "
+                f"bias={self.biases is not None}, residual={self.residual}, backend={self.backend!r}")

@@ -44,7 +44,10 @@ def _extensions():
     from torch.utils import cpp_extension
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
+    # Built from the checkout on the machine that runs it, so the CPU kernels target that machine's
+    # vector units; FASTSEG_CPU_ARCH (e.g. x86-64-v3) overrides it for a portable build.
+    arch = os.environ.get("FASTSEG_CPU_ARCH", "native")
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast", f"-march={arch}"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
     with_cuda, why = _want_cuda()
@@ -62,7 +65,7 @@ def _extensions():
         for base in nvidia.__path__:
             include_dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
         archs = os.environ.get("FASTSEG_CUDA_ARCHS", "80;90")
-        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "-lineinfo"]
         for a in archs.split(";"):
             nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}"]
         kwargs["extra_compile_args"]["nvcc"] = nvcc

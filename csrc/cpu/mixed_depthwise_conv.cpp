@@ -1,0 +1,216 @@
+// CPU kernels of mixed_depthwise_conv2d (forward and backward).
+//
+// Work unit: one H×W plane (sample n, channel c), in parallel over N·C planes. The plane is
+// copied into a zero-padded per-thread buffer, then each output row is computed in blocks of BW
+// columns whose accumulators stay in vector registers (common/mixed_depthwise_conv.h, shared with
+// the CUDA kernels). The same routine with the kernel rotated by 180° gives the input gradient;
+// the weight gradient is one dot product per (row block, tap). The extension is built for the
+// machine it is installed on (-march=native, see setup.py), so these loops use its widest vectors.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/mixed_depthwise_conv.h"
+#include "mixed_depthwise_conv.h"
+#include "utils.h"
+
+namespace fastseg {
+namespace mdc {
+namespace {
+
+// Columns per row block: four 512-bit vectors.
+template <typename T>
+constexpr int kBlock = 256 / sizeof(T);
+
+// Zero-padded copy of an H×W plane: p rows/columns of zeros around it, rows widened to a whole
+// number of blocks so every block reads inside the buffer.
+template <typename T>
+struct PaddedPlane {
+  std::vector<T> data;
+  int stride = 0;
+  void fill(const T* plane, int H, int W, int k) {
+    const int p = k / 2;
+    const int width = (W + kBlock<T> - 1) / kBlock<T> * kBlock<T>;
+    stride = width + 2 * p;
+    data.assign(static_cast<size_t>(H + 2 * p) * stride, T(0));
+    for (int r = 0; r < H; ++r)
+      std::memcpy(&data[static_cast<size_t>(r + p) * stride + p], plane + static_cast<int64_t>(r) * W,
+                  sizeof(T) * W);
+  }
+};
+
+// out = correlate(padded, kernel) + bias (+ addend) over one plane; `flip` for the input grad.
+template <typename T>
+FASTSEG_HD void conv_plane(const PaddedPlane<T>& in, const T* kernel, int k, bool flip, T bias,
+                           const T* addend, int H, int W, T* out) {
+  using A = acc_t<T>;
+  constexpr int BW = kBlock<T>;
+  for (int r = 0; r < H; ++r) {
+    for (int c0 = 0; c0 < W; c0 += BW) {
+      A acc[BW];
+      for (int t = 0; t < BW; ++t) acc[t] = static_cast<A>(bias);
+      conv_row_block<BW>(in.data.data() + static_cast<size_t>(r) * in.stride + c0, in.stride,
+                         kernel, k, flip, acc);
+      const int n = std::min(BW, W - c0);
+      T* dst = out + static_cast<int64_t>(r) * W + c0;
+      const T* add = addend ? addend + static_cast<int64_t>(r) * W + c0 : nullptr;
+      for (int t = 0; t < n; ++t) dst[t] = static_cast<T>(add ? acc[t] + static_cast<A>(add[t]) : acc[t]);
+    }
+  }
+}
+
+// grad_kernel[i·k + j] = Σ_{r,c} grad_out[r, c] · x[r + i - p, c + j - p]; returns Σ grad_out.
+template <typename T>
+FASTSEG_HD acc_t<T> weight_grad_plane(const PaddedPlane<T>& x, const T* grad_out, int k, int H,
+                                      int W, acc_t<T>* grad_kernel) {
+  using A = acc_t<T>;
+  constexpr int BW = kBlock<T>;
+  A grad_bias = 0;
+  T row_block[BW];
+  for (int r = 0; r < H; ++r) {
+    for (int c0 = 0; c0 < W; c0 += BW) {
+      const int n = std::min(BW, W - c0);
+      const T* gy = grad_out + static_cast<int64_t>(r) * W + c0;
+      if (n < BW) {  // the row's tail: zeros past the image contribute nothing
+        std::fill(row_block, row_block + BW, T(0));
+        std::copy(gy, gy + n, row_block);
+        gy = row_block;
+      }
+      for (int t = 0; t < BW; ++t) grad_bias += static_cast<A>(gy[t]);
+      weight_grad_row_block<BW>(x.data.data() + static_cast<size_t>(r) * x.stride + c0, x.stride,
+                                gy, k, grad_kernel);
+    }
+  }
+  return grad_bias;
+}
+
+void conv_plane_simd(const PaddedPlane<float>& in, const float* kernel, int k,
+                                         bool flip, float bias, const float* addend, int H, int W,
+                                         float* out) {
+  conv_plane(in, kernel, k, flip, bias, addend, H, W, out);
+}
+void conv_plane_simd(const PaddedPlane<double>& in, const double* kernel,
+                                         int k, bool flip, double bias, const double* addend,
+                                         int H, int W, double* out) {
+  conv_plane(in, kernel, k, flip, bias, addend, H, W, out);
+}
+float weight_grad_plane_simd(const PaddedPlane<float>& x, const float* gy,
+                                                 int k, int H, int W, float* grad_kernel) {
+  return weight_grad_plane(x, gy, k, H, W, grad_kernel);
+}
+double weight_grad_plane_simd(const PaddedPlane<double>& x, const double* gy,
+                                                  int k, int H, int W, double* grad_kernel) {
+  return weight_grad_plane(x, gy, k, H, W, grad_kernel);
+}
+
+// Per-channel view of the groups: kernel size and pointer to the channel's k×k kernel.
+template <typename T>
+struct ChannelTable {
+  std::vector<int> k;
+  std::vector<const T*> kernel;
+  explicit ChannelTable(const std::vector<Group>& groups) {
+    for (const auto& g : groups)
+      for (int64_t c = 0; c < g.count; ++c) {
+        k.push_back(g.k);
+        kernel.push_back(g.weight.data_ptr<T>() + c * g.k * g.k);
+      }
+  }
+};
+
+void check_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "mixed_depthwise_conv2d (cpu): x must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "mixed_depthwise_conv2d (cpu): x must be float32 or float64, got ", x.scalar_type());
+}
+
+at::Tensor forward_cpu(const at::Tensor& x_in, at::TensorList weights,
+                       const std::optional<at::Tensor>& bias_in, bool residual) {
+  check_cpu(x_in);
+  const auto groups = check_and_group(x_in, weights);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3));
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->numel() == C, "mixed_depthwise_conv2d: bias must have C=", C, " entries");
+    bias = bias_in->contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixed_depthwise_conv2d_cpu", [&] {
+    const ChannelTable<scalar_t> table(groups);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t plane = static_cast<int64_t>(H) * W;
+    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      PaddedPlane<scalar_t> padded;
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const int64_t c = nc % C;
+        padded.fill(xp + nc * plane, H, W, table.k[c]);
+        conv_plane_simd(padded, table.kernel[c], table.k[c], false, bp ? bp[c] : scalar_t(0),
+                        residual ? xp + nc * plane : nullptr, H, W, yp + nc * plane);
+      }
+    });
+  });
+  return to_output_layout(y, x_in);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, at::TensorList weights, bool residual) {
+  check_cpu(x_in);
+  const auto groups = check_and_group(x_in, weights);
+  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes() && grad_out_in.scalar_type() == x_in.scalar_type(),
+              "mixed_depthwise_conv2d_backward: grad_out must match x in shape and dtype");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor gy = grad_out_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3));
+  const int kmax = [&] { int m = 0; for (const auto& g : groups) m = imax(m, g.k); return m; }();
+  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  // Per-plane partial weight/bias gradients, reduced over the batch afterwards: deterministic.
+  auto acc_dtype = x.scalar_type();
+  at::Tensor gk_partial = at::zeros({N, C, kmax * kmax}, x.options().dtype(acc_dtype));
+  at::Tensor gb_partial = at::empty({N, C}, x.options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixed_depthwise_conv2d_backward_cpu", [&] {
+    const ChannelTable<scalar_t> table(groups);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gyp = gy.data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    scalar_t* gkp = gk_partial.data_ptr<scalar_t>();
+    scalar_t* gbp = gb_partial.data_ptr<scalar_t>();
+    const int64_t plane = static_cast<int64_t>(H) * W;
+    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      PaddedPlane<scalar_t> padded;
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const int64_t c = nc % C;
+        const int k = table.k[c];
+        padded.fill(gyp + nc * plane, H, W, k);
+        conv_plane_simd(padded, table.kernel[c], k, true, scalar_t(0),
+                        residual ? gyp + nc * plane : nullptr, H, W, gxp + nc * plane);
+        padded.fill(xp + nc * plane, H, W, k);
+        gbp[nc] = weight_grad_plane_simd(padded, gyp + nc * plane, k, H, W, gkp + nc * kmax * kmax);
+      }
+    });
+  });
+  const at::Tensor gk = gk_partial.sum(0);
+  std::vector<at::Tensor> grad_weights;
+  for (const auto& g : groups)
+    grad_weights.push_back(gk.narrow(0, g.begin, g.count)
+                               .narrow(1, 0, g.k * g.k)
+                               .reshape({g.count, 1, g.k, g.k})
+                               .contiguous());
+  return {to_output_layout(gx, x_in), grad_weights, gb_partial.sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
+  m.impl("mixed_depthwise_conv2d", &forward_cpu);
+  m.impl("mixed_depthwise_conv2d_backward", &backward_cpu);
+}
+
+}  // namespace mdc
+}  // namespace fastseg

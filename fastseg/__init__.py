@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "data": "fastseg.data",
     "engine": "fastseg.engine",
-    "metrics": "fastseg.engine.metrics",
-    "losses": "fastseg.engine.losses",
+    "metrics": "fastseg.metrics",
+    "losses": "fastseg.losses",
 }
 
 

@@ -56,6 +56,12 @@ def extension():
 _extension_error: list[str] = []
 
 
+def has_cuda_kernels() -> bool:
+    """Whether ``fastseg._C`` was compiled with its CUDA sources (their kernels are registered)."""
+    return extension() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastseg::mixed_depthwise_conv2d", "CUDA")
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
     try:
@@ -83,11 +89,12 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     if backend == "cuda":
         if device_type != "cuda":
             return f"the cuda backend runs on CUDA tensors, not {device_type} tensors"
-        ext = extension()
-        if ext is None:
+        if extension() is None:
             return "the C++ extension fastseg._C is not built"
-        if not ext.with_cuda():
+        if not has_cuda_kernels():
             return "fastseg._C was built without CUDA sources (rebuild with FASTSEG_CUDA=1)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
         return None
     # triton
     err = _triton_import_error()
@@ -97,6 +104,8 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
         return "triton runs on CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
     if device_type not in ("cpu", "cuda"):
         return f"triton does not run on {device_type} tensors"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     return None
 
 
@@ -134,8 +143,12 @@ def requested_backend(backend: str = "auto") -> str:
     return "auto"
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend that runs a call on ``device`` (never ``"auto"``)."""
+    """The concrete backend that runs a call on ``device`` (never ``"auto"``).
+
+    Under ``torch.compile`` it runs once at trace time and its answer is baked into the graph.
+    """
     want = requested_backend(backend)
     if want == "auto":
         return _auto(device.type)

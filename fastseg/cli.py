@@ -20,9 +20,28 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
-    from bench_summary import main as summary  # noqa: F401 - resolved below
+    import os
+    import subprocess
+    from pathlib import Path
 
-    return summary(args.rest)
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if not (bench / "summary.py").exists():
+        print(f"fastseg bench runs from a checkout: {bench} not found", file=sys.stderr)
+        return 2
+    out = Path(args.json).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           *[str(bench / f"bench_{op}.py") for op in args.ops], f"--benchmark-json={out}"]
+    if args.k:
+        cmd += ["-k", args.k]
+    print("$ " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, cwd=bench.parent, env=dict(os.environ))
+    if rc != 0:
+        return rc
+    sys.path.insert(0, str(bench))
+    from summary import main as summary
+
+    return summary([str(out)])
 
 
 def _data(args) -> int:
@@ -37,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions and which backends can run here")
     p.set_defaults(func=_info)
     p = sub.add_parser("bench", help="time the fused ops against the references; print ratios")
+    p.add_argument("--ops", nargs="+", default=["mixed_depthwise_conv"],
+                   help="op families to time (files bench/bench_<op>.py)")
+    p.add_argument("-k", default=None, help="pytest -k expression selecting cases")
+    p.add_argument("--json", default=".benchmarks/ops.json", help="where to write the raw results")
     p.set_defaults(func=_bench)
     p = sub.add_parser("data", help="inspect a dataset folder")
     data_sub = p.add_subparsers(dest="data_command", required=True)

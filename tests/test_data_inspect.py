@@ -1,0 +1,86 @@
+"""``fastseg data inspect PATH``: the report, its JSON form, exit codes, and that the data folder
+is only ever read."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data_helpers import ct_volume, make_busi, make_kvasir, make_lits, save, save_nifti, tree_snapshot
+from fastseg.cli import main
+from fastseg.data import ImageDataset, VolumeSliceDataset, find_cases, inspect_dataset, make_splits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_inspect_volumes_reports_layout_shapes_spacing_and_classes(tmp_path, capsys):
+    root = make_lits(tmp_path, ids=(0, 1))
+    assert main(["data", "inspect", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "layout:  lits (volume files)" in out
+    assert "cases:   2 paired, 2 readable" in out
+    assert "shapes:  16x12x6 (2)" in out
+    assert "spacing: min [0.75, 0.75, 2.5]" in out
+    assert "labels:  raw 0->0, 1->1, 2->2" in out
+    assert "classes: 0 (in 2 cases), 1 (in 2 cases), 2 (in 2 cases)" in out
+    assert "problems: 0" in out and "usable:  yes" in out
+
+
+def test_inspect_json_lists_problems_by_file(tmp_path, capsys):
+    root = make_busi(tmp_path)
+    orphan = save(np.zeros((20, 24), np.uint8), root / "benign" / "benign (2).png")
+    bad_mask = save(np.zeros((10, 10), np.uint8), root / "malignant" / "malignant (1)_mask.png")
+    assert main(["data", "inspect", str(root), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"] == "busi" and report["cases_found"] == 3 and report["cases_ok"] == 2
+    assert report["shapes"] == {"20x24": 2} and report["channels"] == {"1": 2}
+    assert report["classes"] == {"0": 2, "1": 1}
+    assert len(report["problems"]) == 2
+    assert any(str(orphan) in p and "image has no mask" in p for p in report["problems"])
+    assert any(str(bad_mask) in p and "shape (10, 10) differs" in p for p in report["problems"])
+
+
+def test_inspect_unusable_folders_exit_nonzero(tmp_path, capsys):
+    assert main(["data", "inspect", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path}: no image or NIfTI files" in out and "usable:  no" in out
+    corrupt = tmp_path / "images" / "a.png"
+    save(np.zeros((4, 4), np.uint8), tmp_path / "masks" / "a.png")
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"\x89PNG broken")
+    assert main(["data", "inspect", str(tmp_path)]) == 1
+    assert f"{corrupt}: cannot read .png" in capsys.readouterr().out
+
+
+def test_inspect_forced_layout_and_label_values(tmp_path):
+    root = tmp_path / "hearts"
+    save_nifti(np.zeros((4, 4, 2), np.int16), root / "images" / "h1.nii.gz")
+    save_nifti(np.full((4, 4, 2), 205, np.int16), root / "labels" / "h1.nii.gz")
+    report = inspect_dataset(root, layout="generic", label_values=[0, 205])
+    assert report.classes == {1: 1} and report.label_mapping == "raw 0->0, 205->1"
+    assert inspect_dataset(root, label_values=[0, 420]).cases_ok == 0
+
+
+def test_nothing_is_written_into_the_data_folder(tmp_path):
+    kvasir, lits = make_kvasir(tmp_path / "kvasir"), make_lits(tmp_path / "lits", ids=(0, 1))
+    hu, labels = ct_volume((16, 12, 6), 2)
+    save_nifti(hu, lits / "volume-2.nii.gz")
+    save_nifti(labels, lits / "segmentation-2.nii.gz")
+    before = tree_snapshot(tmp_path)
+    for root, dataset_type in ((kvasir, ImageDataset), (lits, VolumeSliceDataset)):
+        inspect_dataset(root)
+        dataset = dataset_type(root, size=8, augment=True, skip_bad=True)
+        [dataset[i] for i in range(len(dataset))]
+        make_splits(find_cases(root).case_ids)
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_module_entry_point(tmp_path):
+    root = make_kvasir(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "fastseg", "data", "inspect", str(root)], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "kvasir-seg (image files)" in result.stdout and "3 paired, 3 readable" in result.stdout

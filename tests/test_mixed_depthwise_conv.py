@@ -92,7 +92,9 @@ def test_gradcheck_float64(backend):
     def fn(x, w0, w1, b0, b1):
         return mixed_depthwise_conv2d(x, [w0, w1], [b0, b1], residual=True, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+    # The interpreter runs a Triton program in ~ms: the full Jacobian would take minutes, so the
+    # triton case checks random directional derivatives (fast mode) instead.
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=backend == "triton")
 
 
 def fused_op(backend):

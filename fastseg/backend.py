@@ -34,7 +34,7 @@ _CHOICES = BACKENDS + ("auto",)
 
 _state = threading.local()
 _global_backend: str | None = None
-_warned: set[tuple[str, str, str]] = set()
+_warned: set[tuple[str, str, str]] = set()  # (backend, device type, reason): warn once each
 
 
 def _check_name(name: str, argname: str = "backend") -> str:
@@ -75,14 +75,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(backend: str, device_type: str) -> str | None:
-    """Why ``backend`` cannot run on tensors of ``device_type`` (``"cpu"``/``"cuda"``), or ``None``."""
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype | None = None) -> str | None:
+    """Why ``backend`` cannot run on ``dtype`` tensors of ``device_type`` (``"cpu"``/``"cuda"``),
+    or ``None`` if it can."""
     _check_name(backend)
     if backend in ("reference", "auto"):
         return None
     if backend == "cpu":
         if device_type != "cpu":
             return f"the cpu backend runs on CPU tensors, not {device_type} tensors"
+        if dtype is not None and dtype not in _CPU_DTYPES:
+            return f"the cpu backend computes in float32 and float64, not {dtype}"
         if extension() is None:
             return "the C++ extension fastseg._C is not built (" + "; ".join(_extension_error) + ")"
         return None
@@ -119,10 +125,10 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b, dev.type) is None]
 
 
-def _auto(device_type: str) -> str:
+def _auto(device_type: str, dtype: torch.dtype | None) -> str:
     order = ("triton", "cuda") if device_type == "cuda" else ("cpu",)
     for b in order:
-        if unavailable_reason(b, device_type) is None:
+        if unavailable_reason(b, device_type, dtype) is None:
             return b
     return "reference"
 
@@ -144,18 +150,18 @@ def requested_backend(backend: str = "auto") -> str:
 
 
 @torch.compiler.assume_constant_result
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend that runs a call on ``device`` (never ``"auto"``).
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend that runs a call on ``dtype`` tensors on ``device`` (never ``"auto"``).
 
     Under ``torch.compile`` it runs once at trace time and its answer is baked into the graph.
     """
     want = requested_backend(backend)
     if want == "auto":
-        return _auto(device.type)
-    why = unavailable_reason(want, device.type)
+        return _auto(device.type, dtype)
+    why = unavailable_reason(want, device.type, dtype)
     if why is None:
         return want
-    chosen = _auto(device.type)
+    chosen = _auto(device.type, dtype)
     key = (want, device.type, why)
     if key not in _warned:
         _warned.add(key)

@@ -195,7 +195,7 @@ def test_backend_precedence(monkeypatch):
     import fastseg.ops.mixed_depthwise_conv as mod
 
     real = mod.resolve_backend
-    monkeypatch.setattr(mod, "resolve_backend", lambda b, d: calls.append(real(b, d)) or calls[-1])
+    monkeypatch.setattr(mod, "resolve_backend", lambda *a: calls.append(real(*a)) or calls[-1])
     x, w, b = make_inputs(1, 7, 5, 5, [3, 4], [3, 5])
     monkeypatch.setenv("FASTSEG_BACKEND", "reference")
     mixed_depthwise_conv2d(x, w, b)
@@ -225,6 +225,20 @@ def test_global_setter_and_unavailable_backend_warns_once():
     messages = [str(c.message) for c in caught if "unavailable" in str(c.message)]
     assert len(messages) == 1 and "'cuda'" in messages[0] and "CUDA tensors" in messages[0]
     torch.testing.assert_close(y1, y2)
+
+
+def test_half_precision_on_cpu_runs_on_the_reference():
+    x, w, b = make_inputs(1, 7, 6, 6, [3, 4], [3, 5])
+    to = lambda ts: [t.bfloat16() for t in ts]  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y_auto = mixed_depthwise_conv2d(x.bfloat16(), to(w), to(b))  # auto: no warning
+        y_cpu = mixed_depthwise_conv2d(x.bfloat16(), to(w), to(b), backend="cpu")
+    assert y_auto.dtype == torch.bfloat16
+    torch.testing.assert_close(y_auto, mixed_depthwise_conv2d_reference(x.bfloat16(), to(w), to(b)))
+    torch.testing.assert_close(y_cpu, y_auto)
+    if "cpu" in fastseg.available_backends("cpu"):
+        assert [str(c.message) for c in caught if "float32 and float64" in str(c.message)]
 
 
 def test_available_backends_on_cpu():

@@ -178,7 +178,7 @@ def mixed_depthwise_conv2d(x: torch.Tensor, weights: Sequence[torch.Tensor],
     """
     weights, bias = _validate(x, weights, biases)
     _check_finite(x, weights, bias)
-    chosen = resolve_backend(backend, x.device)
+    chosen = resolve_backend(backend, x.device, x.dtype)
     if chosen == "reference":
         return mixed_depthwise_conv2d_reference(x, weights, biases, residual)
     return _FUSED[chosen](x, weights, bias, bool(residual))

@@ -22,7 +22,7 @@ from ..backend import extension
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """Memory format of an op's output for input ``x`` (mirrors ``csrc/common/layout.h``)."""
+    """Memory format of an op's output for input ``x`` (mirrors ``csrc/utils.h``)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format

@@ -93,11 +93,15 @@ def _validate(x, weights, biases):
     return weights, torch.cat(biases)
 
 
-def _check_finite(x, weights, bias):
+def _check_finite(x, weights, bias, backend):
+    """NaN/inf check of the parameters, and of ``x`` unless the backend checks it itself (the cpu
+    kernels do, for free, while they copy each plane; a separate pass would cost more than the op)."""
     if torch.compiler.is_compiling():
         return
-    for name, t in [("x", x)] + [(f"weights[{g}]", w) for g, w in enumerate(weights)] + \
-            ([("biases", bias)] if bias is not None else []):
+    named = [(f"weights[{g}]", w) for g, w in enumerate(weights)]
+    named += [("biases", bias)] if bias is not None else []
+    named += [("x", x)] if backend != "cpu" else []
+    for name, t in named:
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or inf")
 
@@ -177,8 +181,8 @@ def mixed_depthwise_conv2d(x: torch.Tensor, weights: Sequence[torch.Tensor],
             counts that do not add up, mixed dtypes or devices, empty inputs, NaN/inf values.
     """
     weights, bias = _validate(x, weights, biases)
-    _check_finite(x, weights, bias)
     chosen = resolve_backend(backend, x.device, x.dtype)
+    _check_finite(x, weights, bias, chosen)
     if chosen == "reference":
         return mixed_depthwise_conv2d_reference(x, weights, biases, residual)
     return _FUSED[chosen](x, weights, bias, bool(residual))

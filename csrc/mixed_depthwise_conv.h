@@ -37,5 +37,20 @@ inline std::vector<Group> check_and_group(const at::Tensor& x, at::TensorList we
   return groups;
 }
 
+// Per-group weight gradients [C_g, 1, k_g, k_g] (in `dtype`) from packed per-channel sums
+// `packed` [C, kmax²] whose row c holds channel c's k_g² taps first.
+inline std::vector<at::Tensor> split_weight_grads(const at::Tensor& packed,
+                                                  const std::vector<Group>& groups,
+                                                  at::ScalarType dtype) {
+  std::vector<at::Tensor> grads;
+  for (const auto& g : groups)
+    grads.push_back(packed.narrow(0, g.begin, g.count)
+                        .narrow(1, 0, g.k * g.k)
+                        .reshape({g.count, 1, g.k, g.k})
+                        .to(dtype)
+                        .contiguous());
+  return grads;
+}
+
 }  // namespace mdc
 }  // namespace fastseg

@@ -212,14 +212,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cpu(
       }
     });
   });
-  const at::Tensor gk = gk_partial.sum(0);
-  std::vector<at::Tensor> grad_weights;
-  for (const auto& g : groups)
-    grad_weights.push_back(gk.narrow(0, g.begin, g.count)
-                               .narrow(1, 0, g.k * g.k)
-                               .reshape({g.count, 1, g.k, g.k})
-                               .contiguous());
-  return {to_output_layout(gx, x_in), grad_weights, gb_partial.sum(0)};
+  return {to_output_layout(gx, x_in), split_weight_grads(gk_partial.sum(0), groups, x.scalar_type()),
+          gb_partial.sum(0)};
 }
 
 }  // namespace

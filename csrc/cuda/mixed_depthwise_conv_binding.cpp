@@ -115,15 +115,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  const at::Tensor gk = gk_partial.sum({0, 2});
-  std::vector<at::Tensor> grad_weights;
-  for (const auto& g : groups)
-    grad_weights.push_back(gk.narrow(0, g.begin, g.count)
-                               .narrow(1, 0, g.k * g.k)
-                               .reshape({g.count, 1, g.k, g.k})
-                               .to(x.scalar_type())
-                               .contiguous());
-  return {to_output_layout(gx, x_in), grad_weights, gy.sum({0, 2, 3})};
+  return {to_output_layout(gx, x_in),
+          split_weight_grads(gk_partial.sum({0, 2}), groups, x.scalar_type()), gy.sum({0, 2, 3})};
 }
 
 }  // namespace

@@ -274,3 +274,24 @@ def test_cuda_kernels_registered_when_built_with_cuda():
     assert fastseg.backend.extension() is not None, "fastseg._C failed to import"
     for op in ("fastseg::mixed_depthwise_conv2d", "fastseg::mixed_depthwise_conv2d_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+
+
+def test_runs_on_the_reference_without_the_extension():
+    """Without fastseg._C (no compiler at install time) the package imports, says why, and runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings, torch\n"
+        "sys.modules['fastseg._C'] = None\n"  # what an install without the extension sees
+        "import fastseg\n"
+        "from fastseg.layers import MixedDepthwiseConv2d\n"
+        "assert 'cpu' not in fastseg.available_backends('cpu'), fastseg.available_backends('cpu')\n"
+        "layer = MixedDepthwiseConv2d(8, backend='cpu')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    layer(torch.randn(2, 8, 9, 9)).sum().backward()\n"
+        "assert any('not built' in str(c.message) for c in caught), [str(c.message) for c in caught]\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

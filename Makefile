@@ -13,7 +13,7 @@ STAMP := $(VENV)/.fastseg-deps
 # the package itself is installed editable without compiling, `build` compiles in place.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "setuptools>=69" wheel
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(PY) -m pip install -q "torch==2.14.1" ninja numpy
 	FASTSEG_BUILD_EXT=0 $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@

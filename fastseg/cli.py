@@ -20,7 +20,6 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
-    import os
     import subprocess
     from pathlib import Path
 
@@ -35,7 +34,7 @@ def _bench(args) -> int:
     if args.k:
         cmd += ["-k", args.k]
     print("$ " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=bench.parent, env=dict(os.environ))
+    rc = subprocess.call(cmd, cwd=bench.parent)
     if rc != 0:
         return rc
     sys.path.insert(0, str(bench))

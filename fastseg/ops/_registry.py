@@ -11,27 +11,14 @@ Each kernel entry point is one ``torch.library`` custom op in the ``fastseg`` na
 
 Kernels compute on NCHW-contiguous buffers. Channels-last and non-contiguous inputs are copied
 once to that layout on entry (documented per op); outputs come back in the input's memory format
-(channels-last stays channels-last), which is what :func:`output_memory_format` decides and what
-the fake implementations report.
+(channels-last stays channels-last): :mod:`fastseg._layout` decides it, for the kernels and for
+the fake implementations alike.
 """
 from __future__ import annotations
 
 import torch
 
 from ..backend import extension
-
-
-def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """Memory format of an op's output for input ``x`` (mirrors ``csrc/utils.h``)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def empty_like_output(x: torch.Tensor, shape=None) -> torch.Tensor:
-    """An uninitialised tensor with ``x``'s dtype/device and :func:`output_memory_format`."""
-    return torch.empty(tuple(x.shape) if shape is None else shape, dtype=x.dtype, device=x.device,
-                       memory_format=output_memory_format(x))
 
 
 def cpp_op(name: str):

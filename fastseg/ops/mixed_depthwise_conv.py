@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._layout import empty_like_output
 from ..backend import resolve_backend
-from ._registry import cpp_op, empty_like_output, register_cpp
+from ._registry import cpp_op, register_cpp
 
 __all__ = ["mixed_depthwise_conv2d", "mixed_depthwise_conv2d_reference", "equal_splits"]
 

@@ -1,10 +1,11 @@
 """Triton kernels for the mixed depthwise convolution (:mod:`fastseg.ops.mixed_depthwise_conv`).
 
-One launch per channel group, with the group's odd kernel size ``K`` a compile-time constant so
-the ``K × K`` taps unroll. A program owns a ``BLOCK_NC × BLOCK_H × BLOCK_W`` tile: the same
-spatial tile of ``BLOCK_NC`` of the group's ``(n, c)`` planes (several planes per program keep
-small images from leaving most lanes idle). Every tap is read as a shifted tile whose
-out-of-image part is masked to zero: 'same' padding without a padded copy.
+One launch per channel group, with the group's odd kernel size ``K`` a compile-time constant. A
+program owns one ``BLOCK_H × BLOCK_W`` output tile of one ``(n, c)`` plane. Every tap is read as a
+shifted tile whose out-of-image part is masked to zero ('same' padding without a padded copy); the
+taps' rows run in a loop and their columns unroll, so only ``K`` loads are in flight at a time
+(neighbouring taps hit the same cache lines). :func:`launch_config` picks tile and warps per
+kernel size.
 
 * :func:`forward`: ``y = depthwise_conv_K(x) + bias (+ x)``.
 * :func:`backward`: ``grad_x`` is the forward kernel run on ``grad_out`` with the flipped
@@ -14,7 +15,7 @@ out-of-image part is masked to zero: 'same' padding without a padded copy.
 
 Layouts: the kernels read NCHW-contiguous inputs, so a channels-last or non-contiguous ``x`` or
 ``grad_out`` is copied once with ``.contiguous()``; outputs are written through their strides
-straight into a tensor in ``x``'s memory format (:func:`~fastseg.ops._registry.empty_like_output`).
+straight into a tensor in ``x``'s memory format (:func:`fastseg._layout.empty_like_output`).
 Sums are accumulated in float32, or in float64 for float64 inputs.
 """
 from __future__ import annotations
@@ -25,168 +26,166 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg.ops._registry import empty_like_output
+from fastseg._layout import empty_like_output
 
-__all__ = ["forward", "backward", "BLOCK_H", "BLOCK_W", "BLOCK_ELEMENTS"]
+from ._launch import launch
 
-# Default tile: at most BLOCK_H × BLOCK_W pixels (less for a smaller image), and as many planes
-# as fit in BLOCK_ELEMENTS.
-BLOCK_H = 16
-BLOCK_W = 32
-BLOCK_ELEMENTS = 2048
+__all__ = ["forward", "backward", "launch_config"]
 
 
 @triton.jit
 def _depthwise_conv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
-    N, C, H, W, c_start, C_group,
+    C, H, W, c_start, C_group,
     stride_yn, stride_yc, stride_yh, stride_yw,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_NC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One channel group of ``y[n, c] = conv_K(x[n, c], 'same') + b[c] (+ x[n, c])``.
 
     x ``[N, C, H, W]`` contiguous; w ``[C_group, 1, K, K]`` contiguous in ``ACC_DTYPE`` (this
     group's kernels); b ``[C]`` (read only if ``HAS_BIAS``); y ``[N, C, H, W]`` with strides
-    ``stride_y*``. Channels ``c_start .. c_start + C_group - 1`` are computed; program ``pid``
-    along axis 0 takes planes ``pid * BLOCK_NC + q`` of ``[N, C_group]`` in row-major order.
-    Grid: ``(cdiv(N * C_group, BLOCK_NC), cdiv(H, BLOCK_H), cdiv(W, BLOCK_W))``.
+    ``stride_y*``. Channels ``c_start .. c_start + C_group - 1`` are computed. Program
+    ``(p, th, tw)`` computes the ``BLOCK_H × BLOCK_W`` output tile ``(th, tw)`` of plane
+    ``p = n * C_group + (c - c_start)``.
+    Grid: ``(N * C_group, cdiv(H, BLOCK_H), cdiv(W, BLOCK_W))``.
     """
-    planes = tl.program_id(0) * BLOCK_NC + tl.arange(0, BLOCK_NC)[:, None, None]
-    plane_ok = planes < N * C_group
-    n = (planes // C_group).to(tl.int64)
-    c_in_group = planes % C_group
+    plane = tl.program_id(0)
+    c_in_group = plane % C_group
     c = c_start + c_in_group
-    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :, None]
-    cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :]
-    centers = x_ptr + (n * C + c) * H * W + rows * W + cols
+    # The plane's base address in 64 bits once; offsets inside a plane stay 32-bit.
+    x_plane = x_ptr + ((plane // C_group).to(tl.int64) * C + c) * H * W
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
     w_taps = w_ptr + c_in_group * (K * K)
-    # Tap (i, j) reads x[r + i - K//2, s + j - K//2]; its bounds are compared against constants
-    # so the unrolled taps do no index arithmetic.
-    rows_past_end, cols_past_end = rows - H, cols - W
 
-    acc = tl.zeros((BLOCK_NC, BLOCK_H, BLOCK_W), dtype=ACC_DTYPE)
-    for i in tl.static_range(K):
-        row_ptrs = centers + (i - K // 2) * W
-        row_ok = plane_ok & (rows >= K // 2 - i) & (rows_past_end < K // 2 - i)
+    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=ACC_DTYPE)
+    # Rows of taps in a loop, columns unrolled: K loads in flight, not K², keeps registers low.
+    for i in range(K):
+        src_rows = rows + (i - K // 2)
+        row_ptrs = x_plane + src_rows * W
+        row_ok = (src_rows >= 0) & (src_rows < H)
         for j in tl.static_range(K):
-            mask = row_ok & (cols >= K // 2 - j) & (cols_past_end < K // 2 - j)
-            tap = tl.load(row_ptrs + (j - K // 2), mask=mask, other=0.0)
-            acc += tap.to(ACC_DTYPE) * tl.load(w_taps + (i * K + j), mask=plane_ok, other=0.0)
+            src_cols = cols + (j - K // 2)
+            mask = row_ok & (src_cols >= 0) & (src_cols < W)
+            tap = tl.load(row_ptrs + src_cols, mask=mask, other=0.0)
+            acc += tap.to(ACC_DTYPE) * tl.load(w_taps + i * K + j)
 
-    inside = plane_ok & (rows < H) & (cols < W)
+    inside = (rows < H) & (cols < W)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=plane_ok, other=0.0).to(ACC_DTYPE)
+        acc += tl.load(b_ptr + c).to(ACC_DTYPE)
     if RESIDUAL:
-        acc += tl.load(centers, mask=inside, other=0.0).to(ACC_DTYPE)
-    y = y_ptr + n * stride_yn + c.to(tl.int64) * stride_yc + rows * stride_yh + cols * stride_yw
+        acc += tl.load(x_plane + rows * W + cols, mask=inside, other=0.0).to(ACC_DTYPE)
+    y = (y_ptr + (plane // C_group).to(tl.int64) * stride_yn + c.to(tl.int64) * stride_yc
+         + rows * stride_yh + cols * stride_yw)
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _depthwise_conv_grad_params_kernel(
     grad_out_ptr, x_ptr, grad_w_partial_ptr, grad_b_partial_ptr,
-    N, C, H, W, c_start, C_group,
-    K: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_NC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    C, H, W, c_start, C_group,
+    K: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Per-tile partial sums of one channel group's weight and bias gradients.
 
-    grad_out, x ``[N, C, H, W]`` contiguous; planes assigned as in ``_depthwise_conv_kernel``.
-    With ``c = c_start + cg``, ``p = K // 2`` and ``t`` the row-major index of the program's
-    spatial tile among ``T``, writes in ``ACC_DTYPE``
+    grad_out, x ``[N, C, H, W]`` contiguous; program ``(p, th, tw)`` takes tile ``t = th *
+    cdiv(W, BLOCK_W) + tw`` of plane ``p = n * C_group + cg`` (``c = c_start + cg``), as in
+    ``_depthwise_conv_kernel``. With ``q = K // 2`` and ``T`` tiles per plane, writes in ``ACC_DTYPE``
 
-    * ``grad_w_partial[n, cg, t, i*K + j] = Σ_tile grad_out[n, c, r, s] · x[n, c, r+i-p, s+j-p]``
-      (``[N, C_group, T, K * K]``, zero outside the image);
-    * ``grad_b_partial[n, c, t] = Σ_tile grad_out[n, c, r, s]`` (``[N, C, T]``).
+    * ``grad_w_partial[p, t, i*K + j] = Σ_tile grad_out[n, c, r, s] · x[n, c, r+i-q, s+j-q]``
+      (``[N * C_group, T, K * K]``, zero outside the image);
+    * ``grad_b_partial[p, t] = Σ_tile grad_out[n, c, r, s]`` (``[N * C_group, T]``).
 
-    Grid: ``(cdiv(N * C_group, BLOCK_NC), cdiv(H, BLOCK_H), cdiv(W, BLOCK_W))``.
+    Grid: ``(N * C_group, cdiv(H, BLOCK_H), cdiv(W, BLOCK_W))``.
     """
-    planes_1d = tl.program_id(0) * BLOCK_NC + tl.arange(0, BLOCK_NC)
-    plane_ok_1d = planes_1d < N * C_group
-    n_1d = planes_1d // C_group
-    c_1d = c_start + planes_1d % C_group
-    plane_ok = plane_ok_1d[:, None, None]
-    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :, None]
-    cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :]
-    offsets = (n_1d.to(tl.int64) * C + c_1d)[:, None, None] * H * W + rows * W + cols
+    plane = tl.program_id(0)
+    c = c_start + plane % C_group
+    offset = ((plane // C_group).to(tl.int64) * C + c) * H * W
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
     num_tiles = tl.num_programs(1) * tl.num_programs(2)
-    tile = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+    tile = plane.to(tl.int64) * num_tiles + tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
 
-    inside = plane_ok & (rows < H) & (cols < W)
-    grad = tl.load(grad_out_ptr + offsets, mask=inside, other=0.0).to(ACC_DTYPE)
-    tl.store(grad_b_partial_ptr + (n_1d * C + c_1d) * num_tiles + tile,
-             tl.sum(tl.sum(grad, 2), 1), mask=plane_ok_1d)
+    inside = (rows < H) & (cols < W)
+    grad = tl.load(grad_out_ptr + offset + rows * W + cols, mask=inside, other=0.0).to(ACC_DTYPE)
+    tl.store(grad_b_partial_ptr + tile, tl.sum(tl.sum(grad, 1), 0))
 
-    grad_w_partial = grad_w_partial_ptr + (planes_1d * num_tiles + tile) * (K * K)
-    x_centers = x_ptr + offsets
-    rows_past_end, cols_past_end = rows - H, cols - W
-    for i in tl.static_range(K):
-        row_ptrs = x_centers + (i - K // 2) * W
-        row_ok = plane_ok & (rows >= K // 2 - i) & (rows_past_end < K // 2 - i)
+    grad_w_partial = grad_w_partial_ptr + tile * (K * K)
+    x_plane = x_ptr + offset
+    for i in range(K):
+        src_rows = rows + (i - K // 2)
+        row_ptrs = x_plane + src_rows * W
+        row_ok = (src_rows >= 0) & (src_rows < H)
         for j in tl.static_range(K):
-            mask = row_ok & (cols >= K // 2 - j) & (cols_past_end < K // 2 - j)
-            tap = tl.load(row_ptrs + (j - K // 2), mask=mask, other=0.0).to(ACC_DTYPE)
-            tl.store(grad_w_partial + (i * K + j), tl.sum(tl.sum(grad * tap, 2), 1),
-                     mask=plane_ok_1d)
+            src_cols = cols + (j - K // 2)
+            mask = row_ok & (src_cols >= 0) & (src_cols < W)
+            tap = tl.load(row_ptrs + src_cols, mask=mask, other=0.0).to(ACC_DTYPE)
+            tl.store(grad_w_partial + i * K + j, tl.sum(tl.sum(grad * tap, 1), 0))
 
 
-def _block_sizes(planes: int, H: int, W: int, block_nc: Optional[int], block_h: Optional[int],
-                 block_w: Optional[int]) -> tuple[int, int, int]:
-    block_h = block_h or min(BLOCK_H, triton.next_power_of_2(H))
-    block_w = block_w or min(BLOCK_W, triton.next_power_of_2(W))
-    block_nc = block_nc or min(triton.next_power_of_2(planes),
-                               max(1, BLOCK_ELEMENTS // (block_h * block_w)))
-    for name, value in (("block_nc", block_nc), ("block_h", block_h), ("block_w", block_w)):
+def launch_config(H: int, W: int, K: int) -> tuple[int, int, int]:
+    """``(BLOCK_H, BLOCK_W, num_warps)`` for an ``H × W`` plane and a ``K × K`` kernel.
+
+    Tiles of up to 16 × 64 pixels (less for a smaller plane), about 8 pixels per thread, fewer
+    for K ≥ 7 whose taps keep more loads in flight: every config the models launch then compiles
+    to ≤ 128 registers per thread with no spills (``python -m fastseg gpu-report``).
+    """
+    block_h = min(16, triton.next_power_of_2(H))
+    block_w = min(64, triton.next_power_of_2(W))
+    pixels_per_thread = 8 if K <= 5 else 4
+    num_warps = max(1, min(8, block_h * block_w // (32 * pixels_per_thread)))
+    return block_h, block_w, num_warps
+
+
+def _blocks(H, W, K, block_h, block_w, num_warps):
+    default = launch_config(H, W, K)
+    chosen = (block_h or default[0], block_w or default[1], num_warps or default[2])
+    for name, value in zip(("block_h", "block_w", "num_warps"), chosen):
         if value <= 0 or value & (value - 1):
             raise ValueError(f"{name} must be a positive power of two, got {value}")
-    return block_nc, block_h, block_w
+    return chosen
 
 
 def _acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def _grid(planes: int, H: int, W: int, blocks: tuple[int, int, int]) -> tuple[int, int, int]:
-    return tuple(triton.cdiv(size, block) for size, block in zip((planes, H, W), blocks))
-
-
 def _conv(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
-          residual: bool, out: torch.Tensor, blocks: tuple[int, int, int]) -> torch.Tensor:
+          residual: bool, out: torch.Tensor, blocks: dict) -> torch.Tensor:
     """``out = concat_g(conv_{k_g}(x[:, g])) + bias (+ x)`` for NCHW-contiguous ``x``."""
     N, C, H, W = x.shape
     acc_tl, acc_torch = _acc_dtype(x.dtype)
     c_start = 0
     for w in weights:
         C_group, K = w.shape[0], w.shape[-1]
-        _depthwise_conv_kernel[_grid(N * C_group, H, W, blocks)](
-            x, w.to(acc_torch).contiguous(), bias if bias is not None else x, out,
-            N, C, H, W, c_start, C_group, *out.stride(),
-            K=K, HAS_BIAS=bias is not None, RESIDUAL=residual, ACC_DTYPE=acc_tl,
-            BLOCK_NC=blocks[0], BLOCK_H=blocks[1], BLOCK_W=blocks[2],
-        )
+        block_h, block_w, num_warps = _blocks(H, W, K, **blocks)
+        launch(_depthwise_conv_kernel, (N * C_group, triton.cdiv(H, block_h), triton.cdiv(W, block_w)),
+               x, w.to(acc_torch).contiguous(), bias if bias is not None else x, out,
+               C, H, W, c_start, C_group, *out.stride(),
+               K=K, HAS_BIAS=bias is not None, RESIDUAL=residual, ACC_DTYPE=acc_tl,
+               BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps)
         c_start += C_group
     return out
 
 
 def forward(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
-            residual: bool, *, block_nc: Optional[int] = None, block_h: Optional[int] = None,
-            block_w: Optional[int] = None) -> torch.Tensor:
+            residual: bool, *, block_h: Optional[int] = None, block_w: Optional[int] = None,
+            num_warps: Optional[int] = None) -> torch.Tensor:
     """Mixed depthwise conv: ``y = concat_g(depthwise_conv_{k_g}(x[:, g], 'same')) + bias (+ x)``.
 
     x ``[N, C, H, W]``; ``weights[g]`` ``[C_g, 1, k_g, k_g]`` (odd ``k_g``, ``Σ C_g = C``);
     bias ``[C]`` or ``None``. Returns ``[N, C, H, W]`` in ``x``'s memory format. Block sizes
-    (powers of two) default from ``BLOCK_H``, ``BLOCK_W`` and ``BLOCK_ELEMENTS``.
+    (powers of two) and warps default to :func:`launch_config` per group.
     """
-    N, _, H, W = x.shape
-    blocks = _block_sizes(N * max(w.shape[0] for w in weights), H, W, block_nc, block_h, block_w)
+    blocks = dict(block_h=block_h, block_w=block_w, num_warps=num_warps)
     bias = bias.contiguous() if bias is not None else None
     return _conv(x.contiguous(), weights, bias, residual, empty_like_output(x), blocks)
 
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor],
-             residual: bool, *, block_nc: Optional[int] = None, block_h: Optional[int] = None,
-             block_w: Optional[int] = None
+             residual: bool, *, block_h: Optional[int] = None, block_w: Optional[int] = None,
+             num_warps: Optional[int] = None
              ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Gradients of :func:`forward` given ``grad_out`` ``[N, C, H, W]``.
 
@@ -195,24 +194,25 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Te
     (always computed).
     """
     N, C, H, W = x.shape
-    blocks = _block_sizes(N * max(w.shape[0] for w in weights), H, W, block_nc, block_h, block_w)
+    blocks = dict(block_h=block_h, block_w=block_w, num_warps=num_warps)
     grad_x = empty_like_output(x)
     grad_out, x = grad_out.contiguous(), x.contiguous()
     _conv(grad_out, [w.flip(-2, -1) for w in weights], None, residual, grad_x, blocks)
 
     acc_tl, acc_torch = _acc_dtype(x.dtype)
-    num_tiles = triton.cdiv(H, blocks[1]) * triton.cdiv(W, blocks[2])
-    grad_b_partial = torch.empty(N, C, num_tiles, dtype=acc_torch, device=x.device)
-    grad_weights = []
+    grad_weights, grad_bias = [], []
     c_start = 0
     for w in weights:
         C_group, K = w.shape[0], w.shape[-1]
-        grad_w_partial = torch.empty(N, C_group, num_tiles, K * K, dtype=acc_torch,
-                                     device=x.device)
-        _depthwise_conv_grad_params_kernel[_grid(N * C_group, H, W, blocks)](
-            grad_out, x, grad_w_partial, grad_b_partial, N, C, H, W, c_start, C_group,
-            K=K, ACC_DTYPE=acc_tl, BLOCK_NC=blocks[0], BLOCK_H=blocks[1], BLOCK_W=blocks[2],
-        )
+        block_h, block_w, num_warps = _blocks(H, W, K, **blocks)
+        grid = (N * C_group, triton.cdiv(H, block_h), triton.cdiv(W, block_w))
+        num_tiles = grid[1] * grid[2]
+        grad_w_partial = torch.empty(N, C_group, num_tiles, K * K, dtype=acc_torch, device=x.device)
+        grad_b_partial = torch.empty(N, C_group, num_tiles, dtype=acc_torch, device=x.device)
+        launch(_depthwise_conv_grad_params_kernel, grid,
+               grad_out, x, grad_w_partial, grad_b_partial, C, H, W, c_start, C_group,
+               K=K, ACC_DTYPE=acc_tl, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps)
         grad_weights.append(grad_w_partial.sum((0, 2)).view(C_group, 1, K, K).to(w.dtype))
+        grad_bias.append(grad_b_partial.sum((0, 2)))
         c_start += C_group
-    return grad_x, grad_weights, grad_b_partial.sum((0, 2)).to(x.dtype)
+    return grad_x, grad_weights, torch.cat(grad_bias).to(x.dtype)

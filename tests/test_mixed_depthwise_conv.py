@@ -82,6 +82,78 @@ def test_matches_reference(backend, shape, residual, layout):
         assert g[0].is_contiguous(memory_format=torch.channels_last)
 
 
+# --- block and tile boundaries --------------------------------------------------------------
+# Each kernel works in blocks; a shape must run past every one of them, with a partial last
+# block, so that a kernel dropping a row, column or plane fails here. The cpu kernel computes a row
+# in blocks of 256 bytes of columns (64 float32, 32 float64); the Triton kernels in tiles of
+# launch_config's size (16 × 64 pixels at most) or the block sizes a test passes.
+
+def reference_grads(x, weights, biases, residual, grad_y):
+    leaves = [t.clone().requires_grad_() for t in [x, *weights, *biases]]
+    y = mixed_depthwise_conv2d_reference(leaves[0], leaves[1:1 + len(weights)],
+                                         leaves[1 + len(weights):], residual)
+    return y.detach(), torch.autograd.grad(y, leaves, grad_y)
+
+
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 64 + 7), (torch.float64, 32 + 5)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_rows_wider_than_a_block(dtype, width, layout):
+    if unavailable_reason("cpu", "cpu"):
+        pytest.skip(unavailable_reason("cpu", "cpu"))
+    x, weights, biases = make_inputs(2, 6, 5, 2 * width, [2, 2, 2], [3, 5, 9], dtype=dtype)
+    x = x[..., ::2]  # width columns; the last block of each row is partial
+    if LAYOUTS[layout]:
+        x = LAYOUTS[layout](x)
+    y_ref, g_ref = grads(mixed_depthwise_conv2d_reference, x, weights, biases, True, None)
+    y, g = grads(mixed_depthwise_conv2d, x, weights, biases, True, "cpu")
+    assert_close(y, y_ref, 1e-5 if dtype == torch.float32 else 1e-12, "output")
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12, f"grad {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("blocks", [dict(block_h=4, block_w=8, num_warps=1), {}],
+                         ids=["4x8-tiles", "launch_config"])
+def test_triton_tiles_cover_every_pixel(dtype, layout, blocks):
+    if unavailable_reason("triton", "cpu"):
+        pytest.skip(unavailable_reason("triton", "cpu"))
+    from fastseg.kernels import mixed_depthwise_conv as kernels
+
+    # 4×8 tiles: 2 × 2 per 6 × 11 plane, partial in both directions. launch_config's 16 × 64
+    # tiles: 2 × 2 per 18 × 66 plane.
+    H, W = (6, 11) if blocks else (18, 66)
+    x, weights, biases = make_inputs(2, 3, H, W, [1, 2], [3, 5], dtype=dtype)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    y_ref, g_ref = reference_grads(x, weights, biases, True, grad_y)
+    if LAYOUTS[layout]:
+        x, grad_y = LAYOUTS[layout](x), LAYOUTS[layout](grad_y)
+    y = kernels.forward(x, weights, torch.cat(biases), True, **blocks)
+    grad_x, grad_w, grad_b = kernels.backward(grad_y, x, weights, True, **blocks)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_close(y, y_ref, rtol, "output")
+    assert_close(grad_x, g_ref[0], rtol, "grad x")
+    for g, (a, b) in enumerate(zip(grad_w, g_ref[1:3])):
+        assert_close(a, b, rtol, f"grad weights[{g}]")
+    assert_close(grad_b, torch.cat(g_ref[3:]), rtol, "grad bias")
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_triton_launch_config_bounds():
+    """Tiles never exceed the plane, and warps follow the tile (the static GPU check's inputs)."""
+    if unavailable_reason("triton", "cpu"):
+        pytest.skip(unavailable_reason("triton", "cpu"))
+    from fastseg.kernels.mixed_depthwise_conv import launch_config
+
+    assert launch_config(256, 256, 3) == (16, 64, 4)
+    assert launch_config(256, 256, 9) == (16, 64, 8)
+    assert launch_config(5, 3, 3) == (8, 4, 1)
+    with pytest.raises(ValueError, match="block_w must be a positive power of two"):
+        from fastseg.kernels import mixed_depthwise_conv as kernels
+        kernels.forward(*make_inputs(1, 2, 4, 4, [2], [3], bias=False)[:2], None, False, block_w=6)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_gradcheck_float64(backend):
     if unavailable_reason(backend, "cpu"):
@@ -255,7 +327,9 @@ def test_available_backends_on_cpu():
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float16, 1e-2),
                                         (torch.bfloat16, 5e-2)])
 def test_gpu_matches_reference(backend, dtype, rtol):
-    x, weights, biases = make_inputs(2, 10, 33, 47, [4, 2, 2, 2], [3, 5, 7, 9])
+    # Past the CUDA kernels' 32- and 64-row tiles and 64-column tiles, and past launch_config's
+    # Triton tiles, with partial last tiles.
+    x, weights, biases = make_inputs(2, 10, 70, 131, [4, 2, 2, 2], [3, 5, 7, 9])
     to = lambda t: t.cuda().to(dtype)  # noqa: E731
     y_ref, g_ref = grads(mixed_depthwise_conv2d_reference, x.cuda().double(),
                          [w.cuda().double() for w in weights], [b.cuda().double() for b in biases],

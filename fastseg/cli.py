@@ -1,7 +1,8 @@
-"""Command line: ``fastseg info | bench | data inspect`` (also ``python -m fastseg ...``)."""
+"""Command line: ``fastseg info | bench | gpu-report | data inspect`` (also ``python -m fastseg ...``)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -43,6 +44,23 @@ def _bench(args) -> int:
     return summary([str(out)])
 
 
+def _gpu_report(args) -> int:
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # Under the interpreter kernels are not compilable JIT functions: start afresh without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        os.execve(sys.executable, [sys.executable, "-m", "fastseg", *sys.argv[1:]], env)
+    from fastseg.gpu_report import run_report
+
+    try:
+        return run_report(args.ops, archs=args.arch, dtypes=args.dtype, cuda=not args.no_cuda,
+                          jobs=args.jobs, markdown=args.markdown, cuda_all=args.cuda_all)
+    except ValueError as exc:
+        print(f"fastseg gpu-report: {exc}", file=sys.stderr)
+        return 2
+
+
 def _data(args) -> int:
     from fastseg.data.inspect import run_inspect
 
@@ -60,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", default=None, help="pytest -k expression selecting cases")
     p.add_argument("--json", default=".benchmarks/ops.json", help="where to write the raw results")
     p.set_defaults(func=_bench)
+    p = sub.add_parser("gpu-report", help="compile every kernel for real GPUs (no GPU needed): "
+                       "registers, spills, shared memory, occupancy; exit 1 on a failure",
+                       description="Compile each op family's Triton kernels, at the block sizes "
+                       "their launchers pick for the models' shapes (batch 8, 128² and 256²), and "
+                       "its CUDA kernels for real GPU targets, and print what ptxas reports. Exits "
+                       "1 if a configuration the models use fails to compile, spills, or exceeds "
+                       "its register bound.")
+    p.add_argument("--ops", nargs="+", default=None, help="op families (default: all)")
+    p.add_argument("--arch", nargs="+", type=int, default=[80, 90], choices=[80, 90],
+                   help="compute capabilities to compile for")
+    p.add_argument("--dtype", nargs="+", default=["float32", "float16"],
+                   help="element types of the model runs (float32, float16, bfloat16, float64)")
+    p.add_argument("--no-cuda", action="store_true", help="skip the CUDA C++ kernels")
+    p.add_argument("--cuda-all", action="store_true",
+                   help="also list CUDA template instances the models do not use")
+    p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
+                   help="parallel compiles (default: the number of cores)")
+    p.add_argument("--markdown", default=None, help="also write the tables to this file")
+    p.set_defaults(func=_gpu_report)
     p = sub.add_parser("data", help="inspect a dataset folder")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("inspect", help="detected layout, case counts, shapes, spacing, labels")

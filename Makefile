@@ -2,12 +2,14 @@
 #   make demo   set up, build, run the main job on built-in data (the benchmark summary)
 #   make test   set up, build, run the test suite
 #   make bench  the full benchmark suite (pytest bench), JSON in .benchmarks/
+#   make gpu-report  compile every kernel for sm_80/sm_90 (no GPU needed): registers, spills
+#   make gpu-check   the part of it CI runs: sm_90, the configs the models launch
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastseg-deps
 
-.PHONY: setup build test demo bench clean
+.PHONY: setup build test test-slow demo bench gpu-report gpu-check clean
 
 # Dependencies first (torch is needed to build the extension, so it is not built in isolation);
 # the package itself is installed editable without compiling, `build` compiles in place.
@@ -27,6 +29,9 @@ build: setup
 test: build
 	$(PY) -m pytest tests -m "not slow"
 
+test-slow: build
+	$(PY) -m pytest tests -m slow
+
 demo: build
 	$(PY) -m fastseg bench
 
@@ -34,6 +39,13 @@ bench: build
 	mkdir -p .benchmarks
 	$(PY) -m pytest bench --benchmark-json=.benchmarks/latest.json
 	$(PY) bench/summary.py .benchmarks/latest.json
+
+# Needs no GPU and no built extension: Triton and nvcc compile for the targets ahead of time.
+gpu-report: setup
+	$(PY) -m fastseg gpu-report
+
+gpu-check: setup
+	$(PY) -m fastseg gpu-report --arch 90 --dtype float32 float16
 
 clean:
 	rm -rf build fastseg/_C*.so

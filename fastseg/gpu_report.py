@@ -109,10 +109,38 @@ def _mixed_depthwise_conv_instance(name: str, cuda_type: str) -> bool:
     return re.search(rf"<(3|5|7|9), {re.escape(cuda_type)}>", name) is not None
 
 
+# LightAWNet's dynamic convs (k = 3, K = 4 experts, padding 1, no bias): (C_in, C_out, scale),
+# the encoder blocks, the decoder stages and the head.
+LIGHTAWNET_DYNAMIC_CONVS = ((1, 16, 1), (16, 32, 2), (32, 64, 4), (64, 128, 8), (128, 256, 16),
+                            (128, 128, 8), (64, 64, 4), (32, 32, 2), (16, 16, 1), (16, 1, 1))
+
+
+def _dynamic_conv_cases(dtype):
+    from fastseg.kernels import dynamic_conv as kernels
+
+    for size in INPUT_SIZES:
+        for c_in, c_out, scale in LIGHTAWNET_DYNAMIC_CONVS:
+            hw = size // scale
+            x = _meta(BATCH, c_in, hw, hw, dtype=dtype)
+            experts = _meta(4, c_out, c_in, 3, 3, dtype=dtype)
+            routing = _meta(BATCH, 4, dtype=dtype)
+            label = f"{BATCH}x{c_in}x{hw}x{hw}→{c_out}"
+            conv = ((1, 1), (1, 1), (1, 1), 1)
+            yield label + " fwd", lambda x=x, e=experts, r=routing: kernels.forward(x, e, r, None, *conv)
+            yield label + " bwd", lambda x=x, e=experts, r=routing, c_out=c_out: kernels.backward(
+                _meta(x.shape[0], c_out, *x.shape[2:], dtype=x.dtype), x, e, r, None, *conv)
+
+
+def _template_instance_of(name: str, cuda_type: str) -> bool:
+    return re.search(rf"<[^()]*\b{re.escape(cuda_type)}\b[^()]*>", name) is not None
+
+
 FAMILIES: dict[str, Family] = {
     "mixed_depthwise_conv2d": Family("mixed_depthwise_conv2d", _mixed_depthwise_conv_cases,
                                      "csrc/cuda/mixed_depthwise_conv.cu",
                                      _mixed_depthwise_conv_instance),
+    "dynamic_conv2d": Family("dynamic_conv2d", _dynamic_conv_cases, "csrc/cuda/dynamic_conv.cu",
+                             _template_instance_of),
 }
 
 
@@ -325,11 +353,21 @@ def _demangle(names: list[str]) -> list[str]:
     return out.stdout.splitlines()
 
 
+_CUDA_KERNEL = re.compile(r"(\w+)(<[^()]*>)?\(")
+_PTX_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\((.*?)\)\s*(\.maxntid\s+(\d+),\s*(\d+),\s*(\d+))?",
+                        re.S)
+
+
 def _cuda_kernel_text(demangled: str) -> tuple[str, str]:
     """``(kernel name, template arguments)`` from a demangled ``void ns::kernel<args>(params)``."""
-    head = demangled.split("(", 1)[0].removeprefix("void ")
-    name, _, args = head.partition("<")
-    return name.rsplit("::", 1)[-1], "<" + args if args else ""
+    m = _CUDA_KERNEL.search(demangled.removeprefix("void ").replace("(anonymous namespace)", "anon"))
+    return (m.group(1), m.group(2) or "") if m else (demangled, "")
+
+
+def _launch_bounds(ptx: str) -> dict[str, int]:
+    """``{mangled entry: threads per block}`` for the entries declared with ``__launch_bounds__``."""
+    return {m.group(1): int(m.group(4)) * int(m.group(5)) * int(m.group(6))
+            for m in _PTX_ENTRY.finditer(ptx) if m.group(3)}
 
 
 def cuda_rows(families: Iterable[Family], dtypes, archs, jobs: int = 1,
@@ -346,10 +384,14 @@ def cuda_rows(families: Iterable[Family], dtypes, archs, jobs: int = 1,
 
     def compile_one(family: Family, arch: int) -> list[Row]:
         with tempfile.TemporaryDirectory() as tmp:
-            out = subprocess.run([nvcc, *_nvcc_flags(), "-cubin",
+            # -keep leaves the PTX beside the cubin: its .maxntid gives each kernel's launch bound.
+            out = subprocess.run([nvcc, *_nvcc_flags(), "-cubin", "-keep", f"-keep-dir={tmp}",
                                   f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
                                   str(ROOT / family.cuda_source), "-o", os.path.join(tmp, "k.cubin")],
                                  capture_output=True, text=True)
+            bounds = {}
+            for ptx in Path(tmp).glob("*.ptx"):
+                bounds.update(_launch_bounds(ptx.read_text()))
         if out.returncode != 0:
             return [Row(family.name, Path(family.cuda_source).name, "", "", arch, [],
                         error=(out.stderr.strip().splitlines() or ["nvcc failed"])[-1][:300],
@@ -360,8 +402,11 @@ def cuda_rows(families: Iterable[Family], dtypes, archs, jobs: int = 1,
             kernel, args = _cuda_kernel_text(demangled)
             dtype = next((d for t, d in cuda_types.items() if family.cuda_model_instance(demangled, t)),
                          None)
-            rows.append(Row(family.name, kernel, args, dtype or "", arch,
-                            ["models"] if dtype else [], registers=figures[mangled]["registers"],
+            threads = bounds.get(mangled)
+            rows.append(Row(family.name, kernel, args + (f" ≤{threads} threads" if threads else ""),
+                            dtype or "", arch, ["models"] if dtype else [],
+                            warps=-(-threads // 32) if threads else 0,
+                            registers=figures[mangled]["registers"],
                             spill_bytes=figures[mangled]["spill_bytes"],
                             shared=figures[mangled]["shared"], checked=dtype is not None,
                             max_registers=family.max_registers))
@@ -386,8 +431,6 @@ def markdown_table(rows: list[Row], kind: str) -> str:
         result = ("not used by the models" if not r.checked else
                   "; ".join(r.problems) or "ok") if not r.error else f"FAILED: {r.error}"
         occ_text = f"{occ:.0%}" if occ is not None else "–"
-        if kind == "cuda" and occ is None and not r.error:
-            occ_text = "–"
         lines.append(f"| {r.family} | {r.kernel} | {r.config.replace('|', '/')} | {r.dtype or '–'} "
                      f"| {r.arch} | {r.registers if not r.error else '–'} "
                      f"| {r.spill_bytes if not r.error else '–'} | {r.shared if not r.error else '–'} "

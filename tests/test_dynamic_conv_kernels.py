@@ -150,6 +150,10 @@ def test_layouts(layout):
                            dtype=torch.float64)
     y_ref, grads_ref = reference_grads((x, experts, routing, b), conv, grad_out)
     to_layout = LAYOUTS[layout]
+    if layout == "strided":  # the parameters as non-contiguous views too
+        experts = experts.transpose(1, 2).contiguous().transpose(1, 2)
+        routing, b = routing.t().contiguous().t(), b.t().contiguous().t()
+        assert not (experts.is_contiguous() or routing.is_contiguous() or b.is_contiguous())
     y = kernels.forward(to_layout(x), experts, routing, b, *conv, tiles=SMALL)
     grads = kernels.backward(to_layout(grad_out), to_layout(x), experts, routing, b, *conv,
                              input_grad_tiles=SMALL, weight_grad_tiles=small_weight_grad(1))
@@ -211,7 +215,8 @@ def test_model_shapes_launch_on_meta_tensors(dtype):
         tiles, splits = weight_grad.grid
         assert tiles == math.ceil(C_out / weight_grad.constexprs["BLOCK_CO"]) * 9 * \
             math.ceil(C_in / weight_grad.constexprs["BLOCK_CI"])
-        # Enough programs for a large GPU, or else every pixel tile its own split's worth.
+        # Pixels are split until a large GPU has enough programs, each split keeping at least
+        # four pixel tiles of every sample.
         pixel_tiles = math.ceil(side * side / weight_grad.constexprs["BLOCK_P"])
         assert 1 <= splits <= pixel_tiles
         assert tiles * splits >= 256 or splits >= pixel_tiles // 4

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "common/dynamic_conv.h"
+#include "cuda/elements.cuh"
 
 namespace fastseg {
 namespace dyconv {
@@ -60,11 +61,6 @@ template <typename T>
 __device__ __forceinline__ acc_t<T> load(const T* p, int64_t i) {
   return static_cast<acc_t<T>>(elements(p)[i]);
 }
-
-__device__ __forceinline__ void store(__half* dst, float v) { *dst = __float2half(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* dst, float v) { *dst = __float2bfloat16(v); }
-__device__ __forceinline__ void store(float* dst, float v) { *dst = v; }
-__device__ __forceinline__ void store(double* dst, double v) { *dst = v; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "common/mixed_depthwise_conv.h"
+#include "cuda/elements.cuh"
 
 namespace fastseg {
 namespace mdc {
@@ -30,15 +31,6 @@ constexpr int kMaxHalo = kMaxKernelSize - 1;
 static_assert(((kConvTileH + kMaxHalo) * (kMaxTileW + kMaxHalo) + kMaxKernelSize * kMaxKernelSize) *
                   sizeof(double) <= 48 * 1024);
 static_assert((kWeightGradTileH + kMaxHalo) * (kMaxTileW + kMaxHalo) * sizeof(double) <= 48 * 1024);
-
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ void store(__half* dst, float v) { *dst = __float2half(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* dst, float v) { *dst = __float2bfloat16(v); }
-__device__ __forceinline__ void store(float* dst, float v) { *dst = v; }
-__device__ __forceinline__ void store(double* dst, double v) { *dst = v; }
 
 // Output tiles of an H×W plane and the block covering one: thread (tx, ty) owns columns
 // [kBW·tx, kBW·tx + kBW) of tile rows ty, ty + blockDim.y, ...

@@ -16,4 +16,11 @@ TORCH_LIBRARY(fastseg, m) {
   m.def(
       "mixed_depthwise_conv2d_backward(Tensor grad_out, Tensor x, Tensor[] weights, bool residual)"
       " -> (Tensor, Tensor[], Tensor)");
+  m.def(
+      "dynamic_conv2d(Tensor x, Tensor experts, Tensor routing, Tensor? bias, int[2] stride,"
+      " int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "dynamic_conv2d_backward(Tensor grad_out, Tensor x, Tensor experts, Tensor routing,"
+      " Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
 }

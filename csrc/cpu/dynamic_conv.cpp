@@ -1,0 +1,692 @@
+// CPU kernels of dynamic_conv2d (forward and backward).
+//
+// y_n = conv2d(x_n, W_n) + b_n with W_n = Σ_k routing[n, k] · experts[k]. The dense products are
+// ATen's (oneDNN) or the BLAS torch links (MKL); what this file adds is where the per-sample
+// kernels live. Two plans, chosen per call from the shapes (choose_plan):
+//
+// * folded (small kernels, large images): every W_n is mixed into one [N·C_out, C_in/groups, kh, kw]
+//   tensor and the batch runs as one grouped convolution with groups·N groups (the batch folded
+//   into the groups). The backward mixes again and reduces the per-sample weight gradients into
+//   the expert and routing gradients. All per-sample kernels together are small here.
+// * gemm (large kernels, small images), where all per-sample kernels together are as large as the
+//   rest of the work: im2col + GEMM with the reduction split into blocks of input channels.
+//   A block of W_n (some output rows × some input channels' taps) is mixed for a block of samples
+//   into a per-thread buffer that stays in cache and is used at once: y_n += W_n-block ·
+//   im2col(x_n)-block in the forward; in the backward W_n-blockᵀ · grad_out_n → col2im gives the
+//   input gradient, and the block of each per-sample weight gradient gW_n = grad_out_n ·
+//   im2col(x_n)ᵀ is reduced while in cache into grad_experts (Σ_n routing[n, k] · gW_n) and
+//   grad_routing (⟨gW_n, E_k⟩). Each expert value is read once per block of samples.
+//
+// Neither plan keeps a per-sample kernel between forward and backward: the backward recomputes.
+// Layouts: x and grad_out are used NCHW-contiguous (a channels-last or strided input is copied
+// once); outputs come back in x's memory format. The forward checks x and experts for NaN/inf
+// while it first reads them (routing and bias in a pass of their own: they are small).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "common/dynamic_conv.h"
+#include "dynamic_conv.h"
+#include "utils.h"
+
+// The Fortran BLAS interface of the library torch is linked against (MKL or OpenBLAS export it;
+// ATen calls the same functions). Weak: where torch exports none, the GEMMs go through at::mm.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace fastseg {
+namespace dyconv {
+namespace {
+
+// Cache budgets of the gemm plan: one block of samples' im2col (forward), and what one thread
+// keeps in its L2 cache at a time (a block of mixed kernels, of im2col rows, of weight gradients).
+constexpr int64_t kColumnBytes = int64_t(8) << 20;
+constexpr int64_t kBlockBytes = int64_t(1) << 20;
+// Columns of a kernel row mixed at a time: their expert values stay in L1 across samples.
+constexpr int64_t kMixColumns = 512;
+
+struct Geometry {
+  int64_t N, C_in, H, W, K, C_out, groups, ci, co, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+  int64_t taps() const { return kh * kw; }
+  int64_t R() const { return ci * kh * kw; }  // one output channel's kernel: a GEMM's reduction
+  int64_t P() const { return Ho * Wo; }       // output pixels of one sample
+};
+
+Geometry geometry(const at::Tensor& x, const at::Tensor& experts, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  Geometry g{};
+  g.N = x.size(0), g.C_in = x.size(1), g.H = x.size(2), g.W = x.size(3);
+  g.K = experts.size(0), g.C_out = experts.size(1), g.groups = groups;
+  g.ci = g.C_in / groups, g.co = g.C_out / groups, g.kh = experts.size(3), g.kw = experts.size(4);
+  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1];
+  g.dh = dilation[0], g.dw = dilation[1];
+  g.Ho = conv_output_size(g.H, g.kh, g.sh, g.ph, g.dh);
+  g.Wo = conv_output_size(g.W, g.kw, g.sw, g.pw, g.dw);
+  return g;
+}
+
+void check_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "dynamic_conv2d (cpu): x must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "dynamic_conv2d (cpu): x must be float32 or float64, got ", x.scalar_type());
+}
+
+enum class Plan { folded, gemm };
+
+// The gemm plan pays an im2col (kh·kw copies of x) to avoid materialising every sample's kernel;
+// it wins when those kernels are larger than the images they are applied to. The environment
+// variable FASTSEG_DYNAMIC_CONV_CPU_PLAN=folded|gemm forces a plan (tests run both on any shape).
+Plan choose_plan(const Geometry& g) {
+  if (const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_PLAN")) {
+    const std::string want(env);
+    if (want == "folded") return Plan::folded;
+    if (want == "gemm") return Plan::gemm;
+    TORCH_CHECK_VALUE(want.empty() || want == "auto",
+                      "FASTSEG_DYNAMIC_CONV_CPU_PLAN must be folded, gemm or auto, got ", want);
+  }
+  return g.C_out * g.R() > 4 * g.C_in * g.taps() * g.P() ? Plan::gemm : Plan::folded;
+}
+
+// Whether every value of t[0, n) is finite (run on data about to be used, so it is in cache):
+// Σ t[i]·0 is 0 unless some t[i] is NaN or ±inf, and the sum vectorises.
+template <typename T>
+bool all_finite(const T* t, int64_t n) {
+  T zero = 0;
+#pragma omp simd reduction(+ : zero)
+  for (int64_t i = 0; i < n; ++i) zero += t[i] * T(0);
+  return zero == T(0);
+}
+
+template <typename T>
+bool tensor_finite(const at::Tensor& t) {
+  std::atomic<bool> finite{true};
+  const T* p = t.data_ptr<T>();
+  at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    if (!all_finite(p + begin, end - begin)) finite = false;
+  });
+  return finite;
+}
+
+// Calls f.template operator()<KC>() with KC = k as a compile-time constant for k in 1..8 (the
+// expert count of almost every model: the per-element loops then vectorise), else with KC = 0.
+template <typename F>
+void dispatch_experts(int64_t k, F&& f) {
+  switch (k) {
+    case 1: return f.template operator()<1>();
+    case 2: return f.template operator()<2>();
+    case 3: return f.template operator()<3>();
+    case 4: return f.template operator()<4>();
+    case 5: return f.template operator()<5>();
+    case 6: return f.template operator()<6>();
+    case 7: return f.template operator()<7>();
+    case 8: return f.template operator()<8>();
+    default: return f.template operator()<0>();
+  }
+}
+
+// --- dense products ------------------------------------------------------------------------------
+
+// Row-major C[m×n] (+)= op(A)·op(B), op(A) m×k and op(B) k×n, where A and B are stored row-major
+// with leading dimensions lda, ldb (of the stored, untransposed matrices).
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+          const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  constexpr bool is_float = std::is_same_v<T, float>;
+  const auto blas = is_float ? reinterpret_cast<void*>(&sgemm_) : reinterpret_cast<void*>(&dgemm_);
+  constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+  if (blas != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= kMaxInt) {
+    // Column-major BLAS sees every row-major matrix transposed: compute Cᵀ = op(B)ᵀ·op(A)ᵀ.
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+    const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+    const T one = 1, beta = accumulate ? 1 : 0;
+    if constexpr (is_float) {
+      sgemm_(&tb, &ta, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+    } else {
+      dgemm_(&tb, &ta, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+    }
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto wrap = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, options);
+    return trans ? t.t() : t;
+  };
+  const at::Tensor A = trans_a ? wrap(a, k, m, lda, true) : wrap(a, m, k, lda, false);
+  const at::Tensor B = trans_b ? wrap(b, n, k, ldb, true) : wrap(b, k, n, ldb, false);
+  at::Tensor C = wrap(c, m, n, ldc, false);
+  if (accumulate) {
+    C.addmm_(A, B);
+  } else {
+    at::mm_out(C, A, B);
+  }
+}
+
+// --- mixing and reductions ---------------------------------------------------------------------
+
+// out[n][o][i] = Σ_k routing[n][k] · experts[k·expert_stride + o·row_stride + i] for n < samples,
+// o < rows, i < cols: a block of the samples' mixed kernels, rows of `cols` contiguous values.
+template <typename T>
+void mix_kernels(const T* routing, int64_t samples, int64_t K, const T* experts,
+                 int64_t expert_stride, int64_t row_stride, int64_t rows, int64_t cols, T* out) {
+  dispatch_experts(K, [&]<int KC>() {
+    const int k_count = KC > 0 ? KC : static_cast<int>(K);
+    for (int64_t o = 0; o < rows; ++o) {
+      for (int64_t i0 = 0; i0 < cols; i0 += kMixColumns) {
+        const int64_t len = std::min(kMixColumns, cols - i0);
+        const T* e = experts + o * row_stride + i0;
+        for (int64_t n = 0; n < samples; ++n) {
+          T* __restrict w = out + (n * rows + o) * cols + i0;
+          const T* r = routing + n * K;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i)
+            w[i] = static_cast<T>(mixed_weight<acc_t<T>>(r, k_count, e, expert_stride, i));
+        }
+      }
+    }
+  });
+}
+
+// [N, C_out] mixed biases b_n = Σ_k routing[n, k] · bias[k].
+at::Tensor mix_bias(const at::Tensor& routing, const at::Tensor& bias) {
+  at::Tensor out = at::empty({routing.size(0), bias.size(1)}, bias.options());
+  AT_DISPATCH_FLOATING_TYPES(bias.scalar_type(), "dynamic_conv2d_mix_bias", [&] {
+    mix_kernels(routing.data_ptr<scalar_t>(), routing.size(0), routing.size(1),
+                bias.data_ptr<scalar_t>(), bias.size(1), 0, 1, bias.size(1),
+                out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// grad_experts[k][o][i] (+)= Σ_n routing[n][k] · gw[n][o][i] over a block (see reduce_weight_grads)
+// for KC experts.
+template <int KC, typename T>
+void reduce_expert_grads(const T* gw, int64_t gw_stride, int samples, int64_t rows, int64_t len,
+                         const T* routing, int64_t K, int64_t expert_stride, int64_t row_stride,
+                         T* grad_experts, bool add) {
+  constexpr int BW = 64 / sizeof(T);  // one 512-bit vector
+  const auto block = [&]<int W>(int64_t gi, int64_t at) {
+    acc_t<T> acc[KC][W] = {};
+    if (add)
+      for (int k = 0; k < KC; ++k)
+        for (int t = 0; t < W; ++t) acc[k][t] = grad_experts[k * expert_stride + at + t];
+    expert_grad_block<W, KC>(routing, K, samples, gw + gi, gw_stride, acc);
+    for (int k = 0; k < KC; ++k)
+      for (int t = 0; t < W; ++t) grad_experts[k * expert_stride + at + t] = static_cast<T>(acc[k][t]);
+  };
+  for (int64_t o = 0; o < rows; ++o) {
+    int64_t i = 0;
+    for (; i + BW <= len; i += BW) block.template operator()<BW>(o * len + i, o * row_stride + i);
+    for (; i < len; ++i) block.template operator()<1>(o * len + i, o * row_stride + i);
+  }
+}
+
+// grad_routing[s·K + k] += Σ_{o,i} gw[s][o][i] · experts[k][o][i] over a block (see
+// reduce_weight_grads) for NS samples and KC experts: NS·KC vector accumulators.
+template <int KC, int NS, typename T>
+void reduce_routing_grads(const T* gw, int64_t gw_stride, int64_t rows, int64_t len,
+                          const T* experts, int64_t expert_stride, int64_t row_stride, int64_t K,
+                          acc_t<T>* grad_routing) {
+  using A = acc_t<T>;
+  constexpr int BW = 64 / sizeof(T);
+  A full[NS][KC][BW] = {};
+  A one[NS][KC][1] = {};
+  for (int64_t o = 0; o < rows; ++o) {
+    const T* e = experts + o * row_stride;
+    const T* g = gw + o * len;
+    int64_t i = 0;
+    for (; i + BW <= len; i += BW)
+      for (int s = 0; s < NS; ++s) routing_grad_block<BW, KC>(g + s * gw_stride + i, e + i, expert_stride, full[s]);
+    for (; i < len; ++i)
+      for (int s = 0; s < NS; ++s) routing_grad_block<1, KC>(g + s * gw_stride + i, e + i, expert_stride, one[s]);
+  }
+  for (int s = 0; s < NS; ++s)
+    for (int k = 0; k < KC; ++k) {
+      A sum = one[s][k][0];
+      for (int t = 0; t < BW; ++t) sum += full[s][k][t];
+      grad_routing[s * K + k] += sum;
+    }
+}
+
+// Reduces a block of the samples' weight gradients, `rows` kernel rows of `len` elements:
+// gw[n·gw_stride + o·len + i] (packed rows), experts[k·expert_stride + o·row_stride + i] and
+// grad_experts laid out like experts:
+//   grad_experts[k][o][i] (+)= Σ_n routing[n][k] · gw[n][o][i]       (+= with `accumulate`)
+//   grad_routing[n·K + k]     += Σ_{o,i} gw[n][o][i] · experts[k][o][i]
+// One pass for the expert gradients, then one per group of 4 samples for the routing gradients
+// (4 samples × 4 experts: 16 vector accumulators); experts in groups of up to 4. Compile-time
+// counts keep the accumulators in registers.
+template <typename T>
+void reduce_weight_grads(const T* gw, int64_t samples, int64_t gw_stride, int64_t rows,
+                         int64_t len, const T* routing, int64_t K, const T* experts,
+                         int64_t expert_stride, int64_t row_stride, T* grad_experts,
+                         bool accumulate, acc_t<T>* grad_routing) {
+  for (int64_t k0 = 0; k0 < K; k0 += 4) {
+    dispatch_experts(std::min<int64_t>(4, K - k0), [&]<int KC>() {
+      if constexpr (KC > 0 && KC <= 4) {
+        reduce_expert_grads<KC>(gw, gw_stride, static_cast<int>(samples), rows, len, routing + k0,
+                                K, expert_stride, row_stride, grad_experts + k0 * expert_stride,
+                                accumulate);
+        for (int64_t n0 = 0; n0 < samples; n0 += 4) {
+          const auto pass = [&]<int NS>() {
+            reduce_routing_grads<KC, NS>(gw + n0 * gw_stride, gw_stride, rows, len,
+                                         experts + k0 * expert_stride, expert_stride, row_stride,
+                                         K, grad_routing + n0 * K + k0);
+          };
+          switch (std::min<int64_t>(4, samples - n0)) {
+            case 4: pass.template operator()<4>(); break;
+            case 3: pass.template operator()<3>(); break;
+            case 2: pass.template operator()<2>(); break;
+            default: pass.template operator()<1>(); break;
+          }
+        }
+      }
+    });
+  }
+}
+
+// sums[o] = Σ_p t[o·P + p] for o < rows.
+template <typename T>
+void row_sums(const T* t, int64_t rows, int64_t P, T* sums) {
+  for (int64_t o = 0; o < rows; ++o) {
+    acc_t<T> sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < P; ++p) sum += static_cast<acc_t<T>>(t[o * P + p]);
+    sums[o] = static_cast<T>(sum);
+  }
+}
+
+// --- im2col / col2im -----------------------------------------------------------------------------
+
+// im2col of input channels [c_begin, c_end) of one sample x [C_in, H, W]: row
+// ((c - c_begin)·kh + i)·kw + j of `col` ([(c_end - c_begin)·kh·kw, Ho·Wo]) holds what tap (i, j)
+// reads for every output pixel (0 in padding).
+template <typename T>
+void im2col(const T* x, const Geometry& g, int64_t c_begin, int64_t c_end, T* col) {
+  const int64_t P = g.P();
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    const T* plane = x + c * g.H * g.W;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t oh_lo = first_inside(i, g.sh, g.ph, g.dh);
+      const int64_t oh_hi = end_inside(i, g.H, g.Ho, g.sh, g.ph, g.dh);
+      for (int64_t j = 0; j < g.kw; ++j) {
+        T* dst = col + (((c - c_begin) * g.kh + i) * g.kw + j) * P;
+        const int64_t ow_lo = std::min(first_inside(j, g.sw, g.pw, g.dw), g.Wo);
+        const int64_t ow_hi = std::max(end_inside(j, g.W, g.Wo, g.sw, g.pw, g.dw), ow_lo);
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          T* d = dst + oh * g.Wo;
+          if (oh < oh_lo || oh >= oh_hi) {
+            std::fill(d, d + g.Wo, T(0));
+            continue;
+          }
+          const T* src = plane + input_coord(oh, i, g.sh, g.ph, g.dh) * g.W +
+                         input_coord(ow_lo, j, g.sw, g.pw, g.dw);
+          std::fill(d, d + ow_lo, T(0));
+          if (g.sw == 1) {
+            std::memcpy(d + ow_lo, src, sizeof(T) * (ow_hi - ow_lo));
+          } else {
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) d[ow] = src[(ow - ow_lo) * g.sw];
+          }
+          std::fill(d + ow_hi, d + g.Wo, T(0));
+        }
+      }
+    }
+  }
+}
+
+// The adjoint of im2col for `channels` input channels: grad_x [channels, H, W] = Σ over taps of
+// the rows of `col` ([channels·kh·kw, Ho·Wo]) scattered back to the pixels they were read from.
+template <typename T>
+void col2im(const T* col, const Geometry& g, int64_t channels, T* grad_x) {
+  const int64_t P = g.P();
+  std::fill(grad_x, grad_x + channels * g.H * g.W, T(0));
+  for (int64_t c = 0; c < channels; ++c) {
+    T* plane = grad_x + c * g.H * g.W;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t oh_lo = first_inside(i, g.sh, g.ph, g.dh);
+      const int64_t oh_hi = end_inside(i, g.H, g.Ho, g.sh, g.ph, g.dh);
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const T* src = col + ((c * g.kh + i) * g.kw + j) * P;
+        const int64_t ow_lo = first_inside(j, g.sw, g.pw, g.dw);
+        const int64_t ow_hi = end_inside(j, g.W, g.Wo, g.sw, g.pw, g.dw);
+        if (ow_lo >= ow_hi) continue;
+        for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+          T* d = plane + input_coord(oh, i, g.sh, g.ph, g.dh) * g.W +
+                 input_coord(ow_lo, j, g.sw, g.pw, g.dw);
+          const T* s = src + oh * g.Wo + ow_lo;
+          const int64_t n = ow_hi - ow_lo;
+          if (g.sw == 1) {
+#pragma omp simd
+            for (int64_t t = 0; t < n; ++t) d[t] += s[t];
+          } else {
+            for (int64_t t = 0; t < n; ++t) d[t * g.sw] += s[t];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Thread t's slice of a [threads, size] scratch buffer.
+template <typename T>
+T* slot(const at::Tensor& scratch) {
+  return scratch.data_ptr<T>() + at::get_thread_num() * scratch.size(1);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// --- the folded plan ---------------------------------------------------------------------------
+
+// [N·C_out, C_in/groups, kh, kw]: every sample's mixed kernel.
+at::Tensor mix_all(const Geometry& g, const at::Tensor& experts, const at::Tensor& routing) {
+  at::Tensor w = at::empty({g.N * g.C_out, g.ci, g.kh, g.kw}, experts.options());
+  AT_DISPATCH_FLOATING_TYPES(experts.scalar_type(), "dynamic_conv2d_mix", [&] {
+    const scalar_t* e = experts.data_ptr<scalar_t>();
+    const scalar_t* r = routing.data_ptr<scalar_t>();
+    scalar_t* out = w.data_ptr<scalar_t>();
+    const int64_t kernel = g.C_out * g.R();
+    at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+      mix_kernels(r + begin * g.K, end - begin, g.K, e, kernel, 0, 1, kernel, out + begin * kernel);
+    });
+  });
+  return w;
+}
+
+at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tensor& experts,
+                          const at::Tensor& routing, const at::Tensor& bias) {
+  const at::Tensor w = mix_all(g, experts, routing);
+  std::optional<at::Tensor> folded_bias;
+  if (bias.defined()) folded_bias = mix_bias(routing, bias).view({-1});
+  return at::convolution(x.view({1, g.N * g.C_in, g.H, g.W}), w, folded_bias, {g.sh, g.sw},
+                         {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, g.groups * g.N)
+      .view({g.N, g.C_out, g.Ho, g.Wo});
+}
+
+// (grad_x, grad_experts [K, C_out·R], grad_routing without the bias term, Σ_hw grad_out [N, C_out]).
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
+                      const at::Tensor& experts, const at::Tensor& routing) {
+  const at::Tensor w = mix_all(g, experts, routing);
+  auto [grad_x, grad_w, unused] = at::convolution_backward(
+      grad_out.view({1, g.N * g.C_out, g.Ho, g.Wo}), x.view({1, g.N * g.C_in, g.H, g.W}), w,
+      std::nullopt, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, g.groups * g.N,
+      {true, true, false});
+  at::Tensor grad_experts = at::empty({g.K, g.C_out * g.R()}, x.options());
+  at::Tensor grad_routing = at::zeros({g.N, g.K}, x.options());  // acc_t<T> is T on the CPU
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_reduce", [&] {
+    const int64_t kernel = g.C_out * g.R();
+    reduce_weight_grads(grad_w.data_ptr<scalar_t>(), g.N, kernel, 1, kernel,
+                        routing.data_ptr<scalar_t>(), g.K, experts.data_ptr<scalar_t>(), kernel,
+                        0, grad_experts.data_ptr<scalar_t>(), false,
+                        grad_routing.data_ptr<acc_t<scalar_t>>());
+  });
+  return {grad_x.view({g.N, g.C_in, g.H, g.W}), grad_experts, grad_routing, grad_out.sum({2, 3})};
+}
+
+// --- the gemm plan -----------------------------------------------------------------------------
+
+// How the gemm plan splits its work.
+struct Blocking {
+  int64_t samples;      // per block of samples (the forward's im2col fits kColumnBytes)
+  int64_t rows;         // forward: output channels per task
+  int64_t channels;     // forward: input channels per mixed block (rows × their taps)
+  int64_t bwd_channels; // backward: input channels per task
+  int64_t bwd_samples;  // backward: samples per im2col block of a task
+  int64_t bwd_rows;     // backward: output channels per weight-gradient block
+};
+
+// Each budget bounds one per-thread buffer; tasks are split so that every thread gets at least
+// two where the channels allow it. Blocks of input channels span a multiple of 64 bytes of
+// kernel row where they can (16 channels of 3×3 taps in float32), so the vector loops over a
+// block's columns have no scalar tails.
+Blocking blocking(const Geometry& g, int64_t elem) {
+  Blocking b{};
+  const int64_t tasks_per_group = ceil_div(2 * at::get_num_threads(), g.groups);
+  const int64_t taps = g.taps(), P = g.P();
+  const int64_t align = (64 / elem) / std::gcd(taps, 64 / elem);
+  const auto channels = [&](int64_t budget, int64_t most) {
+    const int64_t c = std::clamp<int64_t>(budget, 1, most);
+    return c >= align && c < g.ci ? c / align * align : c;
+  };
+  b.samples = std::clamp<int64_t>(kColumnBytes / (g.C_in * taps * P * elem), 1, g.N);
+  b.rows = ceil_div(g.co, std::min(tasks_per_group, g.co));
+  b.channels = channels(kBlockBytes / (b.samples * b.rows * taps * elem), g.ci);
+  // Backward: a task's input channels span at least 128 elements of a kernel row where there
+  // are enough; its block of samples fits their im2col rows and mixed W-blocks in the budget.
+  b.bwd_channels = std::min(ceil_div(g.ci, std::min(tasks_per_group, g.ci)),
+                            ceil_div(ceil_div(128, taps), align) * align);
+  b.bwd_samples = std::clamp<int64_t>(
+      kBlockBytes / (std::max(g.co, P) * b.bwd_channels * taps * elem), 1, g.N);
+  b.bwd_rows = std::clamp<int64_t>(
+      kBlockBytes / (b.bwd_samples * b.bwd_channels * taps * elem), 1, g.co);
+  return b;
+}
+
+at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor& experts,
+                        const at::Tensor& routing, const at::Tensor& bias) {
+  const Blocking b = blocking(g, x.element_size());
+  const int64_t P = g.P(), R = g.R(), taps = g.taps(), rows_per_group = ceil_div(g.co, b.rows);
+  at::Tensor y = at::empty({g.N, g.C_out, P}, x.options());
+  at::Tensor col = at::empty({b.samples, g.C_in * taps, P}, x.options());
+  at::Tensor scratch = at::empty({at::get_num_threads(), b.samples * b.rows * b.channels * taps},
+                                 x.options());
+  const at::Tensor mixed_bias = bias.defined() ? mix_bias(routing, bias) : at::Tensor();
+  std::atomic<bool> x_finite{true}, experts_finite{true};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_forward_gemm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* e = experts.data_ptr<scalar_t>();
+    const scalar_t* r = routing.data_ptr<scalar_t>();
+    const scalar_t* bp = mixed_bias.defined() ? mixed_bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* colp = col.data_ptr<scalar_t>();
+    const int64_t plane = g.H * g.W, sample_cols = g.C_in * taps * P;
+    for (int64_t n0 = 0; n0 < g.N; n0 += b.samples) {
+      const int64_t count = std::min(b.samples, g.N - n0);
+      at::parallel_for(0, count * g.C_in, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t nc = begin; nc < end; ++nc) {
+          const int64_t n = nc / g.C_in, c = nc % g.C_in;
+          const scalar_t* xn = xp + (n0 + n) * g.C_in * plane;
+          if (!all_finite(xn + c * plane, plane)) x_finite = false;
+          im2col(xn, g, c, c + 1, colp + n * sample_cols + c * taps * P);
+        }
+      });
+      at::parallel_for(0, g.groups * rows_per_group, 1, [&](int64_t begin, int64_t end) {
+        scalar_t* w = slot<scalar_t>(scratch);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t group = task / rows_per_group, o0 = (task % rows_per_group) * b.rows;
+          const int64_t rows = std::min(b.rows, g.co - o0), row0 = group * g.co + o0;
+          if (bp != nullptr)
+            for (int64_t n = 0; n < count; ++n)
+              for (int64_t o = 0; o < rows; ++o) {
+                scalar_t* out = yp + ((n0 + n) * g.C_out + row0 + o) * P;
+                std::fill(out, out + P, bp[(n0 + n) * g.C_out + row0 + o]);
+              }
+          for (int64_t c0 = 0; c0 < g.ci; c0 += b.channels) {
+            const int64_t cols = std::min(b.channels, g.ci - c0) * taps;
+            const scalar_t* block = e + row0 * R + c0 * taps;
+            if (n0 == 0)
+              for (int64_t k = 0; k < g.K; ++k)
+                for (int64_t o = 0; o < rows; ++o)
+                  if (!all_finite(block + k * g.C_out * R + o * R, cols)) experts_finite = false;
+            mix_kernels(r + n0 * g.K, count, g.K, block, g.C_out * R, R, rows, cols, w);
+            for (int64_t n = 0; n < count; ++n)
+              gemm(false, false, rows, P, cols, w + n * rows * cols, cols,
+                   colp + n * sample_cols + (group * R + c0 * taps) * P, P,
+                   c0 > 0 || bp != nullptr, yp + ((n0 + n) * g.C_out + row0) * P, P);
+          }
+        }
+      });
+    }
+  });
+  TORCH_CHECK_VALUE(x_finite, "dynamic_conv2d: x contains NaN or inf");
+  TORCH_CHECK_VALUE(experts_finite, "dynamic_conv2d: experts contains NaN or inf");
+  return y.view({g.N, g.C_out, g.Ho, g.Wo});
+}
+
+Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
+                    const at::Tensor& experts, const at::Tensor& routing) {
+  const Blocking b = blocking(g, x.element_size());
+  const int64_t P = g.P(), R = g.R(), taps = g.taps();
+  const int64_t blocks_per_group = ceil_div(g.ci, b.bwd_channels);
+  const int64_t tasks = g.groups * blocks_per_group;
+  const int64_t block_cols = b.bwd_channels * taps;
+  at::Tensor grad_x = at::empty({g.N, g.C_in, g.H, g.W}, x.options());
+  at::Tensor grad_experts = at::empty({g.K, g.C_out * R}, x.options());
+  at::Tensor grad_sum = at::empty({g.N, g.C_out}, x.options());
+  // Per-task partial routing gradients, summed in task order afterwards: deterministic.
+  at::Tensor grad_routing_parts = at::zeros({tasks, g.N, g.K}, x.options());
+  // Per thread: im2col rows of the task's channels, mixed W-blocks, weight-gradient blocks, and
+  // the input-gradient columns of one sample.
+  const int64_t col_size = b.bwd_samples * block_cols * P;
+  const int64_t mix_size = b.bwd_samples * g.co * block_cols;
+  const int64_t gw_size = b.bwd_samples * b.bwd_rows * block_cols;
+  at::Tensor scratch = at::empty({at::get_num_threads(), col_size + mix_size + gw_size + block_cols * P},
+                                 x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_backward_gemm", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gyp = grad_out.data_ptr<scalar_t>();
+    const scalar_t* e = experts.data_ptr<scalar_t>();
+    const scalar_t* r = routing.data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    scalar_t* gep = grad_experts.data_ptr<scalar_t>();
+    A* grp = grad_routing_parts.data_ptr<A>();
+    at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        row_sums(gyp + n * g.C_out * P, g.C_out, P, grad_sum.data_ptr<scalar_t>() + n * g.C_out);
+    });
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      scalar_t* colb = slot<scalar_t>(scratch);
+      scalar_t* w = colb + col_size;
+      scalar_t* gw = w + mix_size;
+      scalar_t* gcol = gw + gw_size;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t group = task / blocks_per_group;
+        const int64_t c0 = (task % blocks_per_group) * b.bwd_channels;
+        const int64_t channels = std::min(b.bwd_channels, g.ci - c0), cols = channels * taps;
+        const int64_t col0 = c0 * taps;  // the block's first column within a kernel row
+        const scalar_t* e_group = e + group * g.co * R + col0;
+        for (int64_t n0 = 0; n0 < g.N; n0 += b.bwd_samples) {
+          const int64_t count = std::min(b.bwd_samples, g.N - n0);
+          for (int64_t n = 0; n < count; ++n)
+            im2col(xp + (n0 + n) * g.C_in * g.H * g.W, g, group * g.ci + c0,
+                   group * g.ci + c0 + channels, colb + n * cols * P);
+          // Weight side: gW_n-blocks of bwd_rows output channels, reduced while in cache.
+          for (int64_t o0 = 0; o0 < g.co; o0 += b.bwd_rows) {
+            const int64_t rows = std::min(b.bwd_rows, g.co - o0), row0 = group * g.co + o0;
+            for (int64_t n = 0; n < count; ++n)
+              gemm(false, true, rows, cols, P, gyp + ((n0 + n) * g.C_out + row0) * P, P,
+                   colb + n * cols * P, P, false, gw + n * rows * cols, cols);
+            reduce_weight_grads(gw, count, rows * cols, rows, cols, r + n0 * g.K, g.K,
+                                e + row0 * R + col0, g.C_out * R, R, gep + row0 * R + col0, n0 > 0,
+                                grp + (task * g.N + n0) * g.K);
+          }
+          // Input side: W_n-block for every output channel of the group, W_nᵀ · grad_out_n, col2im.
+          mix_kernels(r + n0 * g.K, count, g.K, e_group, g.C_out * R, R, g.co, cols, w);
+          for (int64_t n = 0; n < count; ++n) {
+            gemm(true, false, cols, P, g.co, w + n * g.co * cols, cols,
+                 gyp + ((n0 + n) * g.C_out + group * g.co) * P, P, false, gcol, P);
+            col2im(gcol, g, channels, gxp + ((n0 + n) * g.C_in + group * g.ci + c0) * g.H * g.W);
+          }
+        }
+      }
+    });
+  });
+  return {grad_x, grad_experts, grad_routing_parts.sum(0), grad_sum};
+}
+
+// --- entry points ------------------------------------------------------------------------------
+
+// Contiguous copies of the parameters (no copy when already contiguous) and x as NCHW.
+struct Inputs {
+  at::Tensor x, experts, routing, bias;
+};
+
+Inputs prepare(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& routing,
+               const std::optional<at::Tensor>& bias) {
+  return {x.contiguous(), experts.contiguous(), routing.contiguous(),
+          bias.has_value() ? bias->contiguous() : at::Tensor()};
+}
+
+at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& experts_in,
+                       const at::Tensor& routing_in, const std::optional<at::Tensor>& bias_in,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t groups) {
+  check_dynamic_conv(x_in, experts_in, routing_in, bias_in, stride, padding, dilation, groups);
+  check_cpu(x_in);
+  // The ATen calls below are implementation details: no autograd graph of their own.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto [x, experts, routing, bias] = prepare(x_in, experts_in, routing_in, bias_in);
+  const Geometry g = geometry(x, experts, stride, padding, dilation, groups);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_check", [&] {
+    TORCH_CHECK_VALUE(tensor_finite<scalar_t>(routing), "dynamic_conv2d: routing contains NaN or inf");
+    TORCH_CHECK_VALUE(!bias.defined() || tensor_finite<scalar_t>(bias),
+                      "dynamic_conv2d: bias contains NaN or inf");
+  });
+  at::Tensor y;
+  if (choose_plan(g) == Plan::gemm) {
+    y = forward_gemm(g, x, experts, routing, bias);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_check", [&] {
+      TORCH_CHECK_VALUE(tensor_finite<scalar_t>(x), "dynamic_conv2d: x contains NaN or inf");
+      TORCH_CHECK_VALUE(tensor_finite<scalar_t>(experts),
+                        "dynamic_conv2d: experts contains NaN or inf");
+    });
+    y = forward_folded(g, x, experts, routing, bias);
+  }
+  return to_output_layout(y, x_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& experts_in,
+    const at::Tensor& routing_in, const std::optional<at::Tensor>& bias_in, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_dynamic_conv(x_in, experts_in, routing_in, bias_in, stride, padding, dilation, groups);
+  check_cpu(x_in);
+  // The ATen calls below are implementation details: no autograd graph of their own.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto [x, experts, routing, bias] = prepare(x_in, experts_in, routing_in, bias_in);
+  const Geometry g = geometry(x, experts, stride, padding, dilation, groups);
+  TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.size(0) == g.N &&
+                        grad_out_in.size(1) == g.C_out && grad_out_in.size(2) == g.Ho &&
+                        grad_out_in.size(3) == g.Wo && grad_out_in.scalar_type() == x.scalar_type(),
+                    "dynamic_conv2d_backward: grad_out must be [", g.N, ", ", g.C_out, ", ", g.Ho,
+                    ", ", g.Wo, "] of x's dtype, got ", grad_out_in.sizes(), " ",
+                    grad_out_in.scalar_type());
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  auto [grad_x, grad_experts, grad_routing, grad_sum] =
+      choose_plan(g) == Plan::gemm ? backward_gemm(g, grad_out, x, experts, routing)
+                                   : backward_folded(g, grad_out, x, experts, routing);
+  // Bias terms: Σ_hw grad_out per (sample, channel) gives grad_bias and, through the mixed bias,
+  // grad_routing's second term.
+  if (bias.defined()) grad_routing.addmm_(grad_sum, bias.t());
+  return {to_output_layout(grad_x, x_in), grad_experts.view(experts.sizes()), grad_routing,
+          at::mm(routing.t(), grad_sum)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
+  m.impl("dynamic_conv2d", &forward_cpu);
+  m.impl("dynamic_conv2d_backward", &backward_cpu);
+}
+
+}  // namespace dyconv
+}  // namespace fastseg

@@ -54,10 +54,22 @@ namespace fastseg {
 namespace dyconv {
 namespace {
 
-// Cache budgets of the gemm plan: one block of samples' im2col (forward), and what one thread
-// keeps in its L2 cache at a time (a block of mixed kernels, of im2col rows, of weight gradients).
-constexpr int64_t kColumnBytes = int64_t(8) << 20;
+// Cache budgets of the gemm plan: what one thread keeps in its L2 cache at a time (a block of
+// mixed kernels, of im2col rows, of weight gradients), and one block of samples' im2col in the
+// forward (8 of those). FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES overrides the first: tests make it
+// tiny so that small shapes cross every block boundary.
 constexpr int64_t kBlockBytes = int64_t(1) << 20;
+constexpr int64_t kColumnBlocks = 8;
+
+int64_t block_bytes() {
+  const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES");
+  if (env == nullptr || *env == '\0') return kBlockBytes;
+  char* end = nullptr;
+  const long long bytes = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && bytes > 0,
+                    "FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES must be a positive integer, got ", env);
+  return bytes;
+}
 // Columns of a kernel row mixed at a time: their expert values stay in L1 across samples.
 constexpr int64_t kMixColumns = 512;
 
@@ -90,7 +102,8 @@ void check_cpu(const at::Tensor& x) {
 enum class Plan { folded, gemm };
 
 // The gemm plan pays an im2col (kh·kw copies of x) to avoid materialising every sample's kernel;
-// it wins when those kernels are larger than the images they are applied to. The environment
+// it wins when a sample's kernel is at least as large as its im2col (groups = 1: C_out ≥ H_out·W_out;
+// measured at LightAWNet's shapes: 256 channels at 8² and 16²). The environment
 // variable FASTSEG_DYNAMIC_CONV_CPU_PLAN=folded|gemm forces a plan (tests run both on any shape).
 Plan choose_plan(const Geometry& g) {
   if (const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_PLAN")) {
@@ -100,7 +113,7 @@ Plan choose_plan(const Geometry& g) {
     TORCH_CHECK_VALUE(want.empty() || want == "auto",
                       "FASTSEG_DYNAMIC_CONV_CPU_PLAN must be folded, gemm or auto, got ", want);
   }
-  return g.C_out * g.R() > 4 * g.C_in * g.taps() * g.P() ? Plan::gemm : Plan::folded;
+  return g.C_out * g.R() >= g.C_in * g.taps() * g.P() ? Plan::gemm : Plan::folded;
 }
 
 // Whether every value of t[0, n) is finite (run on data about to be used, so it is in cache):
@@ -329,21 +342,23 @@ void im2col(const T* x, const Geometry& g, int64_t c_begin, int64_t c_end, T* co
         T* dst = col + (((c - c_begin) * g.kh + i) * g.kw + j) * P;
         const int64_t ow_lo = std::min(first_inside(j, g.sw, g.pw, g.dw), g.Wo);
         const int64_t ow_hi = std::max(end_inside(j, g.W, g.Wo, g.sw, g.pw, g.dw), ow_lo);
+        // Plain loops rather than memcpy/fill calls: rows are often only a few values long.
         for (int64_t oh = 0; oh < g.Ho; ++oh) {
-          T* d = dst + oh * g.Wo;
+          T* __restrict d = dst + oh * g.Wo;
           if (oh < oh_lo || oh >= oh_hi) {
-            std::fill(d, d + g.Wo, T(0));
+            for (int64_t ow = 0; ow < g.Wo; ++ow) d[ow] = T(0);
             continue;
           }
           const T* src = plane + input_coord(oh, i, g.sh, g.ph, g.dh) * g.W +
-                         input_coord(ow_lo, j, g.sw, g.pw, g.dw);
-          std::fill(d, d + ow_lo, T(0));
+                         input_coord(ow_lo, j, g.sw, g.pw, g.dw) - ow_lo * g.sw;
+          for (int64_t ow = 0; ow < ow_lo; ++ow) d[ow] = T(0);
           if (g.sw == 1) {
-            std::memcpy(d + ow_lo, src, sizeof(T) * (ow_hi - ow_lo));
+#pragma omp simd
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) d[ow] = src[ow];
           } else {
-            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) d[ow] = src[(ow - ow_lo) * g.sw];
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) d[ow] = src[ow * g.sw];
           }
-          std::fill(d + ow_hi, d + g.Wo, T(0));
+          for (int64_t ow = ow_hi; ow < g.Wo; ++ow) d[ow] = T(0);
         }
       }
     }
@@ -444,7 +459,7 @@ Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::T
 
 // How the gemm plan splits its work.
 struct Blocking {
-  int64_t samples;      // per block of samples (the forward's im2col fits kColumnBytes)
+  int64_t samples;      // per block of samples (their im2col fits kColumnBlocks budgets)
   int64_t rows;         // forward: output channels per task
   int64_t channels;     // forward: input channels per mixed block (rows × their taps)
   int64_t bwd_channels; // backward: input channels per task
@@ -458,24 +473,25 @@ struct Blocking {
 // block's columns have no scalar tails.
 Blocking blocking(const Geometry& g, int64_t elem) {
   Blocking b{};
+  const int64_t budget = block_bytes();
   const int64_t tasks_per_group = ceil_div(2 * at::get_num_threads(), g.groups);
   const int64_t taps = g.taps(), P = g.P();
   const int64_t align = (64 / elem) / std::gcd(taps, 64 / elem);
-  const auto channels = [&](int64_t budget, int64_t most) {
-    const int64_t c = std::clamp<int64_t>(budget, 1, most);
+  const auto channels = [&](int64_t fit, int64_t most) {
+    const int64_t c = std::clamp<int64_t>(fit, 1, most);
     return c >= align && c < g.ci ? c / align * align : c;
   };
-  b.samples = std::clamp<int64_t>(kColumnBytes / (g.C_in * taps * P * elem), 1, g.N);
+  b.samples = std::clamp<int64_t>(kColumnBlocks * budget / (g.C_in * taps * P * elem), 1, g.N);
   b.rows = ceil_div(g.co, std::min(tasks_per_group, g.co));
-  b.channels = channels(kBlockBytes / (b.samples * b.rows * taps * elem), g.ci);
+  b.channels = channels(budget / (b.samples * b.rows * taps * elem), g.ci);
   // Backward: a task's input channels span at least 128 elements of a kernel row where there
   // are enough; its block of samples fits their im2col rows and mixed W-blocks in the budget.
   b.bwd_channels = std::min(ceil_div(g.ci, std::min(tasks_per_group, g.ci)),
                             ceil_div(ceil_div(128, taps), align) * align);
   b.bwd_samples = std::clamp<int64_t>(
-      kBlockBytes / (std::max(g.co, P) * b.bwd_channels * taps * elem), 1, g.N);
-  b.bwd_rows = std::clamp<int64_t>(
-      kBlockBytes / (b.bwd_samples * b.bwd_channels * taps * elem), 1, g.co);
+      budget / (std::max(g.co, P) * b.bwd_channels * taps * elem), 1, g.N);
+  b.bwd_rows = std::clamp<int64_t>(budget / (b.bwd_samples * b.bwd_channels * taps * elem), 1,
+                                   g.co);
   return b;
 }
 

@@ -1,0 +1,470 @@
+"""dynamic_conv2d: every backend against the reference, forward and every gradient."""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseg
+from fastseg.backend import unavailable_reason
+from fastseg.layers import DynamicConv2d
+from fastseg.ops import dynamic_conv2d, dynamic_conv2d_reference
+
+# The cpu backend runs one of two plans (csrc/cpu/dynamic_conv.cpp), forced here through the
+# environment so that both run on every shape; "gemm-blocks" also shrinks its cache budget so
+# that small shapes cross every sample/row/channel block boundary of the gemm plan.
+VARIANTS = {
+    "cpu-folded": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "folded"}),
+    "cpu-gemm": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm"}),
+    "cpu-gemm-blocks": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm",
+                                "FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES": "2500"}),
+    "triton": ("triton", {}),
+}
+FUSED = ["cpu", "triton"]
+
+
+class Case:
+    """One call: x [N, C_in, H, W], K experts of kh × kw, conv parameters, bias, routing kind."""
+
+    def __init__(self, name, N, C_in, C_out, H, W, K, kernel, stride=1, padding=None, dilation=1,
+                 groups=1, bias=True, routing="sigmoid"):
+        self.name, self.N, self.C_in, self.C_out, self.H, self.W = name, N, C_in, C_out, H, W
+        self.K, self.kernel, self.stride, self.padding = K, kernel, stride, padding
+        self.dilation, self.groups, self.bias, self.routing = dilation, groups, bias, routing
+
+    def __repr__(self):
+        return self.name
+
+    def inputs(self, dtype=torch.float32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.N, self.C_in, self.H, self.W, generator=g, dtype=dtype)
+        experts = torch.randn(self.K, self.C_out, self.C_in // self.groups, *self.kernel,
+                              generator=g, dtype=dtype)
+        logits = torch.randn(self.N, self.K, generator=g, dtype=dtype)
+        # sigmoid: weights that do not sum to 1 (LightAWNet); softmax: weights that do.
+        routing = torch.sigmoid(logits) if self.routing == "sigmoid" else logits.softmax(1)
+        bias = torch.randn(self.K, self.C_out, generator=g, dtype=dtype) if self.bias else None
+        return x, experts, routing, bias
+
+    def conv(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups)
+
+
+CASES = [
+    Case("odd-sizes", 2, 5, 7, 9, 11, 3, (3, 3)),
+    Case("groups3-stride2-dilation-nonsquare", 3, 6, 9, 13, 10, 2, (3, 2), stride=2,
+         padding=(1, 0), dilation=(2, 1), groups=3, routing="softmax"),
+    Case("batch1-K5-1x3-nobias", 1, 4, 6, 7, 8, 5, (1, 3), padding=(0, 1), groups=2, bias=False),
+    Case("K9-groups4-stride2-dilation2", 2, 8, 4, 6, 7, 9, (3, 3), stride=2, padding=1,
+         dilation=2, groups=4, bias=False, routing="softmax"),
+]
+
+LAYOUTS = {
+    "nchw": None,
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    # a strided view: every other column of a tensor twice as wide
+    "strided": lambda t: torch.stack([t, torch.zeros_like(t)], dim=-1).flatten(-2)[..., ::2],
+}
+
+
+def skip_unless(backend):
+    why = unavailable_reason(backend, "cpu")
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.fixture
+def variant(request, monkeypatch):
+    """Select a backend variant: returns the backend name, with its environment set."""
+    backend, env = VARIANTS[request.param]
+    skip_unless(backend)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return backend
+
+
+def grads(fn, case, inputs, layout=None, backend=None):
+    """Output and gradients of every input (x, experts, routing[, bias]) for a fixed grad_out."""
+    leaves = [t.clone().requires_grad_() for t in inputs if t is not None]
+    x, experts, routing = leaves[:3]
+    bias = leaves[3] if case.bias else None
+    inp = layout(x) if layout is not None else x
+    kwargs = {} if backend is None else {"backend": backend}
+    y = fn(inp, experts, routing, bias, **case.conv(), **kwargs)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(y.shape, generator=g, dtype=y.dtype)
+    return y, torch.autograd.grad(y, leaves, grad_out)
+
+
+def assert_close(actual, expected, rtol, name):
+    scale = expected.abs().max().item()
+    assert scale > 0, f"{name}: reference is all zeros, the comparison would prove nothing"
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * scale, f"{name}: max error {err:.3g} > {rtol} × {scale:.3g}"
+
+
+NAMES = ["x", "experts", "routing", "bias"]
+
+
+def check_against_reference(case, backend, dtype=torch.float32, layout=None, rtol=None):
+    inputs = case.inputs(dtype)
+    rtol = rtol if rtol is not None else (1e-5 if dtype == torch.float32 else 1e-12)
+    y_ref, g_ref = grads(dynamic_conv2d_reference, case, inputs, layout)
+    y, g = grads(dynamic_conv2d, case, inputs, layout, backend)
+    assert_close(y, y_ref, rtol, "output")
+    for name, a, b in zip(NAMES, g, g_ref):
+        assert_close(a, b, rtol, "grad " + name)
+    return y, g
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), indirect=True)
+@pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_matches_reference(variant, case, layout):
+    if variant == "triton" and layout != "nchw" and case is not CASES[0]:
+        pytest.skip("the interpreter is slow: other layouts run on the first case only")
+    y, g = check_against_reference(case, variant, layout=LAYOUTS[layout])
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert g[0].is_contiguous(memory_format=torch.channels_last)
+
+
+# Shapes for the gemm plan's blocks at the tiny budget of "cpu-gemm-blocks" (2500 bytes): one
+# sample per block, 19 output channels in row tasks of 5 (2 threads; 10 with 1), 21 input channels
+# in forward blocks of 16 + 5 and backward tasks of 6 + 6 + 6 + 3, weight-gradient row blocks
+# of 13 + 6, kernel rows of 54 (vector blocks of 16 and 8 plus single values); and at the default
+# budget 64 input channels (576 values per kernel row: two mixing column blocks of 512).
+BLOCK_CASES = [
+    Case("tiny-budget-blocks", 3, 21, 19, 11, 13, 4, (3, 3)),
+    Case("default-budget-64ch", 2, 64, 37, 5, 6, 3, (3, 3), bias=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=repr)
+@pytest.mark.parametrize("variant", ["cpu-gemm-blocks", "cpu-gemm", "cpu-folded"], indirect=True)
+def test_block_boundaries(variant, case, threads, dtype):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(case, variant, dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-gemm", "triton"], indirect=True)
+def test_single_expert_is_a_plain_conv2d(variant):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 9, 8, generator=g)
+    weight = torch.randn(4, 3, 3, 3, generator=g)
+    bias = torch.randn(4, generator=g)
+    y = dynamic_conv2d(x, weight[None], torch.ones(2, 1), bias[None], stride=2, padding=1,
+                       groups=2, backend=variant)
+    assert_close(y, F.conv2d(x, weight, bias, stride=2, padding=1, groups=2), 1e-5, "K=1")
+
+
+@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-gemm", "triton"], indirect=True)
+def test_gradcheck_float64(variant):
+    case = Case("gradcheck", 2, 4, 3, 4, 5, 3, (3, 2), padding=(1, 0), groups=1)
+    leaves = [t.requires_grad_() for t in case.inputs(torch.float64)]
+
+    def fn(x, experts, routing, bias):
+        return dynamic_conv2d(x, experts, routing, bias, padding=(1, 0), backend=variant)
+
+    # The interpreter runs a Triton program in ~ms: the full Jacobian would take minutes, so the
+    # triton case checks random directional derivatives (fast mode) instead.
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=variant == "triton")
+
+
+def fused_op(backend):
+    return {"cpu": torch.ops.fastseg.dynamic_conv2d.default,
+            "triton": torch.ops.fastseg.dynamic_conv2d_triton.default}[backend]
+
+
+@pytest.mark.parametrize("variant,layout", [
+    ("cpu-folded", "nchw"), ("cpu-folded", "channels_last"), ("cpu-gemm", "nchw"),
+    ("cpu-gemm", "channels_last"), ("triton", "nchw"),
+    pytest.param("triton", "channels_last", marks=pytest.mark.slow),
+], indirect=["variant"])
+def test_opcheck(variant, layout):
+    x, experts, routing, bias = CASES[1].inputs()
+    x = (LAYOUTS[layout](x) if LAYOUTS[layout] else x).requires_grad_()
+    args = (x, experts.requires_grad_(), routing.requires_grad_(), bias.requires_grad_(),
+            [2, 2], [1, 0], [2, 1], 3)
+    torch.library.opcheck(fused_op(variant), args)
+
+
+# aot_eager checks the capture (fake kernels, autograd, no graph break) in seconds; inductor, the
+# full path users take, spends ~25 s generating C++ here.
+@pytest.mark.parametrize("backend,compiler", [
+    ("reference", "aot_eager"), ("cpu", "aot_eager"), ("triton", "aot_eager"),
+    pytest.param("cpu", "inductor", marks=pytest.mark.slow),
+])
+def test_compile_fullgraph(backend, compiler):
+    skip_unless(backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = DynamicConv2d(6, 5, 3, num_experts=3, bias=True, backend=backend)
+    x = torch.randn(2, 6, 7, 6, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend=compiler)
+    y = compiled(x)
+    y.square().sum().backward()
+    expected = dynamic_conv2d_reference(x, layer.weight, layer.routing_weights(x), layer.bias)
+    assert_close(y.detach(), expected.detach(), 1e-5, "compiled output")
+    assert x.grad is not None and layer.weight.grad is not None
+    assert layer.routing.weight.grad is not None and layer.bias.grad is not None
+
+
+@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-gemm", "triton"], indirect=True)
+def test_backward_keeps_no_per_sample_kernels(variant):
+    """Between forward and backward only x, experts, routing and bias are kept."""
+    case = CASES[0]
+    x, experts, routing, bias = [t.requires_grad_() for t in case.inputs()]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = dynamic_conv2d(x, experts, routing, bias, backend=variant)
+    kept = [x, experts, routing, bias]
+    assert saved and all(any(t.data_ptr() == k.data_ptr() and t.shape == k.shape for k in kept)
+                         for t in saved), [tuple(t.shape) for t in saved]
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-gemm"], indirect=True)
+def test_cpu_kernels_are_deterministic(variant):
+    case = BLOCK_CASES[0]
+    first = grads(dynamic_conv2d, case, case.inputs(), backend=variant)
+    second = grads(dynamic_conv2d, case, case.inputs(), backend=variant)
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]]):
+        assert torch.equal(a, b)
+
+
+# --- bad inputs --------------------------------------------------------------------------------
+
+def _bad(**changes):
+    def make(x, e, r, b):
+        args = dict(x=x, experts=e, routing=r, bias=b, padding=1, groups=1)
+        args.update({k: v(args) if callable(v) else v for k, v in changes.items()})
+        return args
+    return make
+
+
+BAD = [
+    (_bad(x=lambda a: a["x"][0]), ValueError, r"x must have shape \[N, C_in, H, W\]"),
+    (_bad(x=lambda a: a["x"][:0], routing=lambda a: a["routing"][:0]), ValueError,
+     "x must be non-empty"),
+    (_bad(x=lambda a: a["x"].to(torch.int64)), ValueError, "x must be a floating-point"),
+    (_bad(experts=lambda a: a["experts"][0]), ValueError, "experts must have shape"),
+    (_bad(experts=lambda a: a["experts"][:, :, :3]), ValueError,
+     r"experts must have C_in/groups=4 input channels"),
+    (_bad(groups=3), ValueError, "not divisible by groups=3"),
+    (_bad(groups=2, experts=lambda a: a["experts"][:, :5, :2]), ValueError,
+     r"experts has C_out=5 \(dim 1\), not divisible by groups=2"),
+    (_bad(routing=lambda a: a["routing"][:1]), ValueError, r"routing must have shape \[N, K\]"),
+    (_bad(routing=lambda a: a["routing"][:, :2]), ValueError, r"routing must have shape \[N, K\]"),
+    (_bad(bias=lambda a: a["bias"][:, :3]), ValueError, r"bias must have shape \[K, C_out\]"),
+    (_bad(experts=lambda a: a["experts"].double()), ValueError, "experts has dtype"),
+    (_bad(routing=lambda a: a["routing"].to("meta")), ValueError, "routing is on meta"),
+    (_bad(bias=lambda a: a["bias"].double()), ValueError, "bias has dtype"),
+    (_bad(x=lambda a: a["x"].masked_fill(a["x"] > 1, float("nan"))), ValueError, "x contains NaN"),
+    (_bad(experts=lambda a: a["experts"].masked_fill(a["experts"] > 1, float("inf"))), ValueError,
+     "experts contains NaN or inf"),
+    (_bad(routing=lambda a: a["routing"].masked_fill(a["routing"] > 0.5, float("nan"))),
+     ValueError, "routing contains NaN"),
+    (_bad(bias=lambda a: a["bias"].masked_fill(a["bias"] > 0, float("-inf"))), ValueError,
+     "bias contains NaN or inf"),
+    (_bad(padding=None, experts=lambda a: a["experts"][..., :2, :2]), ValueError,
+     r"padding=None means 'same' padding"),
+    (_bad(padding=-1), ValueError, "padding must be non-negative"),
+    (_bad(padding=0, x=lambda a: a["x"][..., :2, :2]), ValueError,
+     "smaller than the dilated kernel"),
+    (_bad(x=lambda a: a["x"].tolist()), TypeError, "x must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_inputs_raise_clear_errors(backend, case):
+    make, error, match = BAD[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=g)
+    args = make(x, torch.randn(3, 6, 4, 3, 3, generator=g), torch.rand(2, 3, generator=g),
+                torch.randn(3, 6, generator=g))
+    with pytest.raises(error, match=match):
+        dynamic_conv2d(**args, backend=backend)
+
+
+def test_padding_none_needs_stride_1():
+    x, experts, routing, _ = CASES[0].inputs()
+    with pytest.raises(ValueError, match="stride 1"):
+        dynamic_conv2d(x, experts, routing, stride=2)
+
+
+@pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None, reason="extension not built")
+@pytest.mark.parametrize("change,match", [
+    (lambda a: {**a, "routing": a["routing"][:1]}, r"routing must be \[N, K\] = \[2, 3\]"),
+    (lambda a: {**a, "experts": a["experts"][:, :, :2]}, "experts must have C_in/groups=4"),
+    (lambda a: {**a, "bias": a["bias"][:2]}, r"bias must be \[K, C_out\]"),
+    (lambda a: {**a, "x": a["x"][:0]}, "x must be non-empty"),
+    (lambda a: {**a, "groups": 3}, "not divisible by groups=3"),
+    (lambda a: {**a, "routing": a["routing"].double()}, "routing has dtype"),
+])
+def test_cpp_op_checks_name_the_argument(change, match):
+    """The C++ ops check their arguments themselves (csrc/dynamic_conv.h): direct calls too."""
+    g = torch.Generator().manual_seed(0)
+    args = dict(x=torch.randn(2, 4, 6, 6, generator=g), experts=torch.randn(3, 6, 4, 3, 3, generator=g),
+                routing=torch.rand(2, 3, generator=g), bias=torch.randn(3, 6, generator=g),
+                stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastseg.dynamic_conv2d(*change(args).values())
+
+
+def test_half_precision_on_cpu_runs_on_the_reference():
+    x, experts, routing, bias = [t.bfloat16() for t in CASES[0].inputs()]
+    with warnings.catch_warnings(record=True):  # cpu requested for bfloat16: warns (once)
+        warnings.simplefilter("always")
+        y = dynamic_conv2d(x, experts, routing, bias, backend="cpu")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, dynamic_conv2d_reference(x, experts, routing, bias))
+
+
+# --- the layer ---------------------------------------------------------------------------------
+
+def manual_routing(layer, x, activation, temperature):
+    logits = F.conv2d(x.mean((2, 3), keepdim=True), layer.routing.weight, layer.routing.bias)
+    logits = logits.flatten(1) / temperature
+    return torch.sigmoid(logits) if activation == "sigmoid" else logits.softmax(1)
+
+
+@pytest.mark.parametrize("activation,temperature", [("sigmoid", 1.0), ("softmax", 1.0),
+                                                    ("softmax", 0.3), ("sigmoid", 4.0)])
+def test_layer_routing(activation, temperature):
+    torch.manual_seed(0)
+    layer = DynamicConv2d(6, 8, 3, num_experts=4, routing=activation, temperature=temperature,
+                          bias=True)
+    x = torch.randn(3, 6, 10, 9)
+    routing = layer.routing_weights(x)
+    assert_close(routing, manual_routing(layer, x, activation, temperature), 1e-6, "routing")
+    if activation == "softmax":
+        torch.testing.assert_close(routing.sum(1), torch.ones(3))
+    expected = dynamic_conv2d_reference(x, layer.weight, routing, layer.bias, padding=1)
+    for backend in fastseg.available_backends("cpu"):
+        layer.backend = backend
+        assert_close(layer(x).detach(), expected.detach(), 1e-5, f"layer output ({backend})")
+
+
+def test_layer_inits():
+    torch.manual_seed(0)
+    kaiming = DynamicConv2d(64, 32, 3, num_experts=4, bias=True, init="kaiming")
+    bound = 1.0 / math.sqrt(64 * 9)  # kaiming_uniform(a=√5) and the bias bound: 1/√fan_in
+    for k in range(4):
+        assert kaiming.weight[k].abs().max() <= bound
+        assert kaiming.weight[k].abs().max() > 0.9 * bound
+        assert kaiming.bias[k].abs().max() <= bound
+    normal = DynamicConv2d(64, 32, 3, num_experts=4, init="normal")
+    assert 0.95 < normal.weight.std().item() < 1.05 and abs(normal.weight.mean().item()) < 0.02
+
+
+def test_layer_parameter_count_matches_lightawnet():
+    # K·C_out·C_in·9 + (C_in·K + K): spec/models.md §1.1 (64→128 with its BatchNorm: 295,428).
+    layer = DynamicConv2d(64, 128, 3)
+    assert sum(p.numel() for p in layer.parameters()) + 2 * 128 == 295_428
+
+
+def test_layer_state_dicts_identical_across_backends():
+    torch.manual_seed(0)
+    a = DynamicConv2d(6, 8, (3, 1), bias=True, backend="reference")
+    b = DynamicConv2d(6, 8, (3, 1), bias=True, backend="cpu")
+    assert {k: v.shape for k, v in a.state_dict().items()} == \
+        {k: v.shape for k, v in b.state_dict().items()}
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 6, 7, 7)
+    assert_close(b(x).detach(), a(x).detach(), 1e-5, "outputs after loading")
+
+
+class PlainDynamicConv(torch.nn.Module):
+    """The original LightAWNet layer in plain PyTorch (its key names): experts ``weight.weight``,
+    routing conv ``weight.attention.net``, a sigmoid, and the batch folded into a grouped conv."""
+
+    def __init__(self, c_in, c_out, k=4):
+        super().__init__()
+        self.weight = torch.nn.Module()
+        self.weight.weight = torch.nn.Parameter(torch.randn(k, c_out, c_in, 3, 3))
+        self.weight.attention = torch.nn.Module()
+        self.weight.attention.net = torch.nn.Conv2d(c_in, k, 1)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        alpha = torch.sigmoid(self.weight.attention.net(F.adaptive_avg_pool2d(x, 1))).flatten(1)
+        kernels = torch.einsum("nk,koihw->noihw", alpha, self.weight.weight)
+        y = F.conv2d(x.reshape(1, n * c, h, w), kernels.flatten(0, 1), padding=1, groups=n)
+        return y.view(n, -1, h, w)
+
+
+def test_layer_loads_from_plain_pytorch_equivalent():
+    torch.manual_seed(0)
+    plain = PlainDynamicConv(5, 7)
+    keys = {"weight.weight": "weight", "weight.attention.net.weight": "routing.weight",
+            "weight.attention.net.bias": "routing.bias"}
+    layer = DynamicConv2d(5, 7, 3, init="normal")
+    layer.load_state_dict({keys[k]: v for k, v in plain.state_dict().items()})
+    x = torch.randn(3, 5, 8, 9)
+    expected = plain(x)
+    for backend in fastseg.available_backends("cpu"):
+        layer.backend = backend
+        assert_close(layer(x).detach(), expected.detach(), 1e-5, f"layer output ({backend})")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(routing="relu"), "routing must be one of"),
+    (dict(temperature=0.0), "temperature must be a positive finite number"),
+    (dict(temperature=float("inf")), "temperature must be a positive finite number"),
+    (dict(init="xavier"), "init must be one of"),
+    (dict(groups=4), "divisible by groups"),
+    (dict(num_experts=0), "num_experts must be a positive int"),
+    (dict(kernel_size=2), r"padding=None means 'same' padding"),
+    (dict(stride=2), r"padding=None means 'same' padding"),
+    (dict(backend="gpu"), "backend must be one of"),
+])
+def test_layer_bad_arguments(kwargs, match):
+    args = dict(in_channels=6, out_channels=8, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        DynamicConv2d(**args)
+
+
+def test_layer_rejects_wrong_input_channels():
+    with pytest.raises(ValueError, match=r"x must have shape \[N, 6, H, W\]"):
+        DynamicConv2d(6, 8, 3)(torch.randn(2, 5, 8, 8))
+
+
+# --- CUDA (runs only where a GPU is present) -------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float16, 1e-2),
+                                        (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("case", CASES[:2], ids=repr)
+def test_gpu_matches_reference(backend, dtype, rtol, case):
+    inputs = case.inputs(torch.float64)
+    y_ref, g_ref = grads(dynamic_conv2d_reference, case, [t.cuda() if t is not None else None
+                                                          for t in inputs])
+    y, g = grads(dynamic_conv2d, case, [t.cuda().to(dtype) if t is not None else None
+                                        for t in inputs], backend=backend)
+    assert_close(y.double(), y_ref, rtol, "output")
+    for name, a, b in zip(NAMES, g, g_ref):
+        assert_close(a.double(), b, rtol, "grad " + name)
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    """CI builds with FASTSEG_CUDA=1: the CUDA sources must have compiled, linked and registered."""
+    if os.environ.get("FASTSEG_CUDA") != "1":
+        pytest.skip("FASTSEG_CUDA=1 not set: the CUDA build is not required in this run")
+    assert fastseg.backend.extension() is not None, "fastseg._C failed to import"
+    for op in ("fastseg::dynamic_conv2d", "fastseg::dynamic_conv2d_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op

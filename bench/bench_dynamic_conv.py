@@ -1,0 +1,165 @@
+"""dynamic_conv2d at LightAWNet's shapes: the grouped-conv formulation (eager and compiled), a
+static conv of the same shape, the reference, and the fused kernels.
+
+    .venv/bin/python -m pytest bench/bench_dynamic_conv.py --benchmark-json=dc.json
+    .venv/bin/python bench/summary.py dc.json
+
+Shapes: batch 8, K = 4 experts of 3×3, padding 1, no bias, C → C at LightAWNet's resolutions for
+128² and 256² inputs: 16 at 128²/256², 32 at 64²/128², 64 at 32²/64², 128 at 16²/32², 256 at
+8²/16². Modes: forward, and forward + backward (gradients of a fixed random upstream gradient
+with respect to x, the experts and the routing). Implementations:
+
+* ``grouped``: the batch folded into the groups of one conv (timm's CondConv2d): mix every
+  sample's kernel, ``conv2d(x.view(1, N·C, H, W), W.view(N·C, ...), groups=N)``;
+* ``grouped-compiled``: the same under ``torch.compile``;
+* ``static-conv``: ``F.conv2d`` with one kernel for the whole batch: the cost of the same
+  convolution without the per-sample kernels, the floor of the idea;
+* ``reference``: :func:`fastseg.ops.dynamic_conv2d_reference` (one conv per sample);
+* each fused backend that runs here (``cpu``), through the public API with its checks.
+
+Peak memory (forward + backward only): each implementation runs once in a fresh subprocess
+whose maximum resident set size (``ru_maxrss``) minus that of a subprocess that only builds the
+inputs is recorded as ``extra_info["peak_mb"]``; both first run every implementation at a tiny
+shape, so that loading libraries and JIT kernels counts in neither (not for
+``grouped-compiled``: a fresh process would measure the compiler).
+"""
+import json
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseg
+from fastseg.ops import dynamic_conv2d, dynamic_conv2d_reference
+
+EXPERTS = 4
+SHAPES = [(8, 16, 128, 128), (8, 16, 256, 256), (8, 32, 64, 64), (8, 32, 128, 128),
+          (8, 64, 32, 32), (8, 64, 64, 64), (8, 128, 16, 16), (8, 128, 32, 32),
+          (8, 256, 8, 8), (8, 256, 16, 16)]
+
+
+def grouped(x, experts, routing):
+    """timm's CondConv2d: the batch folded into the groups of one conv."""
+    N, C, H, W = x.shape
+    weight = (routing @ experts.flatten(1)).view(N * experts.shape[1], *experts.shape[2:])
+    y = F.conv2d(x.reshape(1, N * C, H, W), weight, padding=1, groups=N)
+    return y.view(N, -1, *y.shape[2:])
+
+
+_compiled = {}
+
+
+def grouped_compiled(x, experts, routing):
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(grouped, dynamic=False)
+    return _compiled["fn"](x, experts, routing)
+
+
+def static_conv(x, experts, routing):
+    """One kernel for the whole batch (the first expert): no routing, no per-sample kernels."""
+    return F.conv2d(x, experts[0], padding=1)
+
+
+IMPLS = {
+    "grouped": grouped,
+    "grouped-compiled": grouped_compiled,
+    "static-conv": static_conv,
+    "reference": lambda x, e, r: dynamic_conv2d_reference(x, e, r, padding=1),
+}
+for _name in fastseg.available_backends("cpu"):
+    if _name not in ("reference", "triton"):  # triton runs on CPU only in its (slow) interpreter
+        IMPLS[_name] = (lambda b: lambda x, e, r: dynamic_conv2d(x, e, r, padding=1, backend=b))(_name)
+
+
+def inputs(shape, seed=0):
+    """x, experts (scaled like LightAWNet's normal init over the fan-in), routing (sigmoid)."""
+    g = torch.Generator().manual_seed(seed)
+    N, C = shape[:2]
+    x = torch.randn(shape, generator=g)
+    experts = torch.randn(EXPERTS, C, C, 3, 3, generator=g) / (3 * C ** 0.5)
+    routing = torch.sigmoid(torch.randn(N, EXPERTS, generator=g))
+    grad_y = torch.randn(shape, generator=g)
+    return x, experts, routing, grad_y
+
+
+def op_cost(shape, mode):
+    """(bytes, flops) that the op must at least move and compute: the floor's inputs."""
+    N, C, H, W = shape
+    image, kernels = N * C * H * W * 4, EXPERTS * C * C * 9 * 4
+    flops = 2 * N * C * C * 9 * H * W  # the convolution; mixing kernels adds 2·N·K·C·C·9
+    if mode == "forward":
+        return 2 * image + kernels, flops  # read x and the experts, write y
+    # + read grad_y, write grad_x and grad_experts; grad_x and the weight gradient cost a
+    # forward each
+    return 4 * image + 2 * kernels, 3 * flops
+
+
+def forward_backward(fn, x, experts, routing, grad_y):
+    leaves = [x, experts, routing]
+    return torch.autograd.grad(fn(*leaves), leaves, grad_y, allow_unused=True)
+
+
+def run_once(impl, shape):
+    """One forward + backward of `impl` at `shape` (None: only build the inputs), after every
+    implementation ran once at a tiny shape: libraries, JIT kernels and thread pools are then
+    loaded in every process alike, and differences in peak RSS are the op's own memory."""
+    for name in IMPLS:
+        if name != "grouped-compiled":
+            forward_backward(IMPLS[name], *[t.requires_grad_() for t in inputs((2, 4, 5, 5))[:3]],
+                             torch.ones(2, 4, 5, 5))
+    x, experts, routing, grad_y = inputs(shape)
+    if impl is not None:
+        forward_backward(IMPLS[impl], x.requires_grad_(), experts.requires_grad_(),
+                         routing.requires_grad_(), grad_y)
+
+
+_peaks = {}
+
+
+def peak_mb(impl, shape):
+    """Max RSS of a fresh process running one forward + backward of `impl`, minus that of one
+    that only builds the inputs, in MB."""
+    def child(name):
+        out = subprocess.run([sys.executable, __file__, "--peak", json.dumps([name, shape])],
+                             capture_output=True, text=True, check=True, timeout=600)
+        return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    key = tuple(shape)
+    if key not in _peaks:
+        _peaks[key] = child(None)
+    return child(impl) - _peaks[key]
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}x{s[3]}")
+def test_dynamic_conv2d(benchmark, shape, impl, mode):
+    x, experts, routing, grad_y = inputs(shape)
+    fn = IMPLS[impl]
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn(x, experts, routing)
+    else:
+        leaves = [t.clone().requires_grad_() for t in (x, experts, routing)]
+
+        def run():
+            return forward_backward(fn, *leaves, grad_y)
+    out = run()  # warm-up (and compilation for the compiled formulation)
+    if mode == "forward" and impl != "static-conv":  # what is timed must compute the right thing
+        expected = dynamic_conv2d_reference(x, experts, routing, padding=1)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    nbytes, flops = op_cost(shape, mode)
+    benchmark.extra_info.update(op="dynamic_conv2d", impl=impl, mode=mode, shape=list(shape),
+                                bytes=nbytes, flops=flops)
+    if mode == "forward+backward" and impl != "grouped-compiled":
+        benchmark.extra_info["peak_mb"] = round(peak_mb(impl, shape), 1)
+    benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=1)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--peak"]:
+    name, shape = json.loads(sys.argv[2])
+    run_once(name, tuple(shape))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -18,13 +18,13 @@ with respect to x, the experts and the routing). Implementations:
 * each fused backend that runs here (``cpu``), through the public API with its checks.
 
 Peak memory (forward + backward only): each implementation runs once in a fresh subprocess
-whose maximum resident set size (``ru_maxrss``) minus that of a subprocess that only builds the
-inputs is recorded as ``extra_info["peak_mb"]``; both first run every implementation at a tiny
-shape, so that loading libraries and JIT kernels counts in neither (not for
-``grouped-compiled``: a fresh process would measure the compiler).
+whose peak resident set size (``VmHWM``, reset after the imports and the input construction:
+importing torch and triton peaks higher than many of these ops) minus that of a subprocess that
+only builds the inputs is recorded as ``extra_info["peak_mb"]``. Both first run every
+implementation at a tiny shape, so loading libraries and JIT kernels counts in neither. Not for
+``grouped-compiled``: a fresh process would measure the compiler.
 """
 import json
-import resource
 import subprocess
 import sys
 
@@ -105,12 +105,15 @@ def forward_backward(fn, x, experts, routing, grad_y):
 def run_once(impl, shape):
     """One forward + backward of `impl` at `shape` (None: only build the inputs), after every
     implementation ran once at a tiny shape: libraries, JIT kernels and thread pools are then
-    loaded in every process alike, and differences in peak RSS are the op's own memory."""
+    loaded in every process alike. The peak-RSS mark is reset before the run (importing torch
+    and triton peaks higher than many ops do), so differences in it are the op's own memory."""
     for name in IMPLS:
         if name != "grouped-compiled":
             forward_backward(IMPLS[name], *[t.requires_grad_() for t in inputs((2, 4, 5, 5))[:3]],
                              torch.ones(2, 4, 5, 5))
     x, experts, routing, grad_y = inputs(shape)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set size
     if impl is not None:
         forward_backward(IMPLS[impl], x.requires_grad_(), experts.requires_grad_(),
                          routing.requires_grad_(), grad_y)
@@ -125,7 +128,7 @@ def peak_mb(impl, shape):
     def child(name):
         out = subprocess.run([sys.executable, __file__, "--peak", json.dumps([name, shape])],
                              capture_output=True, text=True, check=True, timeout=600)
-        return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+        return int(out.stdout.split()[-1]) / 1024  # KiB
     key = tuple(shape)
     if key not in _peaks:
         _peaks[key] = child(None)
@@ -159,7 +162,12 @@ def test_dynamic_conv2d(benchmark, shape, impl, mode):
     benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=1)
 
 
+def _high_water_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak"]:
     name, shape = json.loads(sys.argv[2])
     run_once(name, tuple(shape))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(_high_water_kib())

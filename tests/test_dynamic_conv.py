@@ -133,13 +133,16 @@ def test_matches_reference(variant, case, layout):
         assert g[0].is_contiguous(memory_format=torch.channels_last)
 
 
-# Shapes for the gemm plan's blocks at the tiny budget of "cpu-gemm-blocks" (2500 bytes): one
-# sample per block, 19 output channels in row tasks of 5 (2 threads; 10 with 1), 21 input channels
-# in forward blocks of 16 + 5 and backward tasks of 6 + 6 + 6 + 3, weight-gradient row blocks
-# of 13 + 6, kernel rows of 54 (vector blocks of 16 and 8 plus single values); and at the default
-# budget 64 input channels (576 values per kernel row: two mixing column blocks of 512).
+# Shapes for the gemm plan's blocks (csrc/cpu/dynamic_conv.cpp: blocking). At the tiny budget of
+# "cpu-gemm-blocks" (2500 bytes), float32, 2 threads: blocks of 1 sample; 19 output channels in
+# row tasks of 5+5+5+4 (10+9 with 1 thread); 21 input channels in forward blocks of 13+8 and
+# backward tasks of 6+6+6+3; weight-gradient row blocks of 10+9; kernel rows of 54 values (vector
+# blocks of 16 or 8 plus single values). On a 2×2 image the backward's blocks hold 2 samples and
+# its mixed blocks 1. At the default budget 64 input channels make kernel rows of 576 values: two
+# mixing column blocks of 512.
 BLOCK_CASES = [
     Case("tiny-budget-blocks", 3, 21, 19, 11, 13, 4, (3, 3)),
+    Case("tiny-budget-small-image", 3, 21, 19, 2, 2, 4, (3, 3), routing="softmax"),
     Case("default-budget-64ch", 2, 64, 37, 5, 6, 3, (3, 3), bias=False),
 ]
 

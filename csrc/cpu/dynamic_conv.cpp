@@ -459,15 +459,23 @@ Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::T
 
 // How the gemm plan splits its work.
 struct Blocking {
-  int64_t samples;      // per block of samples (their im2col fits kColumnBlocks budgets)
+  int64_t samples;      // forward: samples per block (their im2col fits kColumnBlocks budgets)
   int64_t rows;         // forward: output channels per task
   int64_t channels;     // forward: input channels per mixed block (rows × their taps)
   int64_t bwd_channels; // backward: input channels per task
-  int64_t bwd_samples;  // backward: samples per im2col block of a task
-  int64_t bwd_rows;     // backward: output channels per weight-gradient block
+  int64_t bwd_samples;  // backward: samples per block of a task (their im2col rows fit the budget)
+  int64_t bwd_rows;     // backward: output channels per block of weight gradients
+  int64_t mix_samples;  // backward: samples per block of mixed W-blocks (input gradient)
 };
 
-// Each budget bounds one per-thread buffer; tasks are split so that every thread gets at least
+// `most` split into equal blocks of at most `fit` (at least 1): the block size.
+int64_t balanced(int64_t fit, int64_t most) {
+  const int64_t size = std::clamp<int64_t>(fit, 1, most);
+  return ceil_div(most, ceil_div(most, size));
+}
+
+// Each budget bounds one per-thread buffer, so that one thread's buffers and the experts' block
+// it works on stay in its L2 cache together; tasks are split so that every thread gets at least
 // two where the channels allow it. Blocks of input channels span a multiple of 64 bytes of
 // kernel row where they can (16 channels of 3×3 taps in float32), so the vector loops over a
 // block's columns have no scalar tails.
@@ -481,17 +489,17 @@ Blocking blocking(const Geometry& g, int64_t elem) {
     const int64_t c = std::clamp<int64_t>(fit, 1, most);
     return c >= align && c < g.ci ? c / align * align : c;
   };
-  b.samples = std::clamp<int64_t>(kColumnBlocks * budget / (g.C_in * taps * P * elem), 1, g.N);
+  b.samples = balanced(kColumnBlocks * budget / (g.C_in * taps * P * elem), g.N);
   b.rows = ceil_div(g.co, std::min(tasks_per_group, g.co));
   b.channels = channels(budget / (b.samples * b.rows * taps * elem), g.ci);
   // Backward: a task's input channels span at least 128 elements of a kernel row where there
-  // are enough; its block of samples fits their im2col rows and mixed W-blocks in the budget.
+  // are enough.
   b.bwd_channels = std::min(ceil_div(g.ci, std::min(tasks_per_group, g.ci)),
                             ceil_div(ceil_div(128, taps), align) * align);
-  b.bwd_samples = std::clamp<int64_t>(
-      budget / (std::max(g.co, P) * b.bwd_channels * taps * elem), 1, g.N);
-  b.bwd_rows = std::clamp<int64_t>(budget / (b.bwd_samples * b.bwd_channels * taps * elem), 1,
-                                   g.co);
+  const int64_t cols = b.bwd_channels * taps;
+  b.bwd_samples = balanced(budget / (cols * P * elem), g.N);
+  b.bwd_rows = balanced(budget / (b.bwd_samples * cols * elem), g.co);
+  b.mix_samples = balanced(budget / (g.co * cols * elem), b.bwd_samples);
   return b;
 }
 
@@ -571,7 +579,7 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
   // Per thread: im2col rows of the task's channels, mixed W-blocks, weight-gradient blocks, and
   // the input-gradient columns of one sample.
   const int64_t col_size = b.bwd_samples * block_cols * P;
-  const int64_t mix_size = b.bwd_samples * g.co * block_cols;
+  const int64_t mix_size = b.mix_samples * g.co * block_cols;
   const int64_t gw_size = b.bwd_samples * b.bwd_rows * block_cols;
   at::Tensor scratch = at::empty({at::get_num_threads(), col_size + mix_size + gw_size + block_cols * P},
                                  x.options());
@@ -615,11 +623,14 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
                                 grp + (task * g.N + n0) * g.K);
           }
           // Input side: W_n-block for every output channel of the group, W_nᵀ · grad_out_n, col2im.
-          mix_kernels(r + n0 * g.K, count, g.K, e_group, g.C_out * R, R, g.co, cols, w);
-          for (int64_t n = 0; n < count; ++n) {
-            gemm(true, false, cols, P, g.co, w + n * g.co * cols, cols,
-                 gyp + ((n0 + n) * g.C_out + group * g.co) * P, P, false, gcol, P);
-            col2im(gcol, g, channels, gxp + ((n0 + n) * g.C_in + group * g.ci + c0) * g.H * g.W);
+          for (int64_t m0 = n0; m0 < n0 + count; m0 += b.mix_samples) {
+            const int64_t mixed = std::min(b.mix_samples, n0 + count - m0);
+            mix_kernels(r + m0 * g.K, mixed, g.K, e_group, g.C_out * R, R, g.co, cols, w);
+            for (int64_t n = 0; n < mixed; ++n) {
+              gemm(true, false, cols, P, g.co, w + n * g.co * cols, cols,
+                   gyp + ((m0 + n) * g.C_out + group * g.co) * P, P, false, gcol, P);
+              col2im(gcol, g, channels, gxp + ((m0 + n) * g.C_in + group * g.ci + c0) * g.H * g.W);
+            }
           }
         }
       }

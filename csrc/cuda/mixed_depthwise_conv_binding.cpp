@@ -9,6 +9,7 @@
 
 #include <limits>
 
+#include "cuda/binding.h"
 #include "cuda/mixed_depthwise_conv.cuh"
 #include "mixed_depthwise_conv.h"
 #include "utils.h"
@@ -16,16 +17,6 @@
 namespace fastseg {
 namespace mdc {
 namespace {
-
-// The kernels take CUDA's own half types; at::Half and at::BFloat16 share their bit layout.
-template <typename T> struct cuda_scalar { using type = T; };
-template <> struct cuda_scalar<at::Half> { using type = __half; };
-template <> struct cuda_scalar<at::BFloat16> { using type = __nv_bfloat16; };
-
-template <typename T>
-typename cuda_scalar<T>::type* cuda_ptr(const at::Tensor& t) {
-  return reinterpret_cast<typename cuda_scalar<T>::type*>(t.data_ptr<T>());
-}
 
 std::vector<Group> check_cuda(const at::Tensor& x, at::TensorList weights) {
   TORCH_CHECK(x.is_cuda(), "mixed_depthwise_conv2d (cuda): x must be a CUDA tensor");

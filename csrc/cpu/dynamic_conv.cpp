@@ -72,6 +72,8 @@ int64_t block_bytes() {
 }
 // Columns of a kernel row mixed at a time: their expert values stay in L1 across samples.
 constexpr int64_t kMixColumns = 512;
+// Kernel values per segment of the folded plan's reduction (a multiple of every vector width).
+constexpr int64_t kFoldedSegment = 4096;
 
 struct Geometry {
   int64_t N, C_in, H, W, K, C_out, groups, ci, co, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
@@ -443,16 +445,26 @@ Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::T
       grad_out.view({1, g.N * g.C_out, g.Ho, g.Wo}), x.view({1, g.N * g.C_in, g.H, g.W}), w,
       std::nullopt, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, g.groups * g.N,
       {true, true, false});
-  at::Tensor grad_experts = at::empty({g.K, g.C_out * g.R()}, x.options());
-  at::Tensor grad_routing = at::zeros({g.N, g.K}, x.options());  // acc_t<T> is T on the CPU
+  // The reduction in segments of the kernel, in parallel: a segment's gradients of all samples
+  // and its expert values stay in cache across the reduction's passes. Per-segment partial
+  // routing gradients, summed in segment order afterwards: deterministic.
+  const int64_t kernel = g.C_out * g.R(), segments = ceil_div(kernel, kFoldedSegment);
+  at::Tensor grad_experts = at::empty({g.K, kernel}, x.options());
+  at::Tensor grad_routing_parts = at::zeros({segments, g.N, g.K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_reduce", [&] {
-    const int64_t kernel = g.C_out * g.R();
-    reduce_weight_grads(grad_w.data_ptr<scalar_t>(), g.N, kernel, 1, kernel,
-                        routing.data_ptr<scalar_t>(), g.K, experts.data_ptr<scalar_t>(), kernel,
-                        0, grad_experts.data_ptr<scalar_t>(), false,
-                        grad_routing.data_ptr<acc_t<scalar_t>>());
+    const scalar_t* gw = grad_w.data_ptr<scalar_t>();
+    at::parallel_for(0, segments, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t i0 = s * kFoldedSegment, len = std::min(kFoldedSegment, kernel - i0);
+        reduce_weight_grads(gw + i0, g.N, kernel, 1, len, routing.data_ptr<scalar_t>(), g.K,
+                            experts.data_ptr<scalar_t>() + i0, kernel, 0,
+                            grad_experts.data_ptr<scalar_t>() + i0, false,
+                            grad_routing_parts.data_ptr<acc_t<scalar_t>>() + s * g.N * g.K);
+      }
+    });
   });
-  return {grad_x.view({g.N, g.C_in, g.H, g.W}), grad_experts, grad_routing, grad_out.sum({2, 3})};
+  return {grad_x.view({g.N, g.C_in, g.H, g.W}), grad_experts, grad_routing_parts.sum(0),
+          grad_out.sum({2, 3})};
 }
 
 // --- the gemm plan -----------------------------------------------------------------------------

@@ -19,8 +19,10 @@
 //
 // Neither plan keeps a per-sample kernel between forward and backward: the backward recomputes.
 // Layouts: x and grad_out are used NCHW-contiguous (a channels-last or strided input is copied
-// once); outputs come back in x's memory format. The forward checks x and experts for NaN/inf
-// while it first reads them (routing and bias in a pass of their own: they are small).
+// once); outputs come back in x's memory format. The forward checks its inputs for NaN/inf: the
+// gemm plan checks x and the experts while it first reads them (im2col, mixing), the folded plan
+// in a parallel pass of its own (one read of x, where torch.isfinite in Python would also write
+// a mask), routing and bias always in a pass (they are small).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

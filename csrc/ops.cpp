@@ -23,4 +23,8 @@ TORCH_LIBRARY(fastseg, m) {
       "dynamic_conv2d_backward(Tensor grad_out, Tensor x, Tensor experts, Tensor routing,"
       " Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dilated_attention2d(Tensor q, Tensor k, Tensor v, int dilation, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "dilated_attention2d_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
+      " Tensor lse, int dilation, float scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -7,6 +7,7 @@ import torch
 
 import fastseg
 from fastseg.backend import unavailable_reason
+from fastseg.layers import GlobalSelfAttention2d, SparseTransformer2d
 from fastseg.ops import dilated_attention2d, dilated_attention2d_reference
 from fastseg.ops.dilated_attention import _groups
 
@@ -327,6 +328,137 @@ def test_cpp_backward_checks_lse():
     out, lse = torch.ops.fastseg.dilated_attention2d(q, k, v, 2, 0.5)
     with pytest.raises(ValueError, match="lse must be"):
         torch.ops.fastseg.dilated_attention2d_backward(out, q, k, v, out, lse[..., :1], 2, 0.5)
+
+
+# --- layers ------------------------------------------------------------------------------------
+
+def _original_sparse_transformer(layer, x):
+    """LGMSNet's transformer as its authors wrote it: rearrange into the four parity groups,
+    pre-norm attention with matmul + softmax, rearrange back, pre-norm FFN."""
+    N, C, H, W = x.shape
+    s, heads = layer.dilation, layer.heads
+    t = x.reshape(N, C, H // s, s, W // s, s).permute(0, 3, 5, 2, 4, 1).reshape(N, s * s, -1, C)
+    q, k, v = layer.to_qkv(layer.norm1(t)).chunk(3, dim=-1)
+    q, k, v = (u.reshape(N, s * s, -1, heads, layer.head_dim).transpose(2, 3) for u in (q, k, v))
+    attn = torch.softmax(q @ k.transpose(-1, -2) * layer.head_dim ** -0.5, dim=-1)
+    t = t + layer.to_out((attn @ v).transpose(2, 3).reshape(N, s * s, -1, heads * layer.head_dim))
+    t = t + layer.ffn_out(torch.nn.functional.silu(layer.ffn_in(layer.norm2(t))))
+    return t.reshape(N, s, s, H // s, W // s, C).permute(0, 5, 3, 1, 4, 2).reshape(N, C, H, W)
+
+
+def _original_self_attention(layer, x):
+    """LightAWNet's SAGAN attention as its authors wrote it (bmm over all positions)."""
+    N, C, H, W = x.shape
+    q = layer.query(x).view(N, -1, H * W).permute(0, 2, 1)
+    k = layer.key(x).view(N, -1, H * W)
+    attention = torch.softmax(torch.bmm(q, k), dim=-1)
+    out = torch.bmm(layer.value(x).view(N, -1, H * W), attention.permute(0, 2, 1))
+    return layer.gamma * out.view(N, C, H, W) + x
+
+
+def _assert_grads_close(grads, grads_ref, names):
+    """Each gradient to 1e-4 of its size; one that is zero in exact arithmetic (the key bias of
+    a softmax over keys: it shifts every score of a row alike) to 1e-6 of the largest one."""
+    largest = max(g.abs().max().item() for g in grads_ref)
+    for name, a, b in zip(["x", *names], grads, grads_ref):
+        if name == "key.bias":
+            assert (a - b).abs().max().item() <= 1e-6 * largest, name
+        else:
+            assert_close(a, b, 1e-4, "grad " + name)
+
+
+def _layer_grads(layer, x):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    params = [p for p in layer.parameters()]
+    return y, torch.autograd.grad(y, [x, *params], grad_out)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sparse_transformer_matches_original(backend, channels_last, small_triton_tiles):
+    skip_unless(backend)
+    torch.manual_seed(0)
+    layer = SparseTransformer2d(12, 20, heads=2, head_dim=8, dilation=2, backend=backend)
+    x = torch.randn(2, 12, 6, 10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, g = _layer_grads(layer, x)
+    original = lambda x: _original_sparse_transformer(layer, x)  # noqa: E731
+    layer_ref = type("Original", (torch.nn.Module,), {"forward": lambda self, x: original(x)})()
+    layer_ref.params = torch.nn.ParameterList(layer.parameters())
+    y_ref, g_ref = _layer_grads(layer_ref, x)
+    assert_close(y, y_ref, 1e-5, "output")
+    _assert_grads_close(g, g_ref, [name for name, _ in layer.named_parameters()])
+
+
+def test_sparse_transformer_parameters_match_lgmsnet():
+    """LGMSNet's GMS(…, [96, 32], mlp 256) transformer: the original's shapes, 62,272 params."""
+    layer = SparseTransformer2d(96, 256)
+    shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+    assert shapes == {"norm1.weight": (96,), "norm1.bias": (96,), "to_qkv.weight": (96, 96),
+                      "to_out.weight": (96, 32), "to_out.bias": (96,), "norm2.weight": (96,),
+                      "norm2.bias": (96,), "ffn_in.weight": (256, 96), "ffn_in.bias": (256,),
+                      "ffn_out.weight": (96, 256), "ffn_out.bias": (96,)}
+    assert sum(p.numel() for p in layer.parameters()) == 62_272
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_global_self_attention_matches_original(backend, small_triton_tiles):
+    skip_unless(backend)
+    torch.manual_seed(0)
+    layer = GlobalSelfAttention2d(16, qk_reduction=8, backend=backend)
+    with torch.no_grad():
+        layer.gamma.fill_(0.7)  # 0 at init would hide the attention branch
+    x = torch.randn(2, 16, 4, 5)
+    y, g = _layer_grads(layer, x)
+    layer_ref = type("Original", (torch.nn.Module,), {
+        "forward": lambda self, x: _original_self_attention(layer, x)})()
+    layer_ref.params = torch.nn.ParameterList(layer.parameters())
+    y_ref, g_ref = _layer_grads(layer_ref, x)
+    assert_close(y, y_ref, 1e-5, "output")
+    _assert_grads_close(g, g_ref, [name for name, _ in layer.named_parameters()])
+
+
+def test_global_self_attention_loads_lightawnet_keys():
+    """The original's attention.{gamma, query, key, value} load unchanged: 82,241 parameters."""
+    layer = GlobalSelfAttention2d(256)
+    assert sum(p.numel() for p in layer.parameters()) == 82_241
+    original = {"gamma": torch.tensor([0.5]), "query.weight": torch.randn(32, 256, 1, 1),
+                "query.bias": torch.randn(32), "key.weight": torch.randn(32, 256, 1, 1),
+                "key.bias": torch.randn(32), "value.weight": torch.randn(256, 256, 1, 1),
+                "value.bias": torch.randn(256)}
+    layer.load_state_dict(original)
+    x = torch.randn(1, 256, 4, 4)
+    assert_close(layer(x), _original_self_attention(layer, x), 1e-5, "output")
+    assert torch.equal(GlobalSelfAttention2d(8, 2)(x[:, :8]), x[:, :8]), "γ = 0 at init"
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: SparseTransformer2d(0, 8), "dim must be a positive int"),
+    (lambda: SparseTransformer2d(8, 8, heads=2.0), "heads must be a positive int"),
+    (lambda: GlobalSelfAttention2d(12, 8), r"channels \(12\) must be divisible by qk_reduction"),
+    (lambda: SparseTransformer2d(8, 8, backend="gpu"), "backend must be one of"),
+])
+def test_layer_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("layer,x,match", [
+    (lambda: SparseTransformer2d(8, 8), torch.randn(1, 6, 4, 4), r"x must have shape \[N, 8, H, W\]"),
+    (lambda: SparseTransformer2d(8, 8), torch.randn(1, 8, 5, 4), "must be divisible by the dilation 2"),
+    (lambda: GlobalSelfAttention2d(16), torch.randn(16, 4, 4), r"x must have shape \[N, 16, H, W\]"),
+])
+def test_layer_rejects_wrong_inputs(layer, x, match):
+    with pytest.raises(ValueError, match=match):
+        layer()(x)
+
+
+def test_layer_state_dicts_identical_across_backends():
+    dicts = [SparseTransformer2d(8, 16, backend=b).state_dict() for b in ("reference", "cpu")]
+    assert {k: v.shape for k, v in dicts[0].items()} == {k: v.shape for k, v in dicts[1].items()}
 
 
 # --- CUDA (runs only where a GPU is present) -------------------------------------------------

@@ -27,15 +27,12 @@ only builds the inputs is recorded as ``extra_info["peak_mb"]``. Both first run 
 implementation at a tiny shape, so loading libraries and JIT kernels counts in neither. Not for
 ``grouped-compiled``: a fresh process would measure the compiler.
 """
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastseg
+import peak_memory
 from fastseg.ops import dynamic_conv2d, dynamic_conv2d_reference
 
 EXPERTS = 4
@@ -115,27 +112,10 @@ def run_once(impl, shape):
             forward_backward(IMPLS[name], *[t.requires_grad_() for t in inputs((2, 4, 5, 5))[:3]],
                              torch.ones(2, 4, 5, 5))
     x, experts, routing, grad_y = inputs(shape)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set size
+    peak_memory.reset_high_water()
     if impl is not None:
         forward_backward(IMPLS[impl], x.requires_grad_(), experts.requires_grad_(),
                          routing.requires_grad_(), grad_y)
-
-
-_peaks = {}
-
-
-def peak_mb(impl, shape):
-    """Max RSS of a fresh process running one forward + backward of `impl`, minus that of one
-    that only builds the inputs, in MB."""
-    def child(name):
-        out = subprocess.run([sys.executable, __file__, "--peak", json.dumps([name, shape])],
-                             capture_output=True, text=True, check=True, timeout=600)
-        return int(out.stdout.split()[-1]) / 1024  # KiB
-    key = tuple(shape)
-    if key not in _peaks:
-        _peaks[key] = child(None)
-    return child(impl) - _peaks[key]
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
@@ -161,16 +141,9 @@ def test_dynamic_conv2d(benchmark, shape, impl, mode):
     benchmark.extra_info.update(op="dynamic_conv2d", impl=impl, mode=mode, shape=list(shape),
                                 bytes=nbytes, flops=flops)
     if mode == "forward+backward" and impl != "grouped-compiled":
-        benchmark.extra_info["peak_mb"] = round(peak_mb(impl, shape), 1)
+        benchmark.extra_info["peak_mb"] = round(peak_memory.peak_mb(__file__, impl, shape), 1)
     benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=1)
 
 
-def _high_water_kib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--peak"]:
-    name, shape = json.loads(sys.argv[2])
-    run_once(name, tuple(shape))
-    print(_high_water_kib())
+if __name__ == "__main__":
+    peak_memory.child_main(run_once)

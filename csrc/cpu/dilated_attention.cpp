@@ -43,6 +43,10 @@ using vec_t = typename Lanes<T>::vec;
 template <typename T>
 constexpr int kLanes = Lanes<T>::count;
 constexpr int kKeyBlock = 64;
+// The backward sweeps all keys once per block of this many queries, whose packed q, dO and dQ
+// rows (3 · 8 · 128 · 4 bytes at LGMSNet's head width) stay in L1 throughout the sweep.
+template <typename T>
+constexpr int64_t kQueryBlock = 8 * Lanes<T>::count;
 
 template <typename T>
 inline __attribute__((always_inline)) vec_t<T> load(const T* p) {
@@ -61,6 +65,21 @@ inline __attribute__((always_inline)) vec_t<T> splat(T x) {
 template <typename V>
 inline __attribute__((always_inline)) V vmax(V a, V b) {
   return a > b ? a : b;
+}
+
+// Σ_e coef[e] · rows[e · stride] lane-wise, in two interleaved partial sums: half the
+// dependent-FMA chain of one running sum (the latency that bounds the inner loops).
+template <typename T>
+inline __attribute__((always_inline)) vec_t<T> weighted_rows(const T* coef, const T* rows,
+                                                             int64_t stride, int n) {
+  vec_t<T> even{}, odd{};
+  int e = 0;
+  for (; e + 1 < n; e += 2) {
+    even += coef[e] * load(rows + e * stride);
+    odd += coef[e + 1] * load(rows + (e + 1) * stride);
+  }
+  if (e < n) even += coef[e] * load(rows + e * stride);
+  return even + odd;
 }
 
 // e^x for x ≤ 0, lane-wise: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor
@@ -158,9 +177,14 @@ void forward_block(const T* K, const T* V, const T* Qt, int64_t L, int d_rt, int
     vec block_max = m;
     for (int j = 0; j < nk; ++j) {
       const T* kj = K + (k0 + j) * d;
-      vec acc = vec{};
-      for (int e = 0; e < d; ++e) acc += kj[e] * q[e];
-      st[j] = acc * scale;
+      vec even{}, odd{};
+      int e = 0;
+      for (; e + 1 < d; e += 2) {
+        even += kj[e] * q[e];
+        odd += kj[e + 1] * q[e + 1];
+      }
+      if (e < d) even += kj[e] * q[e];
+      st[j] = (even + odd) * scale;
       block_max = vmax(block_max, st[j]);
     }
     const vec alpha = exp_nonpositive(m - block_max);
@@ -224,7 +248,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
-// Backward of one problem. Packed inputs: K [L][d], V [L][dv], Qt [d][Lp], dOt [dv][Lp],
+// Backward of one problem, queries in blocks of kQueryBlock. Packed inputs: K [L][d], V [L][dv], Qt [d][Lp], dOt [dv][Lp],
 // lse and delta [Lp] (padding lanes: lse huge, so their probabilities vanish). Outputs:
 // dK [L][d], dV [L][dv] (rows), dQt [d][Lp] (lanes, unscaled). `work` holds d + dv vectors.
 template <typename T, int D, int DV>
@@ -238,32 +262,36 @@ void backward_problem(const T* K, const T* V, const T* Qt, const T* dOt, const T
   vec* dk_acc = D > 0 ? dk_fixed : work;
   vec* dv_acc = DV > 0 ? dv_fixed : work + d;
   std::fill(dQt, dQt + d * Lp, T(0));
-  for (int64_t j = 0; j < L; ++j) {
-    const T* kj = K + j * d;
-    const T* vj = V + j * dv;
-    for (int e = 0; e < d; ++e) dk_acc[e] = vec{};
-    for (int c = 0; c < dv; ++c) dv_acc[c] = vec{};
-    for (int64_t i0 = 0; i0 < Lp; i0 += VL) {
-      vec s = vec{}, dp = vec{};
-      for (int e = 0; e < d; ++e) s += kj[e] * load(Qt + e * Lp + i0);
-      for (int c = 0; c < dv; ++c) dp += vj[c] * load(dOt + c * Lp + i0);
-      const vec p = exp_nonpositive(s * scale - load(lse + i0));
-      const vec ds = softmax_input_grad(p, dp, load(delta + i0));
-      for (int c = 0; c < dv; ++c) dv_acc[c] += p * load(dOt + c * Lp + i0);
-      for (int e = 0; e < d; ++e) {
-        dk_acc[e] += ds * load(Qt + e * Lp + i0);
-        store(dQt + e * Lp + i0, load(dQt + e * Lp + i0) + ds * kj[e]);
+  std::fill(dK, dK + L * d, T(0));
+  std::fill(dV, dV + L * dv, T(0));
+  for (int64_t q0 = 0; q0 < Lp; q0 += kQueryBlock<T>) {
+    const int64_t q1 = std::min<int64_t>(Lp, q0 + kQueryBlock<T>);
+    for (int64_t j = 0; j < L; ++j) {
+      const T* kj = K + j * d;
+      const T* vj = V + j * dv;
+      for (int e = 0; e < d; ++e) dk_acc[e] = vec{};
+      for (int c = 0; c < dv; ++c) dv_acc[c] = vec{};
+      for (int64_t i0 = q0; i0 < q1; i0 += VL) {
+        const vec s = weighted_rows(kj, Qt + i0, Lp, d);
+        const vec dp = weighted_rows(vj, dOt + i0, Lp, dv);
+        const vec p = exp_nonpositive(s * scale - load(lse + i0));
+        const vec ds = softmax_input_grad(p, dp, load(delta + i0));
+        for (int c = 0; c < dv; ++c) dv_acc[c] += p * load(dOt + c * Lp + i0);
+        for (int e = 0; e < d; ++e) {
+          dk_acc[e] += ds * load(Qt + e * Lp + i0);
+          store(dQt + e * Lp + i0, load(dQt + e * Lp + i0) + ds * kj[e]);
+        }
       }
-    }
-    for (int c = 0; c < dv; ++c) {
-      T sum = 0;
-      for (int i = 0; i < VL; ++i) sum += dv_acc[c][i];
-      dV[j * dv + c] = sum;
-    }
-    for (int e = 0; e < d; ++e) {
-      T sum = 0;
-      for (int i = 0; i < VL; ++i) sum += dk_acc[e][i];
-      dK[j * d + e] = sum * scale;
+      for (int c = 0; c < dv; ++c) {
+        T sum = 0;
+        for (int i = 0; i < VL; ++i) sum += dv_acc[c][i];
+        dV[j * dv + c] += sum;
+      }
+      for (int e = 0; e < d; ++e) {
+        T sum = 0;
+        for (int i = 0; i < VL; ++i) sum += dk_acc[e][i];
+        dK[j * d + e] += sum * scale;
+      }
     }
   }
 }

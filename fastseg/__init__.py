@@ -15,7 +15,21 @@ _LAZY = {
     "engine": "fastseg.engine",
     "metrics": "fastseg.metrics",
     "losses": "fastseg.losses",
+    "models": "fastseg.models",
 }
+
+
+def create_model(name: str, **kwargs):
+    """The model ``name`` (see :func:`list_models`) built with ``kwargs``; see
+    :func:`fastseg.models.create_model`."""
+    from .models import create_model as create
+    return create(name, **kwargs)
+
+
+def list_models() -> list[str]:
+    """Names of the models :func:`create_model` builds."""
+    from .models import list_models as names
+    return names()
 
 
 def __getattr__(name):
@@ -26,4 +40,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastseg' has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "available_backends", "use_backend", "ops", "layers", "__version__"]
+__all__ = ["BACKENDS", "available_backends", "create_model", "list_models", "use_backend", "ops",
+           "layers", "__version__"]

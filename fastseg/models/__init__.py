@@ -1,0 +1,30 @@
+"""The published models, rebuilt on :mod:`fastseg.layers`, and their registry.
+
+``fastseg.create_model(name, **kwargs)`` builds one by name; ``fastseg.list_models()`` lists the
+names.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .lgmsnet import LGMSNet
+
+__all__ = ["LGMSNet", "create_model", "list_models"]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {"lgmsnet": LGMSNet}
+
+
+def list_models() -> list[str]:
+    """Names :func:`create_model` accepts, e.g. ``["lgmsnet"]``."""
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """The model ``name`` (case-insensitive) built with ``kwargs`` (``in_channels``,
+    ``num_classes``, ``backend``, ...)."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {list_models()}")
+    return _REGISTRY[key](**kwargs)

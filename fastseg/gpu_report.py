@@ -131,13 +131,31 @@ def _dynamic_conv_cases(dtype):
                 _meta(x.shape[0], c_out, *x.shape[2:], dtype=x.dtype), x, e, r, None, *conv)
 
 
-def _template_instance_of(name: str, cuda_type: str) -> bool:
-    return re.search(rf"<[^()]*\b{re.escape(cuda_type)}\b[^()]*>", name) is not None
+# (tokens per side, heads, d_qk, d_v, dilation) of the models' attention at 128² and 256² inputs:
+# LGMSNet's GMS transformers (4 heads × 8, parity groups) at 1/4, 1/8 and 1/16; LightAWNet's
+# bottleneck self-attention (one head, q/k of C/8 = 32, v of C = 256, full attention) at 1/16.
+def _model_attention_shapes():
+    for size in INPUT_SIZES:
+        for scale in (4, 8, 16):
+            yield size // scale, 4, 8, 8, 2
+        yield size // 16, 1, 32, 256, 1
 
 
 def _dilated_attention_cases(dtype):
-    """No Triton launches of dilated_attention2d are recorded yet (its CUDA kernels are checked)."""
-    return iter(())
+    from fastseg.kernels import dilated_attention as kernels
+
+    for side, heads, d_qk, d_v, dilation in sorted(set(_model_attention_shapes())):
+        q = _meta(BATCH, side, side, heads, d_qk, dtype=dtype)
+        v = _meta(BATCH, side, side, heads, d_v, dtype=dtype)
+        lse = _meta(BATCH, side, side, heads, dtype=torch.float32)
+        label = f"{BATCH}x{side}x{side}x{heads}x{d_qk}/{d_v} s={dilation}"
+        yield label + " fwd", lambda q=q, v=v, s=dilation: kernels.forward(q, q, v, s, 1.0)
+        yield label + " bwd", lambda q=q, v=v, lse=lse, s=dilation: kernels.backward(
+            v, q, q, v, v, lse, s, 1.0)
+
+
+def _template_instance_of(name: str, cuda_type: str) -> bool:
+    return re.search(rf"<[^()]*\b{re.escape(cuda_type)}\b[^()]*>", name) is not None
 
 
 def _dilated_attention_instance(name: str, cuda_type: str) -> bool:

@@ -49,6 +49,7 @@ import triton.language as tl
 
 from fastseg._layout import empty_like_output
 
+from ._dot import dot, dot_precision
 from ._launch import launch
 
 __all__ = ["forward", "backward", "ConvConfig", "WeightGradConfig", "conv_config",
@@ -138,28 +139,6 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
 
 
 @triton.jit
-def _tf32_high(x):
-    """``x`` rounded to TF32 (10 mantissa bits, ties away from zero), as float32."""
-    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """``acc + a @ b``; for ``"tf32x3"`` as ``a_lo·b_hi + a_hi·b_lo + a_hi·b_hi`` in TF32 (``hi``
-    rounded to TF32, ``lo`` the exact remainder, truncated to TF32 by the tensor cores): the
-    float32 product to about 2⁻²⁰ relative."""
-    if DOT_PRECISION == "tf32x3":
-        a_high = _tf32_high(a)
-        b_high = _tf32_high(b)
-        acc = tl.dot(a - a_high, b_high, acc, input_precision="tf32")
-        acc = tl.dot(a_high, b - b_high, acc, input_precision="tf32")
-        acc = tl.dot(a_high, b_high, acc, input_precision="tf32")
-    else:
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _dynamic_conv_forward_kernel(
     x_ptr, experts_ptr, routing_ptr, bias_ptr, y_ptr,
     C_in, H, W, C_out, H_out, W_out, C_group_in, C_group_out, num_experts,
@@ -224,7 +203,7 @@ def _dynamic_conv_forward_kernel(
                 w += tl.load(routing_row + k).to(ACC_DTYPE) * expert.to(ACC_DTYPE)
             patch = tl.load(pixels[None, :] + (ci * H * W)[:, None],
                             mask=ci_ok[:, None] & pixel_ok[None, :], other=0.0)
-            acc = _dot(w.to(patch.dtype), patch, acc, DOT_PRECISION)
+            acc = dot(w.to(patch.dtype), patch, acc, DOT_PRECISION)
 
     if HAS_BIAS:
         bias = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
@@ -305,7 +284,7 @@ def _dynamic_conv_input_grad_kernel(
                 w += tl.load(routing_row + k).to(ACC_DTYPE) * expert.to(ACC_DTYPE)
             grad = tl.load(outputs[None, :] + (co * H_out * W_out)[:, None],
                            mask=co_ok[:, None] & output_ok[None, :], other=0.0)
-            acc = _dot(w.to(grad.dtype), grad, acc, DOT_PRECISION)
+            acc = dot(w.to(grad.dtype), grad, acc, DOT_PRECISION)
 
     gx = grad_x_ptr + n.to(tl.int64) * stride_gn + \
         (g * C_group_in + ci)[:, None].to(tl.int64) * stride_gc + \
@@ -387,7 +366,7 @@ def _dynamic_conv_weight_grad_kernel(
             pixel_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             patch = tl.load(x_sample + (ih * W + iw)[:, None] + x_channels[None, :],
                             mask=pixel_ok[:, None] & ci_ok[None, :], other=0.0)
-            grad_w = _dot(grad, patch, grad_w, DOT_PRECISION)
+            grad_w = dot(grad, patch, grad_w, DOT_PRECISION)
 
         routing = tl.load(routing_row + experts_index, mask=experts_ok, other=0.0).to(ACC_DTYPE)
         # Uninitialised before the first sample: the buffer needs no zero-filling.
@@ -408,10 +387,6 @@ def _dynamic_conv_weight_grad_kernel(
 
 def _acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
 def _check_blocks(config: tuple, names: tuple[str, ...]) -> None:
@@ -461,7 +436,7 @@ def forward(x: torch.Tensor, experts: torch.Tensor, routing: torch.Tensor,
            x.contiguous(), _experts_by_tap(experts), routing.contiguous(),
            bias.contiguous() if bias is not None else routing, y, *shape, *y.stride(),
            num_warps=config.num_warps, HAS_BIAS=bias is not None,
-           ACC_DTYPE=_acc_dtype(x.dtype)[0], DOT_PRECISION=_dot_precision(x.dtype),
+           ACC_DTYPE=_acc_dtype(x.dtype)[0], DOT_PRECISION=dot_precision(x.dtype),
            BLOCK_CO=config.block_m, BLOCK_P=config.block_p, BLOCK_CI=config.block_k)
     return y
 
@@ -496,7 +471,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, experts: torch.Tensor,
     grid = (N * groups * triton.cdiv(H * W, config.block_p) * triton.cdiv(C_group_in, config.block_m),)
     launch(_dynamic_conv_input_grad_kernel, grid,
            grad_out, experts_by_tap, routing, grad_x, *shape, *grad_x.stride(),
-           num_warps=config.num_warps, ACC_DTYPE=acc_tl, DOT_PRECISION=_dot_precision(x.dtype),
+           num_warps=config.num_warps, ACC_DTYPE=acc_tl, DOT_PRECISION=dot_precision(x.dtype),
            BLOCK_CI=config.block_m, BLOCK_P=config.block_p, BLOCK_CO=config.block_k)
 
     wconfig = weight_grad_tiles or weight_grad_config(
@@ -514,7 +489,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, experts: torch.Tensor,
     launch(_dynamic_conv_weight_grad_kernel, (tiles, splits),
            grad_out, x, experts_by_tap, routing, grad_experts_partial, grad_routing_partial,
            N, *shape, tiles_per_split,
-           num_warps=wconfig.num_warps, ACC_DTYPE=acc_tl, DOT_PRECISION=_dot_precision(x.dtype),
+           num_warps=wconfig.num_warps, ACC_DTYPE=acc_tl, DOT_PRECISION=dot_precision(x.dtype),
            EXPERTS=experts_pow2, BLOCK_CO=wconfig.block_co, BLOCK_CI=wconfig.block_ci,
            BLOCK_P=wconfig.block_p)
 

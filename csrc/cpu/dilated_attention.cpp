@@ -1,0 +1,381 @@
+// CPU kernels of dilated_attention2d (forward and backward), flash-style.
+//
+// Work unit: one problem (sample, parity group, head; common/dilated_attention.h) of L tokens.
+// The inputs are first gathered per problem into packed buffers: keys and values row by row
+// ([L][d]), queries (and, in the backward, output gradients) transposed ([d][L], queries in the
+// vector lanes). Every step of the inner loops is then a vertical vector operation over kLanes
+// queries: the scores of one key against kLanes queries are d broadcast-FMAs, the online
+// softmax's row maximum and sum are lane-wise, the value accumulation is dv broadcast-FMAs. No
+// score matrix is stored; the backward recomputes the probabilities from the saved log-sum-exp.
+//
+// Forward: in parallel over (problem, block of kLanes queries); keys in blocks of kKeyBlock (the
+// online-softmax rescale happens once per block). Backward: in parallel over problems, one thread
+// owning a problem's dQ, dK and dV; keys in the outer loop, all queries' vectors inner: dQ
+// accumulates lane-wise in memory, dK and dV of the key lane-wise in a small buffer summed once
+// per key. Dimensions 8/8 (LGMSNet's heads) are compile-time constants so the loops unroll.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/dilated_attention.h"
+#include "dilated_attention.h"
+
+namespace fastseg {
+namespace attn {
+namespace {
+
+// Queries per vector block: one 512-bit vector of lanes (two 256-bit registers on AVX2
+// machines, which the compiler splits it into). Written with GCC vector types so that the
+// accumulators of a block are registers, not memory the loops read and write back.
+template <typename T>
+struct Lanes {
+  typedef T vec __attribute__((vector_size(64)));
+  static constexpr int count = 64 / sizeof(T);
+};
+template <typename T>
+using vec_t = typename Lanes<T>::vec;
+template <typename T>
+constexpr int kLanes = Lanes<T>::count;
+constexpr int kKeyBlock = 64;
+
+template <typename T>
+inline __attribute__((always_inline)) vec_t<T> load(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline __attribute__((always_inline)) void store(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+inline __attribute__((always_inline)) vec_t<T> splat(T x) {
+  return vec_t<T>{} + x;
+}
+template <typename V>
+inline __attribute__((always_inline)) V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+// e^x for x ≤ 0, lane-wise: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor
+// polynomial (relative error < 2e-7), 2^n through the exponent bits. Below -87 the result is
+// clamped to ≈ 1.6e-38 instead of underflowing to denormals and 0.
+inline __attribute__((always_inline)) vec_t<float> exp_nonpositive(vec_t<float> x) {
+  typedef int32_t ivec __attribute__((vector_size(64)));
+  x = vmax(x, splat(-87.0f));
+  const vec_t<float> magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer
+  const vec_t<float> shifted = x * 1.44269504f + magic;
+  const vec_t<float> n = shifted - magic;
+  const vec_t<float> r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  vec_t<float> p = splat(1.0f / 720);
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  ivec e, m;
+  std::memcpy(&e, &shifted, sizeof(e));
+  std::memcpy(&m, &magic, sizeof(m));
+  const ivec bits = (e - m + 127) << 23;
+  vec_t<float> scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline __attribute__((always_inline)) vec_t<double> exp_nonpositive(vec_t<double> x) {
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+// Strided view of one [N, H, W, heads, c] input and the problem geometry.
+struct Geometry {
+  int64_t N, H, W, heads, s, Hg, Wg, L;
+  Geometry(const at::Tensor& q, int64_t dilation)
+      : N(q.size(0)), H(q.size(1)), W(q.size(2)), heads(q.size(3)), s(dilation),
+        Hg(H / dilation), Wg(W / dilation), L(Hg * Wg) {}
+  int64_t problems() const { return N * s * s * heads; }
+};
+
+// A [N, H, W, heads, c] input read through its strides (any layout, no copy): element offset
+// of (token t of problem pr, channel e).
+struct Strided {
+  const void* base;
+  int64_t sn, sr, sc, sh, se;  // sample, row, column, head, channel
+  static Strided of(const at::Tensor& t) {
+    return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+  }
+  int64_t offset(const Geometry& g, const Problem& pr, int64_t t, int64_t e) const {
+    const int64_t r = pr.a + g.s * (t / g.Wg), c = pr.b + g.s * (t % g.Wg);
+    return pr.n * sn + r * sr + c * sc + pr.h * sh + e * se;
+  }
+};
+
+// rows[t][e] = x[token t][e] (keys, values) for one problem.
+template <typename T>
+void gather_rows(const Strided& x, const Geometry& g, const Problem& pr, int64_t dim, T* rows) {
+  const T* base = static_cast<const T*>(x.base);
+  for (int64_t t = 0; t < g.L; ++t)
+    for (int64_t e = 0; e < dim; ++e) rows[t * dim + e] = base[x.offset(g, pr, t, e)];
+}
+
+// cols[e][t - t0] = x[token t][e] for the tokens t0 .. t0 + count - 1, zero-padded to `width`.
+template <typename T>
+void gather_cols(const Strided& x, const Geometry& g, const Problem& pr, int64_t dim, int64_t t0,
+                 int64_t count, int64_t width, T* cols) {
+  const T* base = static_cast<const T*>(x.base);
+  for (int64_t e = 0; e < dim; ++e) {
+    T* col = cols + e * width;
+    for (int64_t i = 0; i < count; ++i) col[i] = base[x.offset(g, pr, t0 + i, e)];
+    for (int64_t i = count; i < width; ++i) col[i] = T(0);
+  }
+}
+
+// Forward of one block of kLanes queries of one problem. K [L][d], V [L][dv] packed; Qt [d][VL]
+// (queries in lanes). `work` holds d + dv vectors (used for the dims not fixed at compile time).
+// Writes out [count][dv] (row-major, per query) and lse [count].
+template <typename T, int D, int DV>
+void forward_block(const T* K, const T* V, const T* Qt, int64_t L, int d_rt, int dv_rt, T scale,
+                   vec_t<T>* work, T* out_rows, T* lse_block, int count) {
+  using vec = vec_t<T>;
+  constexpr int VL = kLanes<T>;
+  const int d = D > 0 ? D : d_rt, dv = DV > 0 ? DV : dv_rt;
+  // Fixed dims: local arrays indexed by constants after unrolling, i.e. registers.
+  vec q_fixed[D > 0 ? D : 1], o_fixed[DV > 0 ? DV : 1];
+  vec* q = D > 0 ? q_fixed : work;
+  vec* o = DV > 0 ? o_fixed : work + d;
+  for (int e = 0; e < d; ++e) q[e] = load(Qt + e * VL);
+  for (int c = 0; c < dv; ++c) o[c] = vec{};
+  vec m = splat(-std::numeric_limits<T>::max()), l = vec{};
+  vec st[kKeyBlock];
+  for (int64_t k0 = 0; k0 < L; k0 += kKeyBlock) {
+    const int nk = static_cast<int>(std::min<int64_t>(kKeyBlock, L - k0));
+    vec block_max = m;
+    for (int j = 0; j < nk; ++j) {
+      const T* kj = K + (k0 + j) * d;
+      vec acc = vec{};
+      for (int e = 0; e < d; ++e) acc += kj[e] * q[e];
+      st[j] = acc * scale;
+      block_max = vmax(block_max, st[j]);
+    }
+    const vec alpha = exp_nonpositive(m - block_max);
+    l *= alpha;
+    m = block_max;
+    for (int c = 0; c < dv; ++c) o[c] *= alpha;
+    for (int j = 0; j < nk; ++j) {
+      const vec p = exp_nonpositive(st[j] - m);
+      l += p;
+      const T* vj = V + (k0 + j) * dv;
+      for (int c = 0; c < dv; ++c) o[c] += vj[c] * p;
+    }
+  }
+  for (int i = 0; i < count; ++i) {
+    const T inv = T(1) / l[i];
+    for (int c = 0; c < dv; ++c) out_rows[i * dv + c] = o[c][i] * inv;
+    lse_block[i] = m[i] + std::log(l[i]);
+  }
+}
+
+template <typename T, int D, int DV>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dilation,
+                  double scale_in, at::Tensor& out, at::Tensor& lse) {
+  constexpr int VL = kLanes<T>;
+  const Geometry g(q, dilation);
+  const int d = static_cast<int>(q.size(4)), dv = static_cast<int>(v.size(4));
+  const T scale = static_cast<T>(scale_in);
+  const int64_t P = g.problems(), L = g.L, blocks = (L + VL - 1) / VL;
+  // Keys and values packed per problem once, shared by every query block's task.
+  std::vector<T> K(static_cast<size_t>(P * L * d)), V(static_cast<size_t>(P * L * dv));
+  const Strided qs = Strided::of(q), ks = Strided::of(k), vs = Strided::of(v);
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const Problem pr = problem_of(p, static_cast<int>(g.s), static_cast<int>(g.heads));
+      gather_rows(ks, g, pr, d, K.data() + p * L * d);
+      gather_rows(vs, g, pr, dv, V.data() + p * L * dv);
+    }
+  });
+  T* out_p = out.data_ptr<T>();
+  T* lse_p = lse.data_ptr<T>();
+  // out and lse are contiguous: token (n, r, c, h) at ((n·H + r)·W + c)·heads + h.
+  at::parallel_for(0, P * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Qt(static_cast<size_t>(d) * VL), rows(static_cast<size_t>(dv) * VL);
+    std::vector<vec_t<T>> work(d + dv);
+    alignas(64) T lse_block[VL];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / blocks, t0 = (task % blocks) * VL;
+      const int count = static_cast<int>(std::min<int64_t>(VL, L - t0));
+      const Problem pr = problem_of(p, static_cast<int>(g.s), static_cast<int>(g.heads));
+      gather_cols(qs, g, pr, d, t0, count, VL, Qt.data());
+      forward_block<T, D, DV>(K.data() + p * L * d, V.data() + p * L * dv, Qt.data(), L, d, dv,
+                              scale, work.data(), rows.data(), lse_block, count);
+      for (int i = 0; i < count; ++i) {
+        const int64_t token = (pr.n * g.H * g.W + group_pixel(t0 + i, pr.a, pr.b,
+                                                              static_cast<int>(g.s), g.Wg, g.W)) *
+                                  g.heads + pr.h;
+        std::copy(rows.data() + i * dv, rows.data() + (i + 1) * dv, out_p + token * dv);
+        lse_p[token] = lse_block[i];
+      }
+    }
+  });
+}
+
+// Backward of one problem. Packed inputs: K [L][d], V [L][dv], Qt [d][Lp], dOt [dv][Lp],
+// lse and delta [Lp] (padding lanes: lse huge, so their probabilities vanish). Outputs:
+// dK [L][d], dV [L][dv] (rows), dQt [d][Lp] (lanes, unscaled). `work` holds d + dv vectors.
+template <typename T, int D, int DV>
+void backward_problem(const T* K, const T* V, const T* Qt, const T* dOt, const T* lse,
+                      const T* delta, int64_t L, int64_t Lp, int d_rt, int dv_rt, T scale, T* dK,
+                      T* dV, T* dQt, vec_t<T>* work) {
+  using vec = vec_t<T>;
+  constexpr int VL = kLanes<T>;
+  const int d = D > 0 ? D : d_rt, dv = DV > 0 ? DV : dv_rt;
+  vec dk_fixed[D > 0 ? D : 1], dv_fixed[DV > 0 ? DV : 1];
+  vec* dk_acc = D > 0 ? dk_fixed : work;
+  vec* dv_acc = DV > 0 ? dv_fixed : work + d;
+  std::fill(dQt, dQt + d * Lp, T(0));
+  for (int64_t j = 0; j < L; ++j) {
+    const T* kj = K + j * d;
+    const T* vj = V + j * dv;
+    for (int e = 0; e < d; ++e) dk_acc[e] = vec{};
+    for (int c = 0; c < dv; ++c) dv_acc[c] = vec{};
+    for (int64_t i0 = 0; i0 < Lp; i0 += VL) {
+      vec s = vec{}, dp = vec{};
+      for (int e = 0; e < d; ++e) s += kj[e] * load(Qt + e * Lp + i0);
+      for (int c = 0; c < dv; ++c) dp += vj[c] * load(dOt + c * Lp + i0);
+      const vec p = exp_nonpositive(s * scale - load(lse + i0));
+      const vec ds = softmax_input_grad(p, dp, load(delta + i0));
+      for (int c = 0; c < dv; ++c) dv_acc[c] += p * load(dOt + c * Lp + i0);
+      for (int e = 0; e < d; ++e) {
+        dk_acc[e] += ds * load(Qt + e * Lp + i0);
+        store(dQt + e * Lp + i0, load(dQt + e * Lp + i0) + ds * kj[e]);
+      }
+    }
+    for (int c = 0; c < dv; ++c) {
+      T sum = 0;
+      for (int i = 0; i < VL; ++i) sum += dv_acc[c][i];
+      dV[j * dv + c] = sum;
+    }
+    for (int e = 0; e < d; ++e) {
+      T sum = 0;
+      for (int i = 0; i < VL; ++i) sum += dk_acc[e][i];
+      dK[j * d + e] = sum * scale;
+    }
+  }
+}
+
+template <typename T, int D, int DV>
+void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse_in,
+                   int64_t dilation, double scale_in, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dvt) {
+  constexpr int VL = kLanes<T>;
+  const Geometry g(q, dilation);
+  const int d = static_cast<int>(q.size(4)), dv = static_cast<int>(v.size(4));
+  const T scale = static_cast<T>(scale_in);
+  const int64_t P = g.problems(), L = g.L, Lp = (L + VL - 1) / VL * VL;
+  const Strided qs = Strided::of(q), ks = Strided::of(k), vs = Strided::of(v),
+                gs = Strided::of(grad_out), os = Strided::of(out);
+  T* dq_p = dq.data_ptr<T>();
+  T* dk_p = dk.data_ptr<T>();
+  T* dv_p = dvt.data_ptr<T>();
+  const T* lse_base = lse_in.data_ptr<T>();
+  const T* go_base = grad_out.data_ptr<T>();
+  const T* out_base = out.data_ptr<T>();
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> K(L * d), V(L * dv), Qt(d * Lp), dOt(dv * Lp), lse(Lp), delta(Lp), dK(L * d),
+        dV(L * dv), dQt(d * Lp);
+    std::vector<vec_t<T>> work(d + dv);
+    for (int64_t p = begin; p < end; ++p) {
+      const Problem pr = problem_of(p, static_cast<int>(g.s), static_cast<int>(g.heads));
+      gather_rows(ks, g, pr, d, K.data());
+      gather_rows(vs, g, pr, dv, V.data());
+      gather_cols(qs, g, pr, d, 0, L, Lp, Qt.data());
+      gather_cols(gs, g, pr, dv, 0, L, Lp, dOt.data());
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t r = pr.a + g.s * (t / g.Wg), c = pr.b + g.s * (t % g.Wg);
+        lse[t] = lse_base[pr.n * lse_in.stride(0) + r * lse_in.stride(1) + c * lse_in.stride(2) +
+                          pr.h * lse_in.stride(3)];
+        T sum = 0;
+        for (int64_t e = 0; e < dv; ++e)
+          sum += go_base[gs.offset(g, pr, t, e)] * out_base[os.offset(g, pr, t, e)];
+        delta[t] = sum;
+      }
+      for (int64_t t = L; t < Lp; ++t) lse[t] = std::numeric_limits<T>::max(), delta[t] = 0;
+      backward_problem<T, D, DV>(K.data(), V.data(), Qt.data(), dOt.data(), lse.data(),
+                                 delta.data(), L, Lp, d, dv, scale, dK.data(), dV.data(),
+                                 dQt.data(), work.data());
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t token =
+            (pr.n * g.H * g.W + group_pixel(t, pr.a, pr.b, static_cast<int>(g.s), g.Wg, g.W)) *
+                g.heads + pr.h;
+        for (int e = 0; e < d; ++e) {
+          dq_p[token * d + e] = dQt[e * Lp + t] * scale;
+          dk_p[token * d + e] = dK[t * d + e];
+        }
+        std::copy(dV.data() + t * dv, dV.data() + (t + 1) * dv, dv_p + token * dv);
+      }
+    }
+  });
+}
+
+void check_cpu(const at::Tensor& q) {
+  TORCH_CHECK(q.device().is_cpu(), "dilated_attention2d (cpu): q must be a CPU tensor");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "dilated_attention2d (cpu): q must be float32 or float64, got ", q.scalar_type());
+}
+
+// LGMSNet's heads (d_qk = d_v = 8) get unrolled loops; anything else the general ones.
+template <typename T, typename Fn>
+void dispatch_dims(int64_t d, int64_t dv, Fn&& fn) {
+  if (d == 8 && dv == 8)
+    fn.template operator()<T, 8, 8>();
+  else
+    fn.template operator()<T, 0, 0>();
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, int64_t dilation,
+                                               double scale) {
+  check_cpu(q);
+  check_dilated_attention(q, k, v, dilation);
+  at::Tensor out = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty(q.sizes().slice(0, 4), q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dilated_attention2d_cpu", [&] {
+    dispatch_dims<scalar_t>(q.size(4), v.size(4), [&]<typename T, int D, int DV>() {
+      forward_impl<T, D, DV>(q, k, v, dilation, scale, out, lse);
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, int64_t dilation, double scale) {
+  check_cpu(q);
+  check_dilated_attention(q, k, v, dilation);
+  check_dilated_attention_backward(grad_out, q, v, out, lse);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dilated_attention2d_backward_cpu", [&] {
+    dispatch_dims<scalar_t>(q.size(4), v.size(4), [&]<typename T, int D, int DV>() {
+      backward_impl<T, D, DV>(grad_out, q, k, v, out, lse, dilation, scale, dq, dk, dv);
+    });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
+  m.impl("dilated_attention2d", &forward_cpu);
+  m.impl("dilated_attention2d_backward", &backward_cpu);
+}
+
+}  // namespace attn
+}  // namespace fastseg

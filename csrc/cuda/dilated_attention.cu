@@ -211,10 +211,13 @@ __device__ __forceinline__ void attention_pass(const PassArgs<T>& args) {
     } else {
 #pragma unroll
       for (int j = 0; j < kOther; ++j) {
-        const A lse2 = kQueryRows ? row_lse2 : other_lse2[j];
+        // The query's statistics: the own row's in grad_q, staged row j's in the key passes.
+        A lse2 = row_lse2, delta = row_delta;
+        if constexpr (!kQueryRows) lse2 = other_lse2[j];
+        if constexpr (P == Pass::kGradK) delta = other_delta[j];
         const A p = j0 + j < L ? exp2_acc(score[j] * scale2 - lse2) : A(0);
         if constexpr (kDp)
-          score[j] = softmax_input_grad(p, dp[j], kQueryRows ? row_delta : other_delta[j]);
+          score[j] = softmax_input_grad(p, dp[j], delta);
         else
           score[j] = p;
       }

@@ -44,9 +44,9 @@ constexpr int kDeltaThreads = 256;
 // accumulators; during a dot product also one operand chunk of the own row. With float
 // accumulation that fits 128 registers without spilling (4 resident blocks of 128 threads per
 // SM), measured with ptxas for sm_80 and sm_90: 16 staged rows in the forward and grad_v, 8 in
-// grad_q and grad_k, which hold dp too; a 16-column chunk or twice the rows spills. float64 (the
-// tests' gradchecks; the models run float/half/bfloat16) stages half as many rows and is
-// compiled for 2 blocks per SM (≤ 255 registers) so that it does not spill either.
+// grad_q and grad_k, which hold dp too (16 spill there on sm_80); 16-column chunks spill in every
+// pass. float64 (the tests' gradchecks; the models run float/half/bfloat16) stages half as many
+// rows and is compiled for 2 blocks per SM (≤ 255 registers) so that it does not spill either.
 constexpr int kChunk = 8;
 template <typename A, bool kDp>
 constexpr int kOtherRows = (sizeof(A) == sizeof(float) ? 16 : 8) / (kDp ? 2 : 1);

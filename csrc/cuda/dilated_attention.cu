@@ -116,8 +116,9 @@ __device__ __forceinline__ void add_dots(A (&dots)[kRows], const T* __restrict__
 // The pass P (table at the top) for the block's (problem, tile of kThreads own rows, output
 // chunk): block b covers chunk b % chunks, row tile (b / chunks) % row_tiles, problem
 // b / (chunks · row_tiles), so the blocks of one problem, which stream the same rows, run
-// together. Shared: the staged rows' indices (and lse, delta in the key passes), and kOther ×
-// kChunk tiles of the score operand, the dp operand (grad_q, grad_k) and the summed operand.
+// together. Shared: the staged rows' indices (and their queries' lse, delta in the key passes),
+// double-buffered so that the next step's are written during this one; kOther × kChunk tiles of
+// the score operand, the dp operand (grad_q, grad_k) and the summed operand.
 template <Pass P, typename T>
 __device__ __forceinline__ void attention_pass(const PassArgs<T>& args) {
   using A = acc_t<T>;
@@ -125,9 +126,9 @@ __device__ __forceinline__ void attention_pass(const PassArgs<T>& args) {
   constexpr int kOther = kOtherRows<A, kDp>;
   constexpr bool kQueryRows = P == Pass::kForward || P == Pass::kGradQ;
   static_assert(kOther <= kThreads);
-  __shared__ int64_t other_row[kOther];
-  __shared__ A other_lse2[kQueryRows ? 1 : kOther];
-  __shared__ A other_delta[P == Pass::kGradK ? kOther : 1];
+  __shared__ int64_t other_row[2][kOther];
+  __shared__ A other_lse2[2][kQueryRows ? 1 : kOther];
+  __shared__ A other_delta[2][P == Pass::kGradK ? kOther : 1];
   __shared__ A score_tile[kOther][kChunk];
   __shared__ A dp_tile[kDp ? kOther : 1][kChunk];
   __shared__ A sum_tile[kOther][kChunk];
@@ -156,19 +157,25 @@ __device__ __forceinline__ void attention_pass(const PassArgs<T>& args) {
   const int phases = kDp ? imax(score_chunks, static_cast<int>(ceil_div(s.d_v, kChunk)))
                          : score_chunks;
 
-  A acc[kChunk] = {};
-  A run_max = -static_cast<A>(INFINITY), run_sum = 0;  // the forward's online softmax
-#pragma unroll 1
-  for (int j0 = 0; j0 < L; j0 += kOther) {
+  // Writes the indices (and query statistics) of the rows staged at step j0 to buffer `buf`.
+  const auto index_rows = [&](int j0, int buf) {
     if (threadIdx.x < kOther) {
       const int j = j0 + threadIdx.x;
       const int64_t row = j < L ? row_of(j) : -1;
-      other_row[threadIdx.x] = row;
+      other_row[buf][threadIdx.x] = row;
       if constexpr (!kQueryRows)
-        other_lse2[threadIdx.x] = row >= 0 ? args.lse[row] * A(kLog2e) : A(0);
-      if constexpr (P == Pass::kGradK) other_delta[threadIdx.x] = row >= 0 ? args.delta[row] : A(0);
+        other_lse2[buf][threadIdx.x] = row >= 0 ? args.lse[row] * A(kLog2e) : A(0);
+      if constexpr (P == Pass::kGradK)
+        other_delta[buf][threadIdx.x] = row >= 0 ? args.delta[row] : A(0);
     }
-    __syncthreads();
+  };
+  index_rows(0, 0);
+  __syncthreads();
+
+  A acc[kChunk] = {};
+  A run_max = -static_cast<A>(INFINITY), run_sum = 0;  // the forward's online softmax
+#pragma unroll 1
+  for (int j0 = 0, buf = 0; j0 < L; j0 += kOther, buf ^= 1) {
 
     // Phase f stages and multiplies column chunk f of the score (and dp) operands; the summed
     // operand's chunk is staged with the first and used after the last.
@@ -176,11 +183,11 @@ __device__ __forceinline__ void attention_pass(const PassArgs<T>& args) {
 #pragma unroll 1
     for (int phase = 0; phase < phases; ++phase) {
       const int c0 = phase * kChunk;
-      if (c0 < s.d_qk) stage_tile(score_tile, args.other_score, s.d_qk, c0, other_row);
+      if (c0 < s.d_qk) stage_tile(score_tile, args.other_score, s.d_qk, c0, other_row[buf]);
       if constexpr (kDp) {
-        if (c0 < s.d_v) stage_tile(dp_tile, args.other_dp, s.d_v, c0, other_row);
+        if (c0 < s.d_v) stage_tile(dp_tile, args.other_dp, s.d_v, c0, other_row[buf]);
       }
-      if (phase == 0) stage_tile(sum_tile, args.other_sum, args.d_sum, c_sum, other_row);
+      if (phase == 0) stage_tile(sum_tile, args.other_sum, args.d_sum, c_sum, other_row[buf]);
       __syncthreads();
       if (c0 < s.d_qk) add_dots(score, args.own_score, own_row, active, s.d_qk, c0, score_tile);
       if constexpr (kDp) {
@@ -213,8 +220,8 @@ __device__ __forceinline__ void attention_pass(const PassArgs<T>& args) {
       for (int j = 0; j < kOther; ++j) {
         // The query's statistics: the own row's in grad_q, staged row j's in the key passes.
         A lse2 = row_lse2, delta = row_delta;
-        if constexpr (!kQueryRows) lse2 = other_lse2[j];
-        if constexpr (P == Pass::kGradK) delta = other_delta[j];
+        if constexpr (!kQueryRows) lse2 = other_lse2[buf][j];
+        if constexpr (P == Pass::kGradK) delta = other_delta[buf][j];
         const A p = j0 + j < L ? exp2_acc(score[j] * scale2 - lse2) : A(0);
         if constexpr (kDp)
           score[j] = softmax_input_grad(p, dp[j], delta);
@@ -226,7 +233,8 @@ __device__ __forceinline__ void attention_pass(const PassArgs<T>& args) {
     for (int j = 0; j < kOther; ++j)
 #pragma unroll
       for (int c = 0; c < kChunk; ++c) acc[c] += score[j] * sum_tile[j][c];
-    __syncthreads();  // the next tile restages the rows, their statistics and the tiles
+    if (j0 + kOther < L) index_rows(j0 + kOther, buf ^ 1);
+    __syncthreads();  // publishes the next step's rows; the next step restages the tiles
   }
 
   if (!active) return;

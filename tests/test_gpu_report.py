@@ -63,6 +63,14 @@ def test_cuda_names_and_launch_bounds():
     assert gpu_report._mixed_depthwise_conv_instance(name, "__half")
     assert not gpu_report._mixed_depthwise_conv_instance(name, "float")
     assert not gpu_report._mixed_depthwise_conv_instance(name.replace("<7,", "<11,"), "__half")
+    attention = ("void fastseg::attn::cuda::(anonymous namespace)::grad_k_kernel<__nv_bfloat16>("
+                 "fastseg::attn::cuda::(anonymous namespace)::PassArgs<__nv_bfloat16>)")
+    assert gpu_report._cuda_kernel_text(attention) == ("grad_k_kernel", "<__nv_bfloat16>")
+    assert gpu_report._dilated_attention_instance(attention, "__nv_bfloat16")
+    assert not gpu_report._dilated_attention_instance(attention, "__half")
+    # float64 instances serve the tests only: reported, not held to the models' bound.
+    assert not gpu_report._dilated_attention_instance(
+        attention.replace("__nv_bfloat16", "double"), "double")
     ptx = (".visible .entry _Z1ai(\n\t.param .u32 p\n)\n.maxntid 256, 1, 1\n{\n}\n"
            ".visible .entry _Z1bi(\n\t.param .u32 p\n)\n{\n}\n")
     assert gpu_report._launch_bounds(ptx) == {"_Z1ai": 256}

@@ -63,10 +63,11 @@ def test_lgmsnet_backends_agree_with_the_reference(backend, train):
     fused = LGMSNet(num_classes=2, backend=backend)
     fused.load_state_dict(reference.state_dict())
     reference.train(train), fused.train(train)
-    x = torch.randn(2, 3, 64, 32)
+    # Under the Triton interpreter every kernel launch is slow: the smallest input there.
+    x = torch.randn(2, 3, 64, 32) if backend == "cpu" else torch.randn(1, 3, 32, 32)
     y_ref, g_ref = _run(reference, x)
     y, g = _run(fused, x.contiguous(memory_format=torch.channels_last))
-    assert y.shape == (2, 2, 64, 32)
+    assert y.shape == (x.shape[0], 2, *x.shape[2:])
     scale = y_ref.abs().max()
     assert (y - y_ref).abs().max() <= 1e-4 * scale
     # In train mode the gradient of a conv bias followed by BatchNorm is zero in exact arithmetic

@@ -174,8 +174,9 @@ _Pragma("omp simd reduction(+ : gw)")
     });
   });
   const at::Tensor sums = partial.sum(0);
-  return {to_output_layout(gx, x_in), sums.narrow(0, 0, C).view({1, C}).contiguous(),
-          sums.narrow(0, C, 1).contiguous()};
+  // Separate tensors: outputs of an op may not alias each other.
+  return {to_output_layout(gx, x_in), sums.narrow(0, 0, C).view({1, C}).clone(),
+          sums.narrow(0, C, 1).clone()};
 }
 
 // --- gated_pointwise ---------------------------------------------------------------------------
@@ -297,9 +298,9 @@ _Pragma("omp simd")
       }
     }
   });
-  return {to_output_layout(ga, a_in), gw.narrow(0, 2 * C_out, 1).contiguous(),
-          gbias.narrow(0, 2 * C_out, 1).contiguous(), gw.narrow(0, 0, C_out).contiguous(),
-          gw.narrow(0, C_out, C_out).contiguous(), gbias.narrow(0, 0, C_out).contiguous()};
+  return {to_output_layout(ga, a_in), gw.narrow(0, 2 * C_out, 1).clone(),
+          gbias.narrow(0, 2 * C_out, 1).clone(), gw.narrow(0, 0, C_out).clone(),
+          gw.narrow(0, C_out, C_out).clone(), gbias.narrow(0, 0, C_out).clone()};
 }
 
 // --- bilinear resize of planes -----------------------------------------------------------------
@@ -762,7 +763,7 @@ _Pragma("omp simd reduction(+ : gpsi_i)")
     }
   });
   return {to_output_layout(gx, x_in), to_output_layout(gg, g_in), gw_x, gw_g, gb,
-          gpsi.narrow(0, 0, C_i).view({1, C_i}).contiguous(), gpsi.narrow(0, C_i, 1).contiguous()};
+          gpsi.narrow(0, 0, C_i).view({1, C_i}).clone(), gpsi.narrow(0, C_i, 1).clone()};
 }
 
 }  // namespace

@@ -305,21 +305,31 @@ def _resize(plane, rows, cols, h, w, H, W, ALIGN: tl.constexpr, ACC: tl.constexp
 
 
 @triton.jit
-def _resize_adjoint(plane, rows, cols, h, w, H, W, SPAN_H, SPAN_W,
+def _resize_adjoint(plane, rows, cols, h, w, H, W, SPAN_H, SPAN_W, X2: tl.constexpr,
                     ALIGN: tl.constexpr, ACC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     """The resize's adjoint applied to the ``[H, W]`` plane at ``plane`` (contiguous, ACC), at input
     coordinates ``rows × cols`` (``[BH, 1]``, ``[1, BW]``) of the ``[h, w]`` input: each input
-    gathers the ``SPAN_H × SPAN_W`` outputs from its first readers on (the others weigh zero)."""
-    lo_r = _first_reader(rows, h, H, ALIGN, ACC)
-    lo_c = _first_reader(cols, w, W, ALIGN, ACC)
+    gathers the ``SPAN_H × SPAN_W`` outputs from its first readers on (the others weigh zero).
+    ``X2``: the ×2 upsample (align_corners=False), where exactly outputs 2i - 1 ... 2i + 2 read
+    input i (span 4)."""
+    if X2:
+        lo_r = 2 * rows - 1
+        lo_c = 2 * cols - 1
+    else:
+        lo_r = _first_reader(rows, h, H, ALIGN, ACC)
+        lo_c = _first_reader(cols, w, W, ALIGN, ACC)
     acc = tl.zeros((BH, BW), dtype=ACC)
     for dr in range(0, SPAN_H):
         r = lo_r + dr
-        wr = tl.where(r < H, _tap_weight(tl.minimum(r, H - 1), rows, h, H, ALIGN, ACC), 0.0)
+        r_ok = (r >= 0) & (r < H)
+        wr = tl.where(r_ok, _tap_weight(tl.minimum(tl.maximum(r, 0), H - 1), rows, h, H, ALIGN, ACC),
+                      0.0)
         for dc in range(0, SPAN_W):
             c = lo_c + dc
-            wc = tl.where(c < W, _tap_weight(tl.minimum(c, W - 1), cols, w, W, ALIGN, ACC), 0.0)
-            ok = (r < H) & (c < W) & (rows < h) & (cols < w)
+            c_ok = (c >= 0) & (c < W)
+            wc = tl.where(c_ok, _tap_weight(tl.minimum(tl.maximum(c, 0), W - 1), cols, w, W, ALIGN,
+                                            ACC), 0.0)
+            ok = r_ok & c_ok & (rows < h) & (cols < w)
             acc += wr * wc * tl.load(plane + r * W + c, mask=ok, other=0.0).to(ACC)
     return acc
 
@@ -398,8 +408,8 @@ def _channel_gate_reduce_kernel(gy_ptr, x_ptr, gate_ptr, grad_mean_ptr, out_ptr,
     else:
         gy_plane = gy_ptr + plane.to(tl.int64) * H * W
         if UPSAMPLE:
-            # ×2 upsampling, align_corners=False: at most 4 outputs per axis read an input.
-            u = _resize_adjoint(gy_plane, rows, cols, h, w, H, W, 6, 6, False, ACC, BLOCK_H, BLOCK_W)
+            u = _resize_adjoint(gy_plane, rows, cols, h, w, H, W, 4, 4, True, False, ACC,
+                                BLOCK_H, BLOCK_W)
         else:
             u = tl.load(gy_plane + rows * W + cols, mask=inside, other=0.0).to(ACC)
         if MODE == 1:
@@ -519,7 +529,7 @@ def _resize_adjoint_kernel(grad_ptr, out_ptr, h, w, H, W, C, SPAN_H, SPAN_W,
     rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
     cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
     g = _resize_adjoint(grad_ptr + plane.to(tl.int64) * H * W, rows, cols, h, w, H, W,
-                        SPAN_H, SPAN_W, ALIGN, ACC, BLOCK_H, BLOCK_W)
+                        SPAN_H, SPAN_W, False, ALIGN, ACC, BLOCK_H, BLOCK_W)
     n = plane // C
     out = (out_ptr + n.to(tl.int64) * stride_on + (plane - n * C).to(tl.int64) * stride_oc
            + rows * stride_oh + cols * stride_ow)

@@ -422,7 +422,7 @@ at::Tensor channel_gate_cpu(const at::Tensor& x_in, const at::Tensor& w1, const 
   }
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty({s.N, s.C, s.H, s.W}, x.options());
-  std::atomic<bool> non_finite{false};
+  std::atomic<bool> non_finite{false}, skip_non_finite{false};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_gate_cpu", [&] {
     using T = scalar_t;
     const AxisTaps<T> rows(s.h, s.H, false), cols(s.w, s.W, false);
@@ -434,7 +434,7 @@ at::Tensor channel_gate_cpu(const at::Tensor& x_in, const at::Tensor& w1, const 
     at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
         const T g = gp[nc];
-        if (sp && !all_finite(sp + nc * out_plane, out_plane)) non_finite = true;
+        if (sp && !all_finite(sp + nc * out_plane, out_plane)) skip_non_finite = true;
         for (int r = 0; r < s.H; ++r) {
           T* row = yp + nc * out_plane + r * s.W;
           resize_row(xp + nc * s.h * s.w, static_cast<int>(s.w), rows, cols, r, row);
@@ -450,7 +450,8 @@ _Pragma("omp simd")
       }
     });
   });
-  TORCH_CHECK_VALUE(!non_finite, "channel_gate: x or skip contains NaN or inf");
+  TORCH_CHECK_VALUE(!non_finite, "channel_gate: x contains NaN or inf");
+  TORCH_CHECK_VALUE(!skip_non_finite, "channel_gate: skip contains NaN or inf");
   return to_output_layout(y, x_in);
 }
 
@@ -535,7 +536,7 @@ at::Tensor cross_gate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, bool a
   const int64_t NC = a.size(0) * a.size(1);
   const int H = a.size(2), W = a.size(3), h = b.size(2), w = b.size(3);
   at::Tensor y = at::empty_like(a, at::MemoryFormat::Contiguous);
-  std::atomic<bool> non_finite{false};
+  std::atomic<bool> a_non_finite{false}, b_non_finite{false};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cross_gate_cpu", [&] {
     using T = scalar_t;
     const AxisTaps<T> rows(h, H, align_corners), cols(w, W, align_corners);
@@ -545,8 +546,8 @@ at::Tensor cross_gate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, bool a
       std::vector<T> gate(W);
       for (int64_t nc = begin; nc < end; ++nc) {
         const T* bplane = bp + nc * h * w;
-        if (!all_finite(bplane, int64_t(h) * w) || !all_finite(ap + nc * H * W, int64_t(H) * W))
-          non_finite = true;
+        if (!all_finite(ap + nc * H * W, int64_t(H) * W)) a_non_finite = true;
+        if (!all_finite(bplane, int64_t(h) * w)) b_non_finite = true;
         for (int r = 0; r < H; ++r) {
           resize_row(bplane, w, rows, cols, r, gate.data());
           const T* ar = ap + (nc * H + r) * W;
@@ -556,7 +557,8 @@ at::Tensor cross_gate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, bool a
       }
     });
   });
-  TORCH_CHECK_VALUE(!non_finite, "cross_gate: a or b contains NaN or inf");
+  TORCH_CHECK_VALUE(!a_non_finite, "cross_gate: a contains NaN or inf");
+  TORCH_CHECK_VALUE(!b_non_finite, "cross_gate: b contains NaN or inf");
   return to_output_layout(y, a_in);
 }
 

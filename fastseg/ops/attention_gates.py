@@ -246,8 +246,11 @@ for _name, _backward in _backwards(_CPP_BWD).items():
     register_cpp(_name, *_FAKES[_name], _SETUP[_name], _backward)
 
 
+_CPP_FWD = {name: cpp_op(name) for name in SCHEMAS}
+
+
 def _fused(name, backend):
-    return _TRITON_FWD[name] if backend == "triton" else cpp_op(name)
+    return _TRITON_FWD[name] if backend == "triton" else _CPP_FWD[name]
 
 
 # --- public API --------------------------------------------------------------------------------

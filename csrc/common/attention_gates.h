@@ -52,24 +52,21 @@ FASTSEG_HD A tap_weight(const Taps<A>& t, int i) {
   return (t.i0 == i ? t.l0 : A(0)) + (t.i1 == i ? t.l1 : A(0));
 }
 
-// Outputs [*lo, *hi] that can read input i: a superset (tap_weight is zero for the extra ones), so
+// Outputs [lo, hi] that can read input i: a superset (tap_weight is zero for the extra ones), so
 // that a kernel computing one input's gradient gathers instead of scattering.
+struct Range {
+  int lo, hi;
+};
+
 template <typename A>
-FASTSEG_HD void adjoint_range(int i, int in, int out, A scale, bool align_corners, int* lo, int* hi) {
-  if (in == out) {
-    *lo = *hi = i;
-    return;
-  }
-  if (scale <= A(0)) {  // a single output reads input 0
-    *lo = 0;
-    *hi = i == 0 ? out - 1 : -1;
-    return;
-  }
+FASTSEG_HD Range adjoint_range(int i, int in, int out, A scale, bool align_corners) {
+  if (in == out) return {i, i};
+  if (scale <= A(0)) return {0, i == 0 ? out - 1 : -1};  // a single output reads input 0
   // Output o reads input i only if its source position lies in (i - 1, i + 1).
   const A first = align_corners ? A(i - 1) / scale : (A(i - 1) + A(0.5)) / scale - A(0.5);
   const A last = align_corners ? A(i + 1) / scale : (A(i + 1) + A(0.5)) / scale - A(0.5);
-  *lo = imax(0, static_cast<int>(imax(first, A(-1))) - 1);
-  *hi = imin(out - 1, static_cast<int>(imin(last, A(out))) + 1);
+  return {imax(0, static_cast<int>(imax(first, A(-1))) - 1),
+          imin(out - 1, static_cast<int>(imin(last, A(out))) + 1)};
 }
 
 }  // namespace gates

@@ -181,16 +181,6 @@ _Pragma("omp simd reduction(+ : gw)")
 
 // --- gated_pointwise ---------------------------------------------------------------------------
 
-void check_gated_pointwise(const char* op, const at::Tensor& a, const at::Tensor& w_s,
-                           const at::Tensor& b_s, const at::Tensor& w_a, const at::Tensor& w_b) {
-  check_feature(op, "a", a, a);
-  const int64_t C_in = a.size(1), C_out = w_a.size(0);
-  check_matrix(op, "w_s", w_s, 1, C_in, a);
-  check_vector(op, "b_s", b_s, 1, a);
-  check_matrix(op, "w_a", w_a, C_out, C_in, a);
-  check_matrix(op, "w_b", w_b, C_out, C_in, a);
-}
-
 at::Tensor gated_pointwise_cpu(const at::Tensor& a_in, const at::Tensor& w_s, const at::Tensor& b_s,
                                const at::Tensor& w_a, const at::Tensor& w_b, const at::Tensor& bias_in) {
   constexpr const char* op = "gated_pointwise";
@@ -360,20 +350,6 @@ _Pragma("omp simd")
 
 // --- channel_gate ------------------------------------------------------------------------------
 
-struct ChannelGateShape {
-  int64_t N, C, h, w, H, W;
-};
-
-ChannelGateShape check_channel_gate(const char* op, const at::Tensor& x, const at::Tensor& w1,
-                                    const at::Tensor& w2, bool upsample) {
-  check_feature(op, "x", x, x);
-  const int64_t C = x.size(1), C_r = w1.size(0);
-  check_matrix(op, "w1", w1, C_r, C, x);
-  check_matrix(op, "w2", w2, C, C_r, x);
-  const int64_t f = upsample ? 2 : 1;
-  return {x.size(0), C, x.size(2), x.size(3), f * x.size(2), f * x.size(3)};
-}
-
 // pre = W1·mean, gate = σ(W2·ReLU(pre)): the excitation MLP on [N, C] means (tiny: ATen ops).
 std::pair<at::Tensor, at::Tensor> excitation(const at::Tensor& mean, const at::Tensor& w1,
                                              const at::Tensor& w2) {
@@ -521,13 +497,6 @@ _Pragma("omp simd")
 
 // --- cross_gate --------------------------------------------------------------------------------
 
-void check_cross_gate(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  check_feature(op, "a", a, a);
-  check_feature(op, "b", b, a);
-  TORCH_CHECK(b.size(0) == a.size(0) && b.size(1) == a.size(1), op,
-              ": b must have a's batch and channels");
-}
-
 at::Tensor cross_gate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, bool align_corners) {
   constexpr const char* op = "cross_gate";
   check_cpu(op, a_in);
@@ -603,21 +572,6 @@ std::tuple<at::Tensor, at::Tensor> cross_gate_backward_cpu(const at::Tensor& gy_
 }
 
 // --- attention_gate ----------------------------------------------------------------------------
-
-void check_attention_gate(const char* op, const at::Tensor& x, const at::Tensor& g,
-                          const at::Tensor& w_x, const at::Tensor& w_g, const at::Tensor& b,
-                          const at::Tensor& psi_w, const at::Tensor& psi_b) {
-  check_feature(op, "x", x, x);
-  check_feature(op, "g", g, x);
-  TORCH_CHECK(g.size(0) == x.size(0) && g.size(2) == x.size(2) && g.size(3) == x.size(3), op,
-              ": g must have x's batch and H, W");
-  const int64_t C_i = w_x.size(0);
-  check_matrix(op, "w_x", w_x, C_i, x.size(1), x);
-  check_matrix(op, "w_g", w_g, C_i, g.size(1), x);
-  check_vector(op, "b", b, C_i, x);
-  check_matrix(op, "psi_w", psi_w, 1, C_i, x);
-  check_vector(op, "psi_b", psi_b, 1, x);
-}
 
 at::Tensor attention_gate_cpu(const at::Tensor& x_in, const at::Tensor& g_in, const at::Tensor& w_x,
                               const at::Tensor& w_g, const at::Tensor& b_in, const at::Tensor& psi_w_in,

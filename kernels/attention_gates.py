@@ -82,6 +82,7 @@ def _plane_blocks(H, W, blocks):
     return _chosen(plane_config(H, W), blocks)
 
 
+@triton.jit
 def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
 

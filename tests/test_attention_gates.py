@@ -342,3 +342,95 @@ def test_bad_inputs_name_the_argument(backend, index):
     op, make, match = BAD[index]
     with pytest.raises(ValueError, match=match):
         op(*make(_spatial_args()), backend=backend)
+
+
+# --- the layers: parameters load from the plain PyTorch modules ---------------------------------
+
+class PlainGatedPointwise(torch.nn.Module):
+    """LightAWNet's original formulation."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.attention = torch.nn.Conv2d(c_in, 1, 1)
+        self.proj = torch.nn.Conv2d(2 * c_in, c_out, 1)
+
+    def forward(self, a):
+        return self.proj(torch.cat([a, a * torch.sigmoid(self.attention(a))], 1))
+
+
+class PlainSqueezeExcite(torch.nn.Module):
+    """LightAWNet's decoder gate: upsample → SE with two bias-free Linears → + skip."""
+
+    def __init__(self, c, reduction):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(c, c // reduction, bias=False)
+        self.fc2 = torch.nn.Linear(c // reduction, c, bias=False)
+
+    def forward(self, x, skip):
+        z = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(z.mean((2, 3))))))
+        return z * w[:, :, None, None] + skip
+
+
+class PlainAttentionGate(torch.nn.Module):
+    """MONAI's AttentionBlock (2-D): conv + BN projections, ReLU, conv + BN + sigmoid."""
+
+    def __init__(self, c_x, c_g, c_i):
+        super().__init__()
+        self.W_x = torch.nn.Sequential(torch.nn.Conv2d(c_x, c_i, 1), torch.nn.BatchNorm2d(c_i))
+        self.W_g = torch.nn.Sequential(torch.nn.Conv2d(c_g, c_i, 1), torch.nn.BatchNorm2d(c_i))
+        self.psi = torch.nn.Sequential(torch.nn.Conv2d(c_i, 1, 1), torch.nn.BatchNorm2d(1))
+
+    def forward(self, x, g):
+        return x * torch.sigmoid(self.psi(F.relu(self.W_x(x) + self.W_g(g))))
+
+
+def _randomise(module):
+    """Non-trivial parameters and BatchNorm statistics, so that folding them is tested."""
+    gen = torch.Generator().manual_seed(7)
+    for name, t in module.state_dict().items():
+        if t.is_floating_point():
+            t.copy_(torch.rand(t.shape, generator=gen) + 0.5 if "var" in name
+                    else torch.randn(t.shape, generator=gen) * 0.5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_layers_load_plain_module_weights(backend):
+    skip_unless(backend)
+    from fastseg.layers import AttentionGate, CrossGate, GatedPointwise, SpatialGate, SqueezeExcite
+
+    gen = torch.Generator().manual_seed(8)
+    x, skip, g = randn(gen, 2, 16, 5, 6), randn(gen, 2, 16, 10, 12), randn(gen, 2, 8, 3, 3)
+
+    plain_conv = torch.nn.Conv2d(16, 1, 1)
+    layer = SpatialGate(16, backend=backend)
+    layer.conv.load_state_dict(plain_conv.state_dict())
+    assert_close(layer(x), x * torch.sigmoid(plain_conv(x)), 1e-5, "SpatialGate")
+
+    plain = PlainGatedPointwise(16, 4)
+    layer = GatedPointwise(16, 4, backend=backend)
+    layer.load_state_dict(plain.state_dict())
+    assert_close(layer(x), plain(x), 1e-5, "GatedPointwise")
+
+    plain = PlainSqueezeExcite(16, 8)
+    layer = SqueezeExcite(16, reduction=8, upsample=True, backend=backend)
+    layer.load_state_dict(plain.state_dict())
+    assert_close(layer(x, skip), plain(x, skip), 1e-5, "SqueezeExcite")
+
+    b = randn(gen, 2, 16, 3, 3)
+    assert_close(CrossGate(backend=backend)(x, b), x * torch.sigmoid(
+        F.interpolate(b, size=(5, 6), mode="bilinear", align_corners=True)), 1e-5, "CrossGate")
+
+    plain = PlainAttentionGate(16, 8, 4)
+    _randomise(plain)
+    layer = AttentionGate(16, 8, 4, batch_norm=True, backend=backend)
+    layer.load_state_dict(plain.state_dict())
+    g_up = F.interpolate(g, size=(5, 6), mode="bilinear", align_corners=False)
+    plain.eval(), layer.eval()  # eval: BatchNorm folded into the fused op's weights
+    assert_close(layer(x, g), plain(x, g_up), 1e-5, "AttentionGate (eval, folded)")
+    plain.train(), layer.train()  # training: the plain modules, batch statistics
+    assert_close(layer(x, g), plain(x, g_up), 1e-5, "AttentionGate (train)")
+    plain_nobn = AttentionGate(16, 8, 4, backend="reference")
+    layer = AttentionGate(16, 8, 4, backend=backend)
+    layer.load_state_dict(plain_nobn.state_dict())
+    assert_close(layer(x, g_up), plain_nobn(x, g_up), 1e-5, "AttentionGate (no norm)")

@@ -1,5 +1,7 @@
 """Drop-in ``nn.Module`` layers built on :mod:`fastseg.ops`."""
+from .attention_gates import AttentionGate, CrossGate, GatedPointwise, SpatialGate, SqueezeExcite
 from .dynamic_conv import DynamicConv2d
 from .mixed_depthwise_conv import MixedDepthwiseConv2d
 
-__all__ = ["DynamicConv2d", "MixedDepthwiseConv2d"]
+__all__ = ["AttentionGate", "CrossGate", "DynamicConv2d", "GatedPointwise", "MixedDepthwiseConv2d",
+           "SpatialGate", "SqueezeExcite"]

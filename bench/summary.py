@@ -21,21 +21,25 @@ def load(path):
         if "impl" not in info:
             continue
         key = (info["op"], tuple(info["shape"]), info["mode"])
-        rows[key][info["impl"]] = (b["stats"]["median"], info["bytes"], info["flops"])
+        rows[key][info["impl"]] = (b["stats"]["median"], info["bytes"], info["flops"],
+                                   info.get("peak_bytes"))
     return data.get("machine_info", {}), rows
 
 
 def table(rows, bandwidth, flop_rate):
-    lines = ["| op | shape | mode | impl | median ms | vs reference | vs compiled | % of floor |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    peaks = any(v[3] is not None for impls in rows.values() for v in impls.values())
+    lines = ["| op | shape | mode | impl | median ms | vs reference | vs compiled | % of floor |"
+             + (" peak MiB |" if peaks else ""),
+             "|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if peaks else "")]
     for (op, shape, mode), impls in sorted(rows.items()):
         ref = impls.get("reference", (None,))[0]
         comp = impls.get("reference-compiled", (None,))[0]
-        for impl, (t, nbytes, flops) in sorted(impls.items(), key=lambda kv: -kv[1][0]):
+        for impl, (t, nbytes, flops, peak) in sorted(impls.items(), key=lambda kv: -kv[1][0]):
             floor = max(nbytes / bandwidth, flops / flop_rate)
             vs = lambda base: f"{base / t:.2f}×" if base else "–"  # noqa: E731
             lines.append(f"| {op} | {'×'.join(map(str, shape))} | {mode} | {impl} | {t * 1e3:.2f} | "
-                         f"{vs(ref)} | {vs(comp)} | {100 * floor / t:.0f}% |")
+                         f"{vs(ref)} | {vs(comp)} | {100 * floor / t:.0f}% |"
+                         + (f" {peak / 2**20:.1f} |" if peak is not None else (" – |" if peaks else "")))
     return "\n".join(lines)
 
 

@@ -27,4 +27,21 @@ TORCH_LIBRARY(fastseg, m) {
   m.def(
       "dilated_attention2d_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
       " Tensor lse, int dilation, float scale) -> (Tensor, Tensor, Tensor)");
+  // Attention gates (fastseg/ops/attention_gates.py holds the same schemas for the Triton ops).
+  m.def("spatial_gate(Tensor x, Tensor w, Tensor b) -> Tensor");
+  m.def("spatial_gate_backward(Tensor grad_out, Tensor x, Tensor w, Tensor b) -> (Tensor, Tensor, Tensor)");
+  m.def("gated_pointwise(Tensor a, Tensor w_s, Tensor b_s, Tensor w_a, Tensor w_b, Tensor bias) -> Tensor");
+  m.def(
+      "gated_pointwise_backward(Tensor grad_out, Tensor a, Tensor w_s, Tensor b_s, Tensor w_a,"
+      " Tensor w_b) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("channel_gate(Tensor x, Tensor w1, Tensor w2, Tensor? skip, bool upsample) -> Tensor");
+  m.def(
+      "channel_gate_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, bool upsample)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def("cross_gate(Tensor a, Tensor b, bool align_corners) -> Tensor");
+  m.def("cross_gate_backward(Tensor grad_out, Tensor a, Tensor b, bool align_corners) -> (Tensor, Tensor)");
+  m.def("attention_gate(Tensor x, Tensor g, Tensor w_x, Tensor w_g, Tensor b, Tensor psi_w, Tensor psi_b) -> Tensor");
+  m.def(
+      "attention_gate_backward(Tensor grad_out, Tensor x, Tensor g, Tensor w_x, Tensor w_g, Tensor b,"
+      " Tensor psi_w, Tensor psi_b) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -161,6 +161,52 @@ def _template_instance_of(name: str, cuda_type: str) -> bool:
 def _dilated_attention_instance(name: str, cuda_type: str) -> bool:
     # The models run float, half and bfloat16; the float64 instances serve the tests' gradchecks.
     return cuda_type != "double" and _template_instance_of(name, cuda_type)
+# LightAWNet's gates. Encoder blocks Block(C_in) at 1/scale: gated_pointwise on a = 4·C_in
+# channels → C_in (spatial_gate, not in LightAWNet, is checked on the same a). Decoder stages
+# De(→ C) at 1/scale: upsample ×2 → SE (C/8 hidden) → + skip (an Attention U-Net gate, not in
+# LightAWNet either, is checked at the same skip with C_i = C/2). The two-branch cross gates:
+# (C, a's scale, b's scale).
+LIGHTAWNET_BLOCKS = ((1, 1), (16, 2), (32, 4), (64, 8), (128, 16))
+LIGHTAWNET_DECODER = ((128, 16), (64, 8), (32, 4), (16, 2))
+LIGHTAWNET_CROSS_GATES = ((128, 16, 8), (128, 8, 8), (256, 16, 8), (256, 8, 16))
+
+
+def _attention_gates_cases(dtype):
+    from fastseg.kernels import attention_gates as kernels
+
+    def m(*shape):
+        return _meta(*shape, dtype=dtype)
+
+    for size in INPUT_SIZES:
+        for c_in, scale in LIGHTAWNET_BLOCKS:
+            hw = size // scale
+            a, w_s, b_s, w, bias = m(BATCH, 4 * c_in, hw, hw), m(1, 4 * c_in), m(1), m(c_in, 4 * c_in), m(c_in)
+            label = f"{BATCH}x{4 * c_in}x{hw}x{hw}"
+            yield label + "→" + str(c_in) + " gated_pointwise fwd", \
+                lambda a=a, w_s=w_s, b_s=b_s, w=w, bias=bias: kernels.gated_pointwise_forward(
+                    a, w_s, b_s, w, w, bias)
+            yield label + "→" + str(c_in) + " gated_pointwise bwd", \
+                lambda a=a, w_s=w_s, b_s=b_s, w=w: kernels.gated_pointwise_backward(
+                    m(BATCH, w.shape[0], *a.shape[2:]), a, w_s, b_s, w, w)
+            yield label + " spatial_gate fwd", lambda a=a, w_s=w_s, b_s=b_s: kernels.spatial_gate_forward(a, w_s, b_s)
+            yield label + " spatial_gate bwd", lambda a=a, w_s=w_s, b_s=b_s: kernels.spatial_gate_backward(a, a, w_s, b_s)
+        for c, scale in LIGHTAWNET_DECODER:
+            hw = size // scale
+            x, skip, w1, w2 = m(BATCH, c, hw, hw), m(BATCH, c, 2 * hw, 2 * hw), m(c // 8, c), m(c, c // 8)
+            label = f"{BATCH}x{c}x{hw}x{hw}→{2 * hw}"
+            yield label + " channel_gate fwd", \
+                lambda x=x, skip=skip, w1=w1, w2=w2: kernels.channel_gate_forward(x, w1, w2, skip, True)
+            yield label + " channel_gate bwd", \
+                lambda x=x, skip=skip, w1=w1, w2=w2: kernels.channel_gate_backward(skip, x, w1, w2, True)
+            ag = (skip, skip, m(c // 2, c), m(c // 2, c), m(c // 2), m(1, c // 2), m(1))
+            label = f"{BATCH}x{c}x{2 * hw}x{2 * hw}"
+            yield label + " attention_gate fwd", lambda ag=ag: kernels.attention_gate_forward(*ag)
+            yield label + " attention_gate bwd", lambda ag=ag: kernels.attention_gate_backward(ag[0], *ag)
+        for c, a_scale, b_scale in LIGHTAWNET_CROSS_GATES:
+            a, b = m(BATCH, c, size // a_scale, size // a_scale), m(BATCH, c, size // b_scale, size // b_scale)
+            label = f"{BATCH}x{c}x{a.shape[2]}² gated by {b.shape[2]}²"
+            yield label + " cross_gate fwd", lambda a=a, b=b: kernels.cross_gate_forward(a, b, True)
+            yield label + " cross_gate bwd", lambda a=a, b=b: kernels.cross_gate_backward(a, a, b, True)
 
 
 FAMILIES: dict[str, Family] = {
@@ -171,6 +217,8 @@ FAMILIES: dict[str, Family] = {
                              _template_instance_of),
     "dilated_attention2d": Family("dilated_attention2d", _dilated_attention_cases,
                                   "csrc/cuda/dilated_attention.cu", _dilated_attention_instance),
+    "attention_gates": Family("attention_gates", _attention_gates_cases,
+                              "csrc/cuda/attention_gates.cu", _template_instance_of),
 }
 
 

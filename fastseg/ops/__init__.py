@@ -1,8 +1,15 @@
 """Functional API of fastseg's fused ops. One module per op family; each holds the reference
 implementation (the semantics), the custom-op registration and the backend dispatch."""
+from .attention_gates import (attention_gate, attention_gate_reference, channel_gate,
+                              channel_gate_reference, cross_gate, cross_gate_reference,
+                              gated_pointwise, gated_pointwise_reference, spatial_gate,
+                              spatial_gate_reference)
 from .dilated_attention import dilated_attention2d, dilated_attention2d_reference
 from .dynamic_conv import dynamic_conv2d, dynamic_conv2d_reference
 from .mixed_depthwise_conv import mixed_depthwise_conv2d, mixed_depthwise_conv2d_reference
 
-__all__ = ["dilated_attention2d", "dilated_attention2d_reference", "dynamic_conv2d", "dynamic_conv2d_reference", "mixed_depthwise_conv2d",
-           "mixed_depthwise_conv2d_reference"]
+__all__ = ["attention_gate", "attention_gate_reference", "channel_gate", "channel_gate_reference",
+           "cross_gate", "cross_gate_reference", "dilated_attention2d",
+           "dilated_attention2d_reference", "dynamic_conv2d", "dynamic_conv2d_reference",
+           "gated_pointwise", "gated_pointwise_reference", "mixed_depthwise_conv2d",
+           "mixed_depthwise_conv2d_reference", "spatial_gate", "spatial_gate_reference"]

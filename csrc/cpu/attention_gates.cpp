@@ -1,0 +1,822 @@
+// CPU kernels of the attention gates (forward and backward).
+//
+// Every gate is bandwidth-bound, so each kernel streams its large tensors once or twice and keeps
+// intermediates in cache-sized pieces:
+// * spatial_gate: blocks of kBlock pixels of one sample; the per-pixel gate is reduced over the
+//   channels, then applied while the block is still in cache.
+// * gated_pointwise, attention_gate: blocks of kProjBlock pixels of one sample; the 1×1
+//   projections run on the block in registers with the gating fused around them, and the
+//   backward recomputes them instead of storing them (see the section's comment for why not GEMM).
+// * channel_gate: one (n, c) plane at a time. The global average of the (upsampled) plane is a
+//   weighted sum of the input plane (the resize is linear), so pass 1 reads only x; pass 2
+//   writes up(x)·gate + skip once. Backward: pass A applies the resize's adjoint to grad_out
+//   (into grad_x) and dots it with x; pass B rescales grad_x in place.
+// * cross_gate: one plane at a time, resizing b row by row on the fly.
+// Per-block (or per-task) partial sums of the weight gradients are reduced afterwards in a fixed
+// order, so the results do not depend on the thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attention_gates.h"
+#include "common/attention_gates.h"
+#include "utils.h"
+
+namespace fastseg {
+namespace gates {
+namespace {
+
+// Pixels per vector block: four 512-bit vectors (two AVX2 registers' worth each for float).
+template <typename T>
+constexpr int kBlock = 256 / sizeof(T);
+
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  bool ok = true;
+_Pragma("omp simd reduction(&& : ok)")
+  for (int64_t i = 0; i < n; ++i) ok = ok && std::abs(p[i]) <= std::numeric_limits<T>::max();
+  return ok;
+}
+
+void check_cpu(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), op, " (cpu): inputs must be CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              " (cpu): inputs must be float32 or float64, got ", x.scalar_type());
+}
+
+// --- spatial_gate ------------------------------------------------------------------------------
+
+at::Tensor spatial_gate_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in) {
+  constexpr const char* op = "spatial_gate";
+  check_cpu(op, x_in);
+  check_feature(op, "x", x_in, x_in);
+  check_matrix(op, "w", w_in, 1, x_in.size(1), x_in);
+  check_vector(op, "b", b_in, 1, x_in);
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  std::atomic<bool> non_finite{false};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spatial_gate_cpu", [&] {
+    using T = scalar_t;
+    constexpr int BW = kBlock<T>;
+    const T *xp = x.data_ptr<T>(), *wp = w.data_ptr<T>(), bias = b_in.item<T>();
+    T* yp = y.data_ptr<T>();
+    const int64_t blocks = (HW + BW - 1) / BW;
+    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+      T s[BW];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks, p0 = task % blocks * BW;
+        const int len = static_cast<int>(std::min<int64_t>(BW, HW - p0));
+        const T* xs = xp + n * C * HW + p0;
+        T* ys = yp + n * C * HW + p0;
+        for (int t = 0; t < BW; ++t) s[t] = bias;
+        bool ok = true;
+        for (int64_t c = 0; c < C; ++c) {
+          const T* xc = xs + c * HW;
+          const T wc = wp[c];
+_Pragma("omp simd reduction(&& : ok)")
+          for (int t = 0; t < len; ++t) {
+            s[t] += wc * xc[t];
+            ok = ok && std::abs(xc[t]) <= std::numeric_limits<T>::max();
+          }
+        }
+        if (!ok) non_finite = true;
+        for (int t = 0; t < len; ++t) s[t] = sigmoid(s[t]);
+        for (int64_t c = 0; c < C; ++c) {
+          const T* xc = xs + c * HW;
+          T* yc = ys + c * HW;
+_Pragma("omp simd")
+          for (int t = 0; t < len; ++t) yc[t] = xc[t] * s[t];
+        }
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(!non_finite, "spatial_gate: x contains NaN or inf");
+  return to_output_layout(y, x_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_gate_backward_cpu(
+    const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in) {
+  constexpr const char* op = "spatial_gate_backward";
+  check_cpu(op, x_in);
+  check_feature(op, "grad_out", gy_in, x_in);
+  TORCH_CHECK(gy_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape");
+  const at::Tensor x = x_in.contiguous(), gy = gy_in.contiguous(), w = w_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor partial;  // [tasks, C + 1]: Σ gz·x per channel, then Σ gz
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spatial_gate_backward_cpu", [&] {
+    using T = scalar_t;
+    constexpr int BW = kBlock<T>;
+    const T *xp = x.data_ptr<T>(), *gyp = gy.data_ptr<T>(), *wp = w.data_ptr<T>();
+    const T bias = b_in.item<T>();
+    T* gxp = gx.data_ptr<T>();
+    const int64_t blocks = (HW + BW - 1) / BW;
+    partial = at::empty({N * blocks, C + 1}, x.options());
+    T* pp = partial.data_ptr<T>();
+    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+      T s[BW], gz[BW];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks, p0 = task % blocks * BW;
+        const int len = static_cast<int>(std::min<int64_t>(BW, HW - p0));
+        const int64_t base = n * C * HW + p0;
+        for (int t = 0; t < BW; ++t) s[t] = bias, gz[t] = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const T *xc = xp + base + c * HW, *gc = gyp + base + c * HW;
+          const T wc = wp[c];
+_Pragma("omp simd")
+          for (int t = 0; t < len; ++t) {
+            s[t] += wc * xc[t];
+            gz[t] += gc[t] * xc[t];  // Σ_c grad_y·x: the gradient of the gate value
+          }
+        }
+        T* part = pp + task * (C + 1);
+        T gb = 0;
+        for (int t = 0; t < len; ++t) {
+          s[t] = sigmoid(s[t]);
+          gz[t] *= s[t] * (T(1) - s[t]);
+          gb += gz[t];
+        }
+        part[C] = gb;
+        for (int64_t c = 0; c < C; ++c) {
+          const T *xc = xp + base + c * HW, *gc = gyp + base + c * HW;
+          T* gxc = gxp + base + c * HW;
+          const T wc = wp[c];
+          T gw = 0;
+_Pragma("omp simd reduction(+ : gw)")
+          for (int t = 0; t < len; ++t) {
+            gxc[t] = gc[t] * s[t] + gz[t] * wc;
+            gw += gz[t] * xc[t];
+          }
+          part[c] = gw;
+        }
+      }
+    });
+  });
+  const at::Tensor sums = partial.sum(0);
+  // Separate tensors: outputs of an op may not alias each other.
+  return {to_output_layout(gx, x_in), sums.narrow(0, 0, C).view({1, C}).clone(),
+          sums.narrow(0, C, 1).clone()};
+}
+
+// --- 1×1 projections: gated_pointwise and attention_gate -----------------------------------------
+//
+// Blocks of kProjBlock pixels of one sample; a 1×1 projection of a block is, per output channel,
+// a sum over input channels of a weight times a contiguous row of the block, kept in vector
+// registers. At these networks' sizes (4 to 512 channels, 16² to 256² pixels) that reaches more
+// of the machine than a GEMM call per block, whose degenerate shapes (a few output rows, or a few
+// input channels) BLAS runs at a fraction of its speed, and it needs no scratch tensor.
+// Weight gradients are per-task partial sums (tasks of kTaskPixels pixels), reduced afterwards.
+
+// Pixels per projection block: 32 float32 (16 float64) accumulators, four 256-bit registers.
+template <typename T>
+constexpr int kProjBlock = 128 / sizeof(T);
+constexpr int64_t kTaskPixels = 1024;
+
+// 256-bit vectors of T (GCC vector extensions): a whole block's accumulators are explicitly four
+// such variables, so they stay in registers across the channel loop.
+template <typename T>
+using Vec __attribute__((vector_size(32))) = T;
+template <typename T>
+using UnalignedVec __attribute__((vector_size(32), aligned(sizeof(T)))) = T;
+template <typename T>
+constexpr int kLanes = 32 / sizeof(T);
+static_assert(kProjBlock<float> == 4 * kLanes<float> && kProjBlock<double> == 4 * kLanes<double>);
+
+template <typename T>
+inline Vec<T> load_vec(const T* p) { return *reinterpret_cast<const UnalignedVec<T>*>(p); }
+template <typename T>
+inline void store_vec(T* p, Vec<T> v) { *reinterpret_cast<UnalignedVec<T>*>(p) = v; }
+
+// acc[t] += Σ_c w[c] · in[c·HW + t], t < m (a whole block in registers, a partial one in memory).
+template <typename T>
+void project_add(const T* in, int64_t HW, int64_t C, const T* w, int m, T* acc) {
+  constexpr int L = kLanes<T>;
+  if (m == kProjBlock<T>) {
+    Vec<T> r0 = load_vec<T>(acc), r1 = load_vec<T>(acc + L), r2 = load_vec<T>(acc + 2 * L), r3 = load_vec<T>(acc + 3 * L);
+    for (int64_t c = 0; c < C; ++c) {
+      const T* row = in + c * HW;
+      const T wc = w[c];
+      r0 += wc * load_vec<T>(row), r1 += wc * load_vec<T>(row + L), r2 += wc * load_vec<T>(row + 2 * L),
+          r3 += wc * load_vec<T>(row + 3 * L);
+    }
+    store_vec<T>(acc, r0), store_vec<T>(acc + L, r1), store_vec<T>(acc + 2 * L, r2), store_vec<T>(acc + 3 * L, r3);
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const T* row = in + c * HW;
+    const T wc = w[c];
+    _Pragma("omp simd")
+    for (int t = 0; t < m; ++t) acc[t] += wc * row[t];
+  }
+}
+
+// Two projections of the same block at once (each row read once): acc0 += w0·in, acc1 += w1·in.
+template <typename T>
+void project2_add(const T* in, int64_t HW, int64_t C, const T* w0, const T* w1, int m, T* acc0,
+                  T* acc1) {
+  constexpr int L = kLanes<T>;
+  if (m != kProjBlock<T>) {
+    project_add(in, HW, C, w0, m, acc0);
+    project_add(in, HW, C, w1, m, acc1);
+    return;
+  }
+  Vec<T> a0 = load_vec<T>(acc0), a1 = load_vec<T>(acc0 + L), a2 = load_vec<T>(acc0 + 2 * L), a3 = load_vec<T>(acc0 + 3 * L);
+  Vec<T> b0 = load_vec<T>(acc1), b1 = load_vec<T>(acc1 + L), b2 = load_vec<T>(acc1 + 2 * L), b3 = load_vec<T>(acc1 + 3 * L);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* row = in + c * HW;
+    const Vec<T> x0 = load_vec<T>(row), x1 = load_vec<T>(row + L), x2 = load_vec<T>(row + 2 * L), x3 = load_vec<T>(row + 3 * L);
+    const T u = w0[c], v = w1[c];
+    a0 += u * x0, a1 += u * x1, a2 += u * x2, a3 += u * x3;
+    b0 += v * x0, b1 += v * x1, b2 += v * x2, b3 += v * x3;
+  }
+  store_vec<T>(acc0, a0), store_vec<T>(acc0 + L, a1), store_vec<T>(acc0 + 2 * L, a2), store_vec<T>(acc0 + 3 * L, a3);
+  store_vec<T>(acc1, b0), store_vec<T>(acc1 + L, b1), store_vec<T>(acc1 + 2 * L, b2), store_vec<T>(acc1 + 3 * L, b3);
+}
+
+template <typename T>
+FASTSEG_HD T dot(const T* a, const T* b, int m) {
+  T acc = 0;
+  _Pragma("omp simd reduction(+ : acc)")
+  for (int t = 0; t < m; ++t) acc += a[t] * b[t];
+  return acc;
+}
+
+template <typename T>
+FASTSEG_HD T block_sum(const T* a, int m) {
+  T acc = 0;
+  _Pragma("omp simd reduction(+ : acc)")
+  for (int t = 0; t < m; ++t) acc += a[t];
+  return acc;
+}
+
+// Calls fn(n, p0, m, task) for every block of every task, tasks in parallel.
+template <typename F>
+void for_pixel_blocks(int64_t N, int64_t HW, int block, const F& fn) {
+  const int64_t per_sample = (HW + kTaskPixels - 1) / kTaskPixels;
+  at::parallel_for(0, N * per_sample, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / per_sample, q0 = task % per_sample * kTaskPixels;
+      const int64_t q1 = std::min(HW, q0 + kTaskPixels);
+      for (int64_t p0 = q0; p0 < q1; p0 += block)
+        fn(n, p0, static_cast<int>(std::min<int64_t>(block, q1 - p0)), task);
+    }
+  });
+}
+
+int64_t pixel_tasks(int64_t N, int64_t HW) { return N * ((HW + kTaskPixels - 1) / kTaskPixels); }
+
+at::Tensor gated_pointwise_cpu(const at::Tensor& a_in, const at::Tensor& w_s, const at::Tensor& b_s,
+                               const at::Tensor& w_a, const at::Tensor& w_b, const at::Tensor& bias_in) {
+  constexpr const char* op = "gated_pointwise";
+  check_cpu(op, a_in);
+  check_gated_pointwise(op, a_in, w_s, b_s, w_a, w_b);
+  const int64_t N = a_in.size(0), C_in = a_in.size(1), C_out = w_a.size(0), H = a_in.size(2),
+                W = a_in.size(3), HW = H * W;
+  check_vector(op, "bias", bias_in, C_out, a_in);
+  const at::Tensor a = a_in.contiguous(), bias = bias_in.contiguous();
+  const at::Tensor weight = stacked_weight(w_s, w_a, w_b);  // [W_a; W_b; w_s]
+  at::Tensor y = at::empty({N, C_out, H, W}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_cpu", [&] {
+    using T = scalar_t;
+    constexpr int BW = kProjBlock<T>;
+    const T *ap = a.data_ptr<T>(), *wp = weight.data_ptr<T>(), *bp = bias.data_ptr<T>();
+    const T b_att = b_s.item<T>();
+    T* yp = y.data_ptr<T>();
+    for_pixel_blocks(N, HW, BW, [&](int64_t n, int64_t p0, int m, int64_t) {
+      T s[BW], u[BW], v[BW];
+      const T* block = ap + n * C_in * HW + p0;
+      std::fill(s, s + BW, b_att);
+      project_add(block, HW, C_in, wp + 2 * C_out * C_in, m, s);
+      for (int t = 0; t < m; ++t) s[t] = sigmoid(s[t]);
+      for (int64_t o = 0; o < C_out; ++o) {
+        std::fill(u, u + BW, bp[o]);
+        std::fill(v, v + BW, T(0));
+        project2_add(block, HW, C_in, wp + o * C_in, wp + (C_out + o) * C_in, m, u, v);
+        T* yo = yp + (n * C_out + o) * HW + p0;
+        _Pragma("omp simd")
+        for (int t = 0; t < m; ++t) yo[t] = u[t] + s[t] * v[t];
+      }
+    });
+  });
+  return to_output_layout(y, a_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_pointwise_backward_cpu(const at::Tensor& gy_in, const at::Tensor& a_in, const at::Tensor& w_s,
+                             const at::Tensor& b_s, const at::Tensor& w_a, const at::Tensor& w_b) {
+  constexpr const char* op = "gated_pointwise_backward";
+  check_cpu(op, a_in);
+  check_gated_pointwise(op, a_in, w_s, b_s, w_a, w_b);
+  const int64_t N = a_in.size(0), C_in = a_in.size(1), C_out = w_a.size(0);
+  const int64_t HW = a_in.size(2) * a_in.size(3), rows = 2 * C_out + 1;
+  check_feature(op, "grad_out", gy_in, a_in);
+  TORCH_CHECK(gy_in.size(0) == N && gy_in.size(1) == C_out && gy_in.size(2) * gy_in.size(3) == HW,
+              op, ": grad_out must be [N, C_out, H, W]");
+  const at::Tensor a = a_in.contiguous(), gy = gy_in.contiguous();
+  const at::Tensor weight = stacked_weight(w_s, w_a, w_b);
+  const at::Tensor weight_t = weight.t().contiguous();  // [C_in, rows]: a channel's weights together
+  at::Tensor ga = at::empty_like(a, at::MemoryFormat::Contiguous);
+  // Per task: d[W_a; W_b; w_s] ([rows, C_in]), then Σ over pixels of d[W_a·a; W_b·a; w_s·a].
+  at::Tensor partial = at::zeros({pixel_tasks(N, HW), rows * C_in + rows}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_backward_cpu", [&] {
+    using T = scalar_t;
+    constexpr int BW = kProjBlock<T>;
+    const T *ap = a.data_ptr<T>(), *gyp = gy.data_ptr<T>(), *wp = weight.data_ptr<T>(),
+            *wtp = weight_t.data_ptr<T>();
+    const T b_att = b_s.item<T>();
+    T *gap = ga.data_ptr<T>(), *pp = partial.data_ptr<T>();
+    for_pixel_blocks(N, HW, BW, [&](int64_t n, int64_t p0, int m, int64_t task) {
+      // grad rows of this block: [grad_y; s·grad_y; d logit] (grad_y read in place)
+      thread_local std::vector<T> sg;
+      sg.resize(C_out * BW);
+      T s[BW], v[BW], gz[BW], acc[BW];
+      const T* block = ap + n * C_in * HW + p0;
+      const T* gblock = gyp + n * C_out * HW + p0;
+      std::fill(s, s + BW, b_att);
+      project_add(block, HW, C_in, wp + 2 * C_out * C_in, m, s);
+      std::fill(gz, gz + BW, T(0));
+      for (int t = 0; t < m; ++t) s[t] = sigmoid(s[t]);
+      for (int64_t o = 0; o < C_out; ++o) {
+        std::fill(v, v + BW, T(0));
+        project_add(block, HW, C_in, wp + (C_out + o) * C_in, m, v);
+        const T* g = gblock + o * HW;
+        T* sgo = sg.data() + o * BW;
+        _Pragma("omp simd")
+        for (int t = 0; t < m; ++t) {
+          gz[t] += g[t] * v[t];
+          sgo[t] = s[t] * g[t];
+        }
+      }
+      for (int t = 0; t < m; ++t) gz[t] *= s[t] * (T(1) - s[t]);
+      T* part = pp + task * (rows * C_in + rows);
+      for (int64_t c = 0; c < C_in; ++c) {
+        const T* wc = wtp + c * rows;
+        _Pragma("omp simd")
+        for (int t = 0; t < m; ++t) acc[t] = wc[2 * C_out] * gz[t];
+        project_add(gblock, HW, C_out, wc, m, acc);            // W_aᵀ·grad_y
+        project_add(sg.data(), BW, C_out, wc + C_out, m, acc);  // W_bᵀ·(s·grad_y)
+        std::copy(acc, acc + m, gap + (n * C_in + c) * HW + p0);
+        const T* ac = block + c * HW;
+        for (int64_t o = 0; o < C_out; ++o) {
+          part[o * C_in + c] += dot(gblock + o * HW, ac, m);
+          part[(C_out + o) * C_in + c] += dot(sg.data() + o * BW, ac, m);
+        }
+        part[2 * C_out * C_in + c] += dot(gz, ac, m);
+      }
+      T* sums = part + rows * C_in;
+      for (int64_t o = 0; o < C_out; ++o) sums[o] += block_sum(gblock + o * HW, m);
+      sums[2 * C_out] += block_sum(gz, m);
+    });
+  });
+  const at::Tensor total = partial.sum(0);
+  const at::Tensor gw = total.narrow(0, 0, rows * C_in).view({rows, C_in});
+  const at::Tensor sums = total.narrow(0, rows * C_in, rows);
+  // Separate tensors: outputs of an op may not alias each other. d bias = Σ grad_y = sums[:C_out].
+  return {to_output_layout(ga, a_in), gw.narrow(0, 2 * C_out, 1).clone(),
+          sums.narrow(0, 2 * C_out, 1).clone(), gw.narrow(0, 0, C_out).clone(),
+          gw.narrow(0, C_out, C_out).clone(), sums.narrow(0, 0, C_out).clone()};
+}
+
+// --- bilinear resize of planes -----------------------------------------------------------------
+
+// The taps of every output position along one axis, as separate arrays (vectorisable gathers).
+template <typename T>
+struct AxisTaps {
+  std::vector<int> i0, i1;
+  std::vector<T> l0, l1;
+  std::vector<T> weight_sum;  // Σ over outputs of the weight each input gets: the adjoint of 1
+  AxisTaps(int in, int out, bool align_corners)
+      : i0(out), i1(out), l0(out), l1(out), weight_sum(in, T(0)) {
+    const T scale = resize_scale<T>(in, out, align_corners);
+    for (int o = 0; o < out; ++o) {
+      const Taps<T> t = resize_taps<T>(o, in, out, scale, align_corners);
+      i0[o] = t.i0, i1[o] = t.i1, l0[o] = t.l0, l1[o] = t.l1;
+      weight_sum[t.i0] += t.l0;
+      weight_sum[t.i1] += t.l1;
+    }
+  }
+};
+
+// row[c] = resized plane at output row r, c < cols.i0.size(): the two input rows are blended
+// first (contiguous, vectorised) into `tmp` (in_w values), then each output gathers two taps.
+template <typename T>
+void resize_row(const T* plane, int in_w, const AxisTaps<T>& rows, const AxisTaps<T>& cols, int r,
+                T* tmp, T* row) {
+  const T *top = plane + static_cast<int64_t>(rows.i0[r]) * in_w,
+          *bottom = plane + static_cast<int64_t>(rows.i1[r]) * in_w;
+  const T wt = rows.l0[r], wb = rows.l1[r];
+  _Pragma("omp simd")
+  for (int c = 0; c < in_w; ++c) tmp[c] = wt * top[c] + wb * bottom[c];
+  const int *c0 = cols.i0.data(), *c1 = cols.i1.data();
+  const T *l0 = cols.l0.data(), *l1 = cols.l1.data();
+  const int W = static_cast<int>(cols.i0.size());
+  _Pragma("omp simd")
+  for (int c = 0; c < W; ++c) row[c] = l0[c] * tmp[c0[c]] + l1[c] * tmp[c1[c]];
+}
+
+// plane += the resize's adjoint applied to output row r (`row`); `tmp` holds in_w values.
+template <typename T>
+void resize_row_adjoint(const T* row, const AxisTaps<T>& rows, const AxisTaps<T>& cols, int r,
+                        int in_w, T* tmp, T* plane) {
+  std::fill(tmp, tmp + in_w, T(0));
+  const int W = static_cast<int>(cols.i0.size());
+  for (int c = 0; c < W; ++c) {  // a scatter: sequential
+    tmp[cols.i0[c]] += cols.l0[c] * row[c];
+    tmp[cols.i1[c]] += cols.l1[c] * row[c];
+  }
+  T *top = plane + static_cast<int64_t>(rows.i0[r]) * in_w,
+    *bottom = plane + static_cast<int64_t>(rows.i1[r]) * in_w;
+  const T wt = rows.l0[r], wb = rows.l1[r];
+_Pragma("omp simd")
+  for (int c = 0; c < in_w; ++c) top[c] += wt * tmp[c];
+_Pragma("omp simd")
+  for (int c = 0; c < in_w; ++c) bottom[c] += wb * tmp[c];
+}
+
+// --- channel_gate ------------------------------------------------------------------------------
+
+// pre = W1·mean, gate = σ(W2·ReLU(pre)): the excitation MLP on [N, C] means (tiny: ATen ops).
+std::pair<at::Tensor, at::Tensor> excitation(const at::Tensor& mean, const at::Tensor& w1,
+                                             const at::Tensor& w2) {
+  at::Tensor pre = at::mm(mean, w1.t());
+  return {pre, at::sigmoid(at::mm(at::relu(pre), w2.t())).contiguous()};
+}
+
+// mean[n, c] of the (upsampled) plane: Σ_ij rows.weight_sum[i]·cols.weight_sum[j]·x[n, c, i, j] / HW.
+template <typename T>
+at::Tensor plane_means(const at::Tensor& x, const ChannelGateShape& s, const AxisTaps<T>& rows,
+                       const AxisTaps<T>& cols, std::atomic<bool>& non_finite) {
+  at::Tensor mean = at::empty({s.N, s.C}, x.options());
+  const T* xp = x.data_ptr<T>();
+  T* mp = mean.data_ptr<T>();
+  const T* cw = cols.weight_sum.data();
+  const T inv = T(1) / static_cast<T>(s.H * s.W);
+  at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const T* plane = xp + nc * s.h * s.w;
+      if (!all_finite(plane, s.h * s.w)) non_finite = true;
+      T total = 0;
+      for (int64_t i = 0; i < s.h; ++i) {
+        const T* row = plane + i * s.w;
+        T acc = 0;
+_Pragma("omp simd reduction(+ : acc)")
+        for (int64_t j = 0; j < s.w; ++j) acc += cw[j] * row[j];
+        total += rows.weight_sum[i] * acc;
+      }
+      mp[nc] = total * inv;
+    }
+  });
+  return mean;
+}
+
+at::Tensor channel_gate_cpu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2,
+                            const std::optional<at::Tensor>& skip_in, bool upsample) {
+  constexpr const char* op = "channel_gate";
+  check_cpu(op, x_in);
+  const auto s = check_channel_gate(op, x_in, w1, w2, upsample);
+  at::Tensor skip;
+  if (skip_in.has_value()) {
+    check_feature(op, "skip", *skip_in, x_in);
+    TORCH_CHECK(skip_in->size(0) == s.N && skip_in->size(1) == s.C && skip_in->size(2) == s.H &&
+                    skip_in->size(3) == s.W, op, ": skip must be [N, C, H, W] of the output");
+    skip = skip_in->contiguous();
+  }
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({s.N, s.C, s.H, s.W}, x.options());
+  std::atomic<bool> non_finite{false}, skip_non_finite{false};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_gate_cpu", [&] {
+    using T = scalar_t;
+    const AxisTaps<T> rows(s.h, s.H, false), cols(s.w, s.W, false);
+    const at::Tensor gate = excitation(plane_means(x, s, rows, cols, non_finite), w1, w2).second;
+    const T *xp = x.data_ptr<T>(), *gp = gate.data_ptr<T>();
+    const T* sp = skip.defined() ? skip.data_ptr<T>() : nullptr;
+    T* yp = y.data_ptr<T>();
+    const int64_t out_plane = s.H * s.W;
+    at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> tmp(s.w);
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const T g = gp[nc];
+        if (sp && !all_finite(sp + nc * out_plane, out_plane)) skip_non_finite = true;
+        for (int r = 0; r < s.H; ++r) {
+          T* row = yp + nc * out_plane + r * s.W;
+          resize_row(xp + nc * s.h * s.w, static_cast<int>(s.w), rows, cols, r, tmp.data(), row);
+          if (sp) {
+            const T* add = sp + nc * out_plane + r * s.W;
+_Pragma("omp simd")
+            for (int64_t c = 0; c < s.W; ++c) row[c] = row[c] * g + add[c];
+          } else {
+_Pragma("omp simd")
+            for (int64_t c = 0; c < s.W; ++c) row[c] *= g;
+          }
+        }
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(!non_finite, "channel_gate: x contains NaN or inf");
+  TORCH_CHECK_VALUE(!skip_non_finite, "channel_gate: skip contains NaN or inf");
+  return to_output_layout(y, x_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_gate_backward_cpu(
+    const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2,
+    bool upsample) {
+  constexpr const char* op = "channel_gate_backward";
+  check_cpu(op, x_in);
+  const auto s = check_channel_gate(op, x_in, w1, w2, upsample);
+  check_feature(op, "grad_out", gy_in, x_in);
+  TORCH_CHECK(gy_in.size(0) == s.N && gy_in.size(1) == s.C && gy_in.size(2) == s.H &&
+                  gy_in.size(3) == s.W, op, ": grad_out must be [N, C, H, W] of the output");
+  const at::Tensor x = x_in.contiguous(), gy = gy_in.contiguous();
+  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor gw1, gw2;
+  std::atomic<bool> non_finite{false};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_gate_backward_cpu", [&] {
+    using T = scalar_t;
+    const AxisTaps<T> rows(s.h, s.H, false), cols(s.w, s.W, false);
+    const at::Tensor mean = plane_means(x, s, rows, cols, non_finite);
+    const auto [pre, gate] = excitation(mean, w1, w2);
+    at::Tensor grad_gate = at::empty({s.N, s.C}, x.options());
+    const T *xp = x.data_ptr<T>(), *gyp = gy.data_ptr<T>();
+    T *gxp = gx.data_ptr<T>(), *ggp = grad_gate.data_ptr<T>();
+    const int64_t in_plane = s.h * s.w, out_plane = s.H * s.W;
+    // Pass A: grad_x ← up^T(grad_y) per plane; d gate = Σ grad_y·up(x) = Σ x·up^T(grad_y).
+    at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> tmp(s.w);
+      for (int64_t nc = begin; nc < end; ++nc) {
+        T* u = gxp + nc * in_plane;
+        std::fill(u, u + in_plane, T(0));
+        for (int r = 0; r < s.H; ++r)
+          resize_row_adjoint(gyp + nc * out_plane + r * s.W, rows, cols, r, static_cast<int>(s.w),
+                             tmp.data(), u);
+        const T* xc = xp + nc * in_plane;
+        T dot = 0;
+_Pragma("omp simd reduction(+ : dot)")
+        for (int64_t i = 0; i < in_plane; ++i) dot += xc[i] * u[i];
+        ggp[nc] = dot;
+      }
+    });
+    // The excitation MLP's backward on [N, C] (tiny).
+    const at::Tensor hidden = at::relu(pre);
+    const at::Tensor grad_e = grad_gate * gate * (1 - gate);
+    gw2 = at::mm(grad_e.t(), hidden);
+    const at::Tensor grad_pre = at::mm(grad_e, w2) * (pre > 0);
+    gw1 = at::mm(grad_pre.t(), mean);
+    const at::Tensor grad_mean = (at::mm(grad_pre, w1) / static_cast<double>(out_plane)).contiguous();
+    // Pass B: grad_x = gate·up^T(grad_y) + d mean / HW · up^T(1), in place.
+    const T *gp = gate.data_ptr<T>(), *gmp = grad_mean.data_ptr<T>();
+    const T* cw = cols.weight_sum.data();
+    at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> tmp(s.w);
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const T g = gp[nc];
+        for (int64_t i = 0; i < s.h; ++i) {
+          T* row = gxp + nc * in_plane + i * s.w;
+          const T k = gmp[nc] * rows.weight_sum[i];
+_Pragma("omp simd")
+          for (int64_t j = 0; j < s.w; ++j) row[j] = g * row[j] + k * cw[j];
+        }
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(!non_finite, "channel_gate_backward: x contains NaN or inf");
+  return {to_output_layout(gx, x_in), gw1.contiguous(), gw2.contiguous()};
+}
+
+// --- cross_gate --------------------------------------------------------------------------------
+
+at::Tensor cross_gate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, bool align_corners) {
+  constexpr const char* op = "cross_gate";
+  check_cpu(op, a_in);
+  check_cross_gate(op, a_in, b_in);
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t NC = a.size(0) * a.size(1);
+  const int H = a.size(2), W = a.size(3), h = b.size(2), w = b.size(3);
+  at::Tensor y = at::empty_like(a, at::MemoryFormat::Contiguous);
+  std::atomic<bool> a_non_finite{false}, b_non_finite{false};
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cross_gate_cpu", [&] {
+    using T = scalar_t;
+    const AxisTaps<T> rows(h, H, align_corners), cols(w, W, align_corners);
+    const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> gate(W), tmp(w);
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const T* bplane = bp + nc * h * w;
+        if (!all_finite(ap + nc * H * W, int64_t(H) * W)) a_non_finite = true;
+        if (!all_finite(bplane, int64_t(h) * w)) b_non_finite = true;
+        for (int r = 0; r < H; ++r) {
+          resize_row(bplane, w, rows, cols, r, tmp.data(), gate.data());
+          const T* ar = ap + (nc * H + r) * W;
+          T* yr = yp + (nc * H + r) * W;
+          for (int c = 0; c < W; ++c) yr[c] = ar[c] * sigmoid(gate[c]);
+        }
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(!a_non_finite, "cross_gate: a contains NaN or inf");
+  TORCH_CHECK_VALUE(!b_non_finite, "cross_gate: b contains NaN or inf");
+  return to_output_layout(y, a_in);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_gate_backward_cpu(const at::Tensor& gy_in,
+                                                           const at::Tensor& a_in,
+                                                           const at::Tensor& b_in,
+                                                           bool align_corners) {
+  constexpr const char* op = "cross_gate_backward";
+  check_cpu(op, a_in);
+  check_cross_gate(op, a_in, b_in);
+  check_feature(op, "grad_out", gy_in, a_in);
+  TORCH_CHECK(gy_in.sizes() == a_in.sizes(), op, ": grad_out must have a's shape");
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), gy = gy_in.contiguous();
+  const int64_t NC = a.size(0) * a.size(1);
+  const int H = a.size(2), W = a.size(3), h = b.size(2), w = b.size(3);
+  at::Tensor ga = at::empty_like(a, at::MemoryFormat::Contiguous);
+  at::Tensor gb = at::empty_like(b, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cross_gate_backward_cpu", [&] {
+    using T = scalar_t;
+    const AxisTaps<T> rows(h, H, align_corners), cols(w, W, align_corners);
+    const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>(), *gyp = gy.data_ptr<T>();
+    T *gap = ga.data_ptr<T>(), *gbp = gb.data_ptr<T>();
+    at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> gate(W), tmp(w);
+      for (int64_t nc = begin; nc < end; ++nc) {
+        T* gbplane = gbp + nc * h * w;
+        std::fill(gbplane, gbplane + int64_t(h) * w, T(0));
+        for (int r = 0; r < H; ++r) {
+          resize_row(bp + nc * h * w, w, rows, cols, r, tmp.data(), gate.data());
+          const int64_t o = (nc * H + r) * W;
+          for (int c = 0; c < W; ++c) {
+            const T sg = sigmoid(gate[c]);
+            gap[o + c] = gyp[o + c] * sg;
+            gate[c] = gyp[o + c] * ap[o + c] * sg * (T(1) - sg);  // d resized b
+          }
+          resize_row_adjoint(gate.data(), rows, cols, r, w, tmp.data(), gbplane);
+        }
+      }
+    });
+  });
+  return {to_output_layout(ga, a_in), to_output_layout(gb, b_in)};
+}
+
+// --- attention_gate ----------------------------------------------------------------------------
+
+at::Tensor attention_gate_cpu(const at::Tensor& x_in, const at::Tensor& g_in, const at::Tensor& w_x_in,
+                              const at::Tensor& w_g_in, const at::Tensor& b_in, const at::Tensor& psi_w_in,
+                              const at::Tensor& psi_b) {
+  constexpr const char* op = "attention_gate";
+  check_cpu(op, x_in);
+  check_attention_gate(op, x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
+  const at::Tensor x = x_in.contiguous(), g = g_in.contiguous(), w_x = w_x_in.contiguous(),
+                   w_g = w_g_in.contiguous(), b = b_in.contiguous(), psi_w = psi_w_in.contiguous();
+  const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
+                HW = x.size(2) * x.size(3);
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_cpu", [&] {
+    using T = scalar_t;
+    constexpr int BW = kProjBlock<T>;
+    const T *xp = x.data_ptr<T>(), *gp = g.data_ptr<T>(), *wxp = w_x.data_ptr<T>(),
+            *wgp = w_g.data_ptr<T>(), *bp = b.data_ptr<T>(), *psi = psi_w.data_ptr<T>();
+    const T psi_bias = psi_b.item<T>();
+    T* yp = y.data_ptr<T>();
+    for_pixel_blocks(N, HW, BW, [&](int64_t n, int64_t p0, int m, int64_t) {
+      T alpha[BW], q[BW];
+      const T *xb = xp + n * C_x * HW + p0, *gb = gp + n * C_g * HW + p0;
+      std::fill(alpha, alpha + BW, psi_bias);
+      for (int64_t i = 0; i < C_i; ++i) {
+        std::fill(q, q + BW, bp[i]);
+        project_add(xb, HW, C_x, wxp + i * C_x, m, q);
+        project_add(gb, HW, C_g, wgp + i * C_g, m, q);
+        const T wi = psi[i];
+        _Pragma("omp simd")
+        for (int t = 0; t < m; ++t) alpha[t] += wi * std::max(q[t], T(0));
+      }
+      for (int t = 0; t < m; ++t) alpha[t] = sigmoid(alpha[t]);
+      for (int64_t c = 0; c < C_x; ++c) {
+        const T* xc = xb + c * HW;
+        T* yc = yp + (n * C_x + c) * HW + p0;
+        _Pragma("omp simd")
+        for (int t = 0; t < m; ++t) yc[t] = xc[t] * alpha[t];
+      }
+    });
+  });
+  return to_output_layout(y, x_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+attention_gate_backward_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& g_in,
+                            const at::Tensor& w_x_in, const at::Tensor& w_g_in, const at::Tensor& b_in,
+                            const at::Tensor& psi_w_in, const at::Tensor& psi_b) {
+  constexpr const char* op = "attention_gate_backward";
+  check_cpu(op, x_in);
+  check_attention_gate(op, x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
+  check_feature(op, "grad_out", gy_in, x_in);
+  TORCH_CHECK(gy_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape");
+  const at::Tensor x = x_in.contiguous(), g = g_in.contiguous(), gy = gy_in.contiguous(),
+                   w_x = w_x_in.contiguous(), w_g = w_g_in.contiguous(), b = b_in.contiguous(),
+                   psi_w = psi_w_in.contiguous();
+  // [C, C_i]: the weights that one input channel's gradient gathers, together.
+  const at::Tensor w_x_t = w_x.t().contiguous(), w_g_t = w_g.t().contiguous();
+  const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
+                HW = x.size(2) * x.size(3);
+  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor gg = at::empty_like(g, at::MemoryFormat::Contiguous);
+  // Per task: d W_x [C_i, C_x], d W_g [C_i, C_g], d b [C_i], d psi_w [C_i], d psi_b.
+  const int64_t width = C_i * (C_x + C_g + 2) + 1;
+  at::Tensor partial = at::zeros({pixel_tasks(N, HW), width}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_backward_cpu", [&] {
+    using T = scalar_t;
+    constexpr int BW = kProjBlock<T>;
+    const T *xp = x.data_ptr<T>(), *gp = g.data_ptr<T>(), *gyp = gy.data_ptr<T>(),
+            *wxp = w_x.data_ptr<T>(), *wgp = w_g.data_ptr<T>(), *wxt = w_x_t.data_ptr<T>(),
+            *wgt = w_g_t.data_ptr<T>(), *bp = b.data_ptr<T>(), *psi = psi_w.data_ptr<T>();
+    const T psi_bias = psi_b.item<T>();
+    T *gxp = gx.data_ptr<T>(), *ggp = gg.data_ptr<T>(), *pp = partial.data_ptr<T>();
+    for_pixel_blocks(N, HW, BW, [&](int64_t n, int64_t p0, int m, int64_t task) {
+      thread_local std::vector<T> proj;  // [C_i][BW]: the projection, then its gradient
+      proj.resize(C_i * BW);
+      T alpha[BW], gt[BW], acc[BW];
+      const T *xb = xp + n * C_x * HW + p0, *gb = gp + n * C_g * HW + p0,
+              *gyb = gyp + n * C_x * HW + p0;
+      std::fill(alpha, alpha + BW, psi_bias);
+      for (int64_t i = 0; i < C_i; ++i) {
+        T* q = proj.data() + i * BW;
+        std::fill(q, q + BW, bp[i]);
+        project_add(xb, HW, C_x, wxp + i * C_x, m, q);
+        project_add(gb, HW, C_g, wgp + i * C_g, m, q);
+        const T wi = psi[i];
+        _Pragma("omp simd")
+        for (int t = 0; t < m; ++t) alpha[t] += wi * std::max(q[t], T(0));
+      }
+      std::fill(gt, gt + BW, T(0));
+      for (int t = 0; t < m; ++t) alpha[t] = sigmoid(alpha[t]);
+      for (int64_t c = 0; c < C_x; ++c) {
+        const T *xc = xb + c * HW, *gc = gyb + c * HW;
+        _Pragma("omp simd")
+        for (int t = 0; t < m; ++t) gt[t] += gc[t] * xc[t];
+      }
+      for (int t = 0; t < m; ++t) gt[t] *= alpha[t] * (T(1) - alpha[t]);  // d psi logit
+      T* part = pp + task * width;
+      T *gb_part = part + C_i * (C_x + C_g), *gpsi_part = gb_part + C_i;
+      for (int64_t i = 0; i < C_i; ++i) {
+        T* q = proj.data() + i * BW;
+        const T wi = psi[i];
+        T gpsi = 0;
+        _Pragma("omp simd reduction(+ : gpsi)")
+        for (int t = 0; t < m; ++t) {
+          gpsi += gt[t] * std::max(q[t], T(0));
+          q[t] = q[t] > T(0) ? wi * gt[t] : T(0);
+        }
+        gpsi_part[i] += gpsi;
+        gb_part[i] += block_sum(q, m);
+      }
+      gpsi_part[C_i] += block_sum(gt, m);
+      for (int64_t c = 0; c < C_x; ++c) {
+        const T* gc = gyb + c * HW;
+        _Pragma("omp simd")
+        for (int t = 0; t < m; ++t) acc[t] = gc[t] * alpha[t];
+        project_add(proj.data(), BW, C_i, wxt + c * C_i, m, acc);
+        std::copy(acc, acc + m, gxp + (n * C_x + c) * HW + p0);
+        const T* xc = xb + c * HW;
+        for (int64_t i = 0; i < C_i; ++i) part[i * C_x + c] += dot(proj.data() + i * BW, xc, m);
+      }
+      T* gw_g = part + C_i * C_x;
+      for (int64_t c = 0; c < C_g; ++c) {
+        std::fill(acc, acc + BW, T(0));
+        project_add(proj.data(), BW, C_i, wgt + c * C_i, m, acc);
+        std::copy(acc, acc + m, ggp + (n * C_g + c) * HW + p0);
+        const T* gc = gb + c * HW;
+        for (int64_t i = 0; i < C_i; ++i) gw_g[i * C_g + c] += dot(proj.data() + i * BW, gc, m);
+      }
+    });
+  });
+  const at::Tensor total = partial.sum(0);
+  int64_t at_ = 0;
+  auto take = [&](int64_t count) { const at::Tensor t = total.narrow(0, at_, count).clone(); at_ += count; return t; };
+  const at::Tensor gw_x = take(C_i * C_x).view({C_i, C_x}), gw_g = take(C_i * C_g).view({C_i, C_g}),
+                   gb = take(C_i), gpsi_w = take(C_i).view({1, C_i}), gpsi_b = take(1);
+  return {to_output_layout(gx, x_in), to_output_layout(gg, g_in), gw_x, gw_g, gb, gpsi_w, gpsi_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
+  m.impl("spatial_gate", &spatial_gate_cpu);
+  m.impl("spatial_gate_backward", &spatial_gate_backward_cpu);
+  m.impl("gated_pointwise", &gated_pointwise_cpu);
+  m.impl("gated_pointwise_backward", &gated_pointwise_backward_cpu);
+  m.impl("channel_gate", &channel_gate_cpu);
+  m.impl("channel_gate_backward", &channel_gate_backward_cpu);
+  m.impl("cross_gate", &cross_gate_cpu);
+  m.impl("cross_gate_backward", &cross_gate_backward_cpu);
+  m.impl("attention_gate", &attention_gate_cpu);
+  m.impl("attention_gate_backward", &attention_gate_backward_cpu);
+}
+
+}  // namespace gates
+}  // namespace fastseg

@@ -4,7 +4,7 @@ import torch
 
 import fastseg
 from fastseg.backend import unavailable_reason
-from fastseg.models import LGMSNet
+from fastseg.models import LGMSNet, LightAWNet
 
 LGMSNET_MODULES = {
     "stem": 480, "encoder1": 1_672, "encoder2": 1_960, "encoder3": 6_224, "encoder4": 391_424,
@@ -12,6 +12,13 @@ LGMSNET_MODULES = {
     "decoder4": 262_592, "up3": 18_528, "decoder3": 31_392, "up2": 4_656, "decoder2": 8_016,
     "head": 17,
 }
+
+LIGHTAWNET_MODULES = {
+    "encoder1": 696, "encoder2": 22_709, "encoder3": 88_421, "encoder4": 348_869, "side4": 8_320,
+    "side5": 33_024, "encoder5": 1_385_861, "attention": 82_241, "skip4": 32_896, "gate": 0,
+    "decoder4": 627_844, "decoder3": 157_252, "decoder2": 39_460, "decoder1": 9_940, "head": 646,
+}
+MODELS = {"lgmsnet": (LGMSNet, 3, 32), "lightawnet": (LightAWNet, 1, 16)}
 
 
 def count(module):
@@ -24,11 +31,18 @@ def test_lgmsnet_parameter_counts_match_the_paper():
     assert {name: count(child) for name, child in model.named_children()} == LGMSNET_MODULES
 
 
+def test_lightawnet_parameter_counts_match_the_paper():
+    model = LightAWNet()
+    assert count(model) == 2_838_179
+    assert {name: count(child) for name, child in model.named_children()} == LIGHTAWNET_MODULES
+
+
 def test_registry():
-    assert "lgmsnet" in fastseg.list_models()
+    assert fastseg.list_models() == ["lgmsnet", "lightawnet"]
+    assert isinstance(fastseg.create_model("lightawnet", in_channels=3), LightAWNet)
     model = fastseg.create_model("LGMSNet", num_classes=3)
     assert isinstance(model, LGMSNet) and model.head.out_channels == 3
-    with pytest.raises(ValueError, match=r"unknown model 'unet'; known: \['lgmsnet'"):
+    with pytest.raises(ValueError, match=r"unknown model 'unet'; known: \['lgmsnet', 'lightawnet'\]"):
         fastseg.create_model("unet")
 
 
@@ -43,6 +57,15 @@ def test_lgmsnet_rejects_inputs_it_cannot_take(x, match):
         LGMSNet(backend="reference")(x)
 
 
+@pytest.mark.parametrize("x,match", [
+    (torch.randn(1, 1, 40, 64), r"LightAWNet needs H and W divisible by 16; got H=40 \(nearest valid: 32 or 48"),
+    (torch.randn(1, 3, 64, 64), r"x has 3 channels but the model was built with in_channels=1"),
+])
+def test_lightawnet_rejects_inputs_it_cannot_take(x, match):
+    with pytest.raises(ValueError, match=match):
+        LightAWNet(backend="reference")(x)
+
+
 def _run(model, x, seed=3):
     x = x.clone().requires_grad_()
     y = model(x)
@@ -51,20 +74,33 @@ def _run(model, x, seed=3):
     return y, grads
 
 
+@pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("train", [False, True])
-def test_lgmsnet_backends_agree_with_the_reference(backend, train):
+def test_backends_agree_with_the_reference(name, backend, train):
     """Same weights, same input: the fused backend's logits and every gradient equal the
-    reference backend's, in train mode (batch statistics) and eval mode."""
+    reference backend's, in train mode (batch statistics) and eval mode, on a channels-last
+    input."""
     if unavailable_reason(backend, "cpu") is not None:
         pytest.skip(unavailable_reason(backend, "cpu"))
+    cls, channels, multiple = MODELS[name]
     torch.manual_seed(0)
-    reference = LGMSNet(num_classes=2, backend="reference")
-    fused = LGMSNet(num_classes=2, backend=backend)
+    reference = cls(in_channels=channels, num_classes=2, backend="reference")
+    fused = cls(in_channels=channels, num_classes=2, backend=backend)
+    # Under the Triton interpreter every kernel launch is slow: the smallest input there.
+    x = (torch.randn(2, channels, 2 * multiple, multiple) if backend == "cpu"
+         else torch.randn(1, channels, multiple, multiple))
+    with torch.no_grad():
+        if name == "lightawnet":
+            reference.attention.gamma.fill_(0.5)  # γ = 0 at init leaves the attention out
+        # Running statistics of a real batch: with the initial ones (0 and 1) eval mode would
+        # let LightAWNet's unscaled normal expert init grow activations to ~1e10.
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None
+        reference(x)
     fused.load_state_dict(reference.state_dict())
     reference.train(train), fused.train(train)
-    # Under the Triton interpreter every kernel launch is slow: the smallest input there.
-    x = torch.randn(2, 3, 64, 32) if backend == "cpu" else torch.randn(1, 3, 32, 32)
     y_ref, g_ref = _run(reference, x)
     y, g = _run(fused, x.contiguous(memory_format=torch.channels_last))
     assert y.shape == (x.shape[0], 2, *x.shape[2:])
@@ -75,10 +111,11 @@ def test_lgmsnet_backends_agree_with_the_reference(backend, train):
     # also gets 1e-4 of the largest one as absolute tolerance.
     largest = max(b.abs().max() for b in g_ref)
     names = ["x"] + [n for n, _ in reference.named_parameters()]
-    for name, a, b in zip(names, g, g_ref):
-        assert (a - b).abs().max() <= 2e-3 * b.abs().max() + 1e-4 * largest, name
+    for param, a, b in zip(names, g, g_ref):
+        assert (a - b).abs().max() <= 2e-3 * b.abs().max() + 1e-4 * largest, param
 
 
-def test_state_dicts_identical_across_backends():
-    dicts = [LGMSNet(backend=b).state_dict() for b in ("reference", "cpu")]
+@pytest.mark.parametrize("name", list(MODELS))
+def test_state_dicts_identical_across_backends(name):
+    dicts = [MODELS[name][0](backend=b).state_dict() for b in ("reference", "cpu")]
     assert [(k, v.shape) for k, v in dicts[0].items()] == [(k, v.shape) for k, v in dicts[1].items()]

@@ -10,14 +10,15 @@ from typing import Callable
 from torch import nn
 
 from .lgmsnet import LGMSNet
+from .lightawnet import LightAWNet
 
-__all__ = ["LGMSNet", "create_model", "list_models"]
+__all__ = ["LGMSNet", "LightAWNet", "create_model", "list_models"]
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {"lgmsnet": LGMSNet}
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {"lgmsnet": LGMSNet, "lightawnet": LightAWNet}
 
 
 def list_models() -> list[str]:
-    """Names :func:`create_model` accepts, e.g. ``["lgmsnet"]``."""
+    """Names :func:`create_model` accepts, e.g. ``["lgmsnet", "lightawnet"]``."""
     return sorted(_REGISTRY)
 
 

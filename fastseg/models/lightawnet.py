@@ -1,0 +1,127 @@
+"""LightAWNet (Wang et al., J. Appl. Clin. Med. Phys. 2024, DOI 10.1002/acm2.14584): a lightweight
+adaptive weighting network on dynamic convolutions.
+
+Built from :mod:`fastseg.layers` only: :class:`~fastseg.layers.DynamicConv2d` (4 experts, sigmoid
+routing, the original's unscaled normal init), :class:`~fastseg.layers.GatedPointwise` (the
+blocks' spatial attention → concat → 1×1 without the concat), :class:`~fastseg.layers.CrossGate`
+(the two branches gating each other), :class:`~fastseg.layers.GlobalSelfAttention2d` (the
+bottleneck) and :class:`~fastseg.layers.SqueezeExcite` with the decoder's ×2 upsample and skip
+fused in. With the defaults (1 input channel, 1 class) it has 2,838,179 parameters, as the
+authors' model. The original applies a sigmoid to its output; this model returns the logits
+(apply the sigmoid, or a softmax for ``num_classes > 1``, in the loss or at prediction).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backend import _check_name
+from ..layers import (CrossGate, DynamicConv2d, GatedPointwise, GlobalSelfAttention2d,
+                      SqueezeExcite)
+from ._common import check_input
+
+__all__ = ["LightAWNet"]
+
+
+class DynamicConvBN(nn.Sequential):
+    """LightAWNet's adaptive weighting: DynamicConv2d (3×3, 4 experts, sigmoid routing, no bias,
+    normal init) → BatchNorm (eps 1e-6), no activation."""
+
+    def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
+        super().__init__(DynamicConv2d(in_channels, out_channels, 3, num_experts=4,
+                                       routing="sigmoid", init="normal", backend=backend),
+                         nn.BatchNorm2d(out_channels, eps=1e-6))
+
+
+class Block(nn.Module):
+    """Encoder block ``[N, C_in, H, W]`` → ``[N, C_out, H, W]``::
+
+        a = LeakyReLU(BN(PW_{C_in→4C_in}(DW7×7(x))))
+        h = PW_{8C_in→C_in}(concat[a, a·σ(PW_{4C_in→1}(a))]) + x      # GatedPointwise
+        y = BN(DynamicConv(C_in→C_out)(h))
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
+        super().__init__()
+        self.depthwise = nn.Conv2d(in_channels, in_channels, 7, padding=3, groups=in_channels)
+        self.expand = nn.Sequential(nn.Conv2d(in_channels, 4 * in_channels, 1),
+                                    nn.BatchNorm2d(4 * in_channels), nn.LeakyReLU())
+        self.gate = GatedPointwise(4 * in_channels, in_channels, backend=backend)
+        self.dynamic = DynamicConvBN(in_channels, out_channels, backend)
+
+    def forward(self, x):
+        return self.dynamic(self.gate(self.expand(self.depthwise(x))) + x)
+
+
+class Decoder(nn.Module):
+    """Decoder stage: ``z = LeakyReLU(BN(PW_{C_in→C_out}(x)))``, bilinear ×2, squeeze-excitation
+    (C_out/8 hidden), ``+ skip`` (the last three fused), then ``BN(DynamicConv(C_out→C_out))``.
+    x ``[N, C_in, h, w]``, skip ``[N, C_out, 2h, 2w]`` → ``[N, C_out, 2h, 2w]``."""
+
+    def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1),
+                                    nn.BatchNorm2d(out_channels), nn.LeakyReLU())
+        self.excite = SqueezeExcite(out_channels, reduction=8, upsample=True, backend=backend)
+        self.dynamic = DynamicConvBN(out_channels, out_channels, backend)
+
+    def forward(self, x, skip):
+        return self.dynamic(self.excite(self.reduce(x), skip))
+
+
+class LightAWNet(nn.Module):
+    """LightAWNet with widths 16-32-64-128-256 (models.md §1.3).
+
+    Args:
+        in_channels: image channels (1: the original's grayscale input).
+        num_classes: output channels (logits).
+        backend: op backend of the fused layers (:mod:`fastseg.backend`).
+
+    Input ``[N, in_channels, H, W]`` with H and W divisible by 16; output ``[N, num_classes, H,
+    W]`` logits.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 1, backend: str = "auto"):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.backend = _check_name(backend)
+        b = dict(backend=backend)
+        self.encoder1 = Block(in_channels, 16, **b)
+        self.encoder2 = Block(16, 32, **b)
+        self.encoder3 = Block(32, 64, **b)
+        self.encoder4 = Block(64, 128, **b)          # branch a at 1/8
+        self.side4 = nn.Conv2d(64, 128, 1)           # branch b at 1/8
+        self.side5 = nn.Conv2d(128, 256, 1)
+        self.encoder5 = Block(128, 256, **b)         # branch a at 1/16
+        self.attention = GlobalSelfAttention2d(256, **b)
+        self.skip4 = nn.Conv2d(256, 128, 1)
+        self.gate = CrossGate(align_corners=True, **b)
+        self.decoder4 = Decoder(256, 128, **b)
+        self.decoder3 = Decoder(128, 64, **b)
+        self.decoder2 = Decoder(64, 32, **b)
+        self.decoder1 = Decoder(32, 16, **b)
+        self.head = DynamicConvBN(16, num_classes, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[N, in_channels, H, W]`` (H, W divisible by 16) → logits ``[N, num_classes, H, W]``."""
+        check_input(x, self.in_channels, 16, "LightAWNet")
+        x1 = self.encoder1(x)
+        x2 = self.encoder2(F.max_pool2d(x1, 2))
+        x3 = self.encoder3(F.max_pool2d(x2, 2))
+        x3d = F.max_pool2d(x3, 2)
+        a4 = self.encoder4(x3d)
+        b4 = self.side4(x3d)
+        a4g = self.gate(F.max_pool2d(a4, 2), b4)       # pool(a4) · σ(resize(b4 → 1/16))
+        b5 = self.side5(self.gate(b4, a4))             # PW(σ(a4) · b4)
+        a5 = self.encoder5(a4g)
+        c = self.attention(self.gate(a5, b5))          # a5 · σ(resize(b5 → 1/16))
+        s4 = self.skip4(self.gate(b5, a5))             # PW(b5 · σ(resize(a5 → 1/8)))
+        d = self.decoder4(c, s4)
+        d = self.decoder3(d, x3)
+        d = self.decoder2(d, x2)
+        d = self.decoder1(d, x1)
+        return self.head(d)

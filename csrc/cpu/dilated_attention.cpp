@@ -43,10 +43,6 @@ using vec_t = typename Lanes<T>::vec;
 template <typename T>
 constexpr int kLanes = Lanes<T>::count;
 constexpr int kKeyBlock = 64;
-// The backward sweeps all keys once per block of this many queries, whose packed q, dO and dQ
-// rows (3 · 8 · 128 · 4 bytes at LGMSNet's head width) stay in L1 throughout the sweep.
-template <typename T>
-constexpr int64_t kQueryBlock = 8 * Lanes<T>::count;
 
 template <typename T>
 inline __attribute__((always_inline)) vec_t<T> load(const T* p) {
@@ -67,18 +63,17 @@ inline __attribute__((always_inline)) V vmax(V a, V b) {
   return a > b ? a : b;
 }
 
-// Σ_e coef[e] · rows[e · stride] lane-wise, in two interleaved partial sums: half the
+// Σ_e coef[e] · x[e] lane-wise (x: vectors), in two interleaved partial sums: half the
 // dependent-FMA chain of one running sum (the latency that bounds the inner loops).
 template <typename T>
-inline __attribute__((always_inline)) vec_t<T> weighted_rows(const T* coef, const T* rows,
-                                                             int64_t stride, int n) {
+inline __attribute__((always_inline)) vec_t<T> dot_lanes(const T* coef, const vec_t<T>* x, int n) {
   vec_t<T> even{}, odd{};
   int e = 0;
   for (; e + 1 < n; e += 2) {
-    even += coef[e] * load(rows + e * stride);
-    odd += coef[e + 1] * load(rows + (e + 1) * stride);
+    even += coef[e] * x[e];
+    odd += coef[e + 1] * x[e + 1];
   }
-  if (e < n) even += coef[e] * load(rows + e * stride);
+  if (e < n) even += coef[e] * x[e];
   return even + odd;
 }
 
@@ -177,14 +172,7 @@ void forward_block(const T* K, const T* V, const T* Qt, int64_t L, int d_rt, int
     vec block_max = m;
     for (int j = 0; j < nk; ++j) {
       const T* kj = K + (k0 + j) * d;
-      vec even{}, odd{};
-      int e = 0;
-      for (; e + 1 < d; e += 2) {
-        even += kj[e] * q[e];
-        odd += kj[e + 1] * q[e + 1];
-      }
-      if (e < d) even += kj[e] * q[e];
-      st[j] = (even + odd) * scale;
+      st[j] = dot_lanes(kj, q, d) * scale;
       block_max = vmax(block_max, st[j]);
     }
     const vec alpha = exp_nonpositive(m - block_max);
@@ -248,104 +236,149 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
-// Backward of one problem, queries in blocks of kQueryBlock. Packed inputs: K [L][d], V [L][dv], Qt [d][Lp], dOt [dv][Lp],
-// lse and delta [Lp] (padding lanes: lse huge, so their probabilities vanish). Outputs:
-// dK [L][d], dV [L][dv] (rows), dQt [d][Lp] (lanes, unscaled). `work` holds d + dv vectors.
+// Gradient of one block of kLanes queries (pass A of the backward): queries in lanes, every key
+// in turn. K [L][d], V [L][dv] rows; Qt [d][VL], dOt [dv][VL] this block's queries; lse and
+// delta vectors of the block (padding lanes: lse huge, so their probabilities vanish).
+// Writes dq_rows [count][d]. `work` holds 2·d + dv vectors (for dims not fixed at compile time).
 template <typename T, int D, int DV>
-void backward_problem(const T* K, const T* V, const T* Qt, const T* dOt, const T* lse,
-                      const T* delta, int64_t L, int64_t Lp, int d_rt, int dv_rt, T scale, T* dK,
-                      T* dV, T* dQt, vec_t<T>* work) {
+void grad_q_block(const T* K, const T* V, const T* Qt, const T* dOt, vec_t<T> lse,
+                  vec_t<T> delta, int64_t L, int d_rt, int dv_rt, T scale, vec_t<T>* work,
+                  T* dq_rows, int count) {
   using vec = vec_t<T>;
   constexpr int VL = kLanes<T>;
   const int d = D > 0 ? D : d_rt, dv = DV > 0 ? DV : dv_rt;
-  vec dk_fixed[D > 0 ? D : 1], dv_fixed[DV > 0 ? DV : 1];
-  vec* dk_acc = D > 0 ? dk_fixed : work;
-  vec* dv_acc = DV > 0 ? dv_fixed : work + d;
-  std::fill(dQt, dQt + d * Lp, T(0));
-  std::fill(dK, dK + L * d, T(0));
-  std::fill(dV, dV + L * dv, T(0));
-  for (int64_t q0 = 0; q0 < Lp; q0 += kQueryBlock<T>) {
-    const int64_t q1 = std::min<int64_t>(Lp, q0 + kQueryBlock<T>);
-    for (int64_t j = 0; j < L; ++j) {
-      const T* kj = K + j * d;
-      const T* vj = V + j * dv;
-      for (int e = 0; e < d; ++e) dk_acc[e] = vec{};
-      for (int c = 0; c < dv; ++c) dv_acc[c] = vec{};
-      for (int64_t i0 = q0; i0 < q1; i0 += VL) {
-        const vec s = weighted_rows(kj, Qt + i0, Lp, d);
-        const vec dp = weighted_rows(vj, dOt + i0, Lp, dv);
-        const vec p = exp_nonpositive(s * scale - load(lse + i0));
-        const vec ds = softmax_input_grad(p, dp, load(delta + i0));
-        for (int c = 0; c < dv; ++c) dv_acc[c] += p * load(dOt + c * Lp + i0);
-        for (int e = 0; e < d; ++e) {
-          dk_acc[e] += ds * load(Qt + e * Lp + i0);
-          store(dQt + e * Lp + i0, load(dQt + e * Lp + i0) + ds * kj[e]);
-        }
-      }
-      for (int c = 0; c < dv; ++c) {
-        T sum = 0;
-        for (int i = 0; i < VL; ++i) sum += dv_acc[c][i];
-        dV[j * dv + c] += sum;
-      }
-      for (int e = 0; e < d; ++e) {
-        T sum = 0;
-        for (int i = 0; i < VL; ++i) sum += dk_acc[e][i];
-        dK[j * d + e] += sum * scale;
-      }
-    }
+  vec q_fixed[D > 0 ? D : 1], dq_fixed[D > 0 ? D : 1], do_fixed[DV > 0 ? DV : 1];
+  vec* q = D > 0 ? q_fixed : work;
+  vec* dq = D > 0 ? dq_fixed : work + d;
+  vec* dout = DV > 0 ? do_fixed : work + 2 * d;
+  for (int e = 0; e < d; ++e) q[e] = load(Qt + e * VL), dq[e] = vec{};
+  for (int c = 0; c < dv; ++c) dout[c] = load(dOt + c * VL);
+  for (int64_t j = 0; j < L; ++j) {
+    const T* kj = K + j * d;
+    const T* vj = V + j * dv;
+    const vec p = exp_nonpositive(dot_lanes(kj, q, d) * scale - lse);
+    const vec ds = softmax_input_grad(p, dot_lanes(vj, dout, dv), delta);
+    for (int e = 0; e < d; ++e) dq[e] += ds * kj[e];
+  }
+  for (int i = 0; i < count; ++i)
+    for (int e = 0; e < d; ++e) dq_rows[i * d + e] = dq[e][i] * scale;
+}
+
+// Gradients of one block of kLanes keys (pass B): keys in lanes, every query in turn. Q [L][d],
+// dO [L][dv] rows, lse and delta [L]; Kt [d][VL], Vt [dv][VL] this block's keys (padding
+// lanes are never written back). Writes dk_rows [count][d], dv_rows [count][dv]. `work` holds
+// 2·d + 2·dv vectors.
+template <typename T, int D, int DV>
+void grad_kv_block(const T* Q, const T* dO, const T* lse, const T* delta, const T* Kt,
+                   const T* Vt, int64_t L, int d_rt, int dv_rt, T scale, vec_t<T>* work,
+                   T* dk_rows, T* dv_rows, int count) {
+  using vec = vec_t<T>;
+  constexpr int VL = kLanes<T>;
+  const int d = D > 0 ? D : d_rt, dv = DV > 0 ? DV : dv_rt;
+  vec k_fixed[D > 0 ? D : 1], dk_fixed[D > 0 ? D : 1], v_fixed[DV > 0 ? DV : 1],
+      dv_fixed[DV > 0 ? DV : 1];
+  vec* k = D > 0 ? k_fixed : work;
+  vec* dk = D > 0 ? dk_fixed : work + d;
+  vec* v = DV > 0 ? v_fixed : work + 2 * d;
+  vec* dvacc = DV > 0 ? dv_fixed : work + 2 * d + dv;
+  for (int e = 0; e < d; ++e) k[e] = load(Kt + e * VL), dk[e] = vec{};
+  for (int c = 0; c < dv; ++c) v[c] = load(Vt + c * VL), dvacc[c] = vec{};
+  for (int64_t i = 0; i < L; ++i) {
+    const T* qi = Q + i * d;
+    const T* doi = dO + i * dv;
+    const vec p = exp_nonpositive(dot_lanes(qi, k, d) * scale - lse[i]);
+    const vec ds = softmax_input_grad(p, dot_lanes(doi, v, dv), splat(delta[i]));
+    for (int c = 0; c < dv; ++c) dvacc[c] += p * doi[c];
+    for (int e = 0; e < d; ++e) dk[e] += ds * qi[e];
+  }
+  for (int i = 0; i < count; ++i) {
+    for (int e = 0; e < d; ++e) dk_rows[i * d + e] = dk[e][i] * scale;
+    for (int c = 0; c < dv; ++c) dv_rows[i * dv + c] = dvacc[c][i];
   }
 }
 
+// The backward in two passes that each keep their accumulators in registers: dQ with queries
+// in lanes (pass A), dK and dV with keys in lanes (pass B). Each recomputes the probabilities
+// from lse and dP = dO·v (twice the score arithmetic of a single pass), but neither writes an
+// accumulator back to memory per score nor reduces across lanes.
 template <typename T, int D, int DV>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse_in,
                    int64_t dilation, double scale_in, at::Tensor& dq, at::Tensor& dk,
                    at::Tensor& dvt) {
+  using vec = vec_t<T>;
   constexpr int VL = kLanes<T>;
   const Geometry g(q, dilation);
   const int d = static_cast<int>(q.size(4)), dv = static_cast<int>(v.size(4));
   const T scale = static_cast<T>(scale_in);
-  const int64_t P = g.problems(), L = g.L, Lp = (L + VL - 1) / VL * VL;
+  const int64_t P = g.problems(), L = g.L, blocks = (L + VL - 1) / VL;
   const Strided qs = Strided::of(q), ks = Strided::of(k), vs = Strided::of(v),
                 gs = Strided::of(grad_out), os = Strided::of(out);
+  const T* lse_base = lse_in.data_ptr<T>();
+  const T* out_base = out.data_ptr<T>();
+  const T* go_base = grad_out.data_ptr<T>();
+  // Every input packed per problem, row by row, once: both passes read them.
+  std::vector<T> Q(P * L * d), K(P * L * d), V(P * L * dv), dO(P * L * dv), lse(P * L),
+      delta(P * L);
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const Problem pr = problem_of(p, static_cast<int>(g.s), static_cast<int>(g.heads));
+      gather_rows(qs, g, pr, d, Q.data() + p * L * d);
+      gather_rows(ks, g, pr, d, K.data() + p * L * d);
+      gather_rows(vs, g, pr, dv, V.data() + p * L * dv);
+      gather_rows(gs, g, pr, dv, dO.data() + p * L * dv);
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t r = pr.a + g.s * (t / g.Wg), c = pr.b + g.s * (t % g.Wg);
+        lse[p * L + t] = lse_base[pr.n * lse_in.stride(0) + r * lse_in.stride(1) +
+                                  c * lse_in.stride(2) + pr.h * lse_in.stride(3)];
+        T sum = 0;
+        for (int64_t e = 0; e < dv; ++e)
+          sum += dO[(p * L + t) * dv + e] * out_base[os.offset(g, pr, t, e)];
+        delta[p * L + t] = sum;
+      }
+    }
+  });
   T* dq_p = dq.data_ptr<T>();
   T* dk_p = dk.data_ptr<T>();
   T* dv_p = dvt.data_ptr<T>();
-  const T* lse_base = lse_in.data_ptr<T>();
-  const T* go_base = grad_out.data_ptr<T>();
-  const T* out_base = out.data_ptr<T>();
-  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> K(L * d), V(L * dv), Qt(d * Lp), dOt(dv * Lp), lse(Lp), delta(Lp), dK(L * d),
-        dV(L * dv), dQt(d * Lp);
-    std::vector<vec_t<T>> work(d + dv);
-    for (int64_t p = begin; p < end; ++p) {
+  const auto token_of = [&](const Problem& pr, int64_t t) {
+    return (pr.n * g.H * g.W + group_pixel(t, pr.a, pr.b, static_cast<int>(g.s), g.Wg, g.W)) *
+               g.heads + pr.h;
+  };
+  // Transposes rows [count][dim] (tokens t0…) of one problem into lanes [dim][VL], zero-padded.
+  const auto to_lanes = [](const T* rows, int dim, int count, T* lanes) {
+    for (int e = 0; e < dim; ++e)
+      for (int i = 0; i < VL; ++i) lanes[e * VL + i] = i < count ? rows[i * dim + e] : T(0);
+  };
+  at::parallel_for(0, P * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Qt(d * VL), dOt(dv * VL), Kt(d * VL), Vt(dv * VL), rows_a(d * VL),
+        rows_b(dv * VL);
+    std::vector<vec> work(2 * d + 2 * dv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / blocks, t0 = (task % blocks) * VL;
+      const int count = static_cast<int>(std::min<int64_t>(VL, L - t0));
       const Problem pr = problem_of(p, static_cast<int>(g.s), static_cast<int>(g.heads));
-      gather_rows(ks, g, pr, d, K.data());
-      gather_rows(vs, g, pr, dv, V.data());
-      gather_cols(qs, g, pr, d, 0, L, Lp, Qt.data());
-      gather_cols(gs, g, pr, dv, 0, L, Lp, dOt.data());
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t r = pr.a + g.s * (t / g.Wg), c = pr.b + g.s * (t % g.Wg);
-        lse[t] = lse_base[pr.n * lse_in.stride(0) + r * lse_in.stride(1) + c * lse_in.stride(2) +
-                          pr.h * lse_in.stride(3)];
-        T sum = 0;
-        for (int64_t e = 0; e < dv; ++e)
-          sum += go_base[gs.offset(g, pr, t, e)] * out_base[os.offset(g, pr, t, e)];
-        delta[t] = sum;
-      }
-      for (int64_t t = L; t < Lp; ++t) lse[t] = std::numeric_limits<T>::max(), delta[t] = 0;
-      backward_problem<T, D, DV>(K.data(), V.data(), Qt.data(), dOt.data(), lse.data(),
-                                 delta.data(), L, Lp, d, dv, scale, dK.data(), dV.data(),
-                                 dQt.data(), work.data());
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t token =
-            (pr.n * g.H * g.W + group_pixel(t, pr.a, pr.b, static_cast<int>(g.s), g.Wg, g.W)) *
-                g.heads + pr.h;
-        for (int e = 0; e < d; ++e) {
-          dq_p[token * d + e] = dQt[e * Lp + t] * scale;
-          dk_p[token * d + e] = dK[t * d + e];
-        }
-        std::copy(dV.data() + t * dv, dV.data() + (t + 1) * dv, dv_p + token * dv);
+      const int64_t row0 = p * L + t0;
+      // Pass A: the gradient of this block of queries.
+      to_lanes(Q.data() + row0 * d, d, count, Qt.data());
+      to_lanes(dO.data() + row0 * dv, dv, count, dOt.data());
+      vec lse_v = splat(std::numeric_limits<T>::max()), delta_v = vec{};
+      for (int i = 0; i < count; ++i) lse_v[i] = lse[row0 + i], delta_v[i] = delta[row0 + i];
+      grad_q_block<T, D, DV>(K.data() + p * L * d, V.data() + p * L * dv, Qt.data(), dOt.data(),
+                             lse_v, delta_v, L, d, dv, scale, work.data(), rows_a.data(), count);
+      for (int i = 0; i < count; ++i)
+        std::copy(rows_a.data() + i * d, rows_a.data() + (i + 1) * d,
+                  dq_p + token_of(pr, t0 + i) * d);
+      // Pass B: the gradients of this block of keys.
+      to_lanes(K.data() + row0 * d, d, count, Kt.data());
+      to_lanes(V.data() + row0 * dv, dv, count, Vt.data());
+      grad_kv_block<T, D, DV>(Q.data() + p * L * d, dO.data() + p * L * dv, lse.data() + p * L,
+                              delta.data() + p * L, Kt.data(), Vt.data(), L, d, dv, scale,
+                              work.data(), rows_a.data(), rows_b.data(), count);
+      for (int i = 0; i < count; ++i) {
+        const int64_t token = token_of(pr, t0 + i);
+        std::copy(rows_a.data() + i * d, rows_a.data() + (i + 1) * d, dk_p + token * d);
+        std::copy(rows_b.data() + i * dv, rows_b.data() + (i + 1) * dv, dv_p + token * dv);
       }
     }
   });

@@ -125,17 +125,20 @@ def test_matches_reference(backend, name, layout):
 
 
 # --- block and tile boundaries --------------------------------------------------------------
-# The cpu kernels work on blocks of 256 bytes of pixels (64 float32, 32 float64) and, around the
-# 1×1 products, on chunks of pixels whose product fits 256 KiB (gated_pointwise with C_out = 64:
-# 448 float32 pixels; attention_gate with C_i = 128: 512). The Triton kernels work on
+# The cpu kernels work on blocks of 256 bytes of pixels (64 float32, 32 float64); around the 1×1
+# products on blocks of 128 bytes (32 / 16) in tasks of 1024 pixels, or, with ≥ 8 channels on
+# both sides of the product, on whole samples through ATen's GEMM. The Triton kernels work on
 # BLOCK_C × BLOCK_P slices (32 × 128 at most) and BLOCK_H × BLOCK_W tiles (16 × 64 at most), or
 # the sizes a test passes. Each shape below spans several blocks with a partial last one.
 CPU_BLOCKS = {
     "spatial": lambda dt: spatial(2, 3, 9, 15 if dt == torch.float32 else 7),       # 135 / 63 px
-    "gated-chunks": lambda dt: gated(2, 5, 64, 30, 31),                            # 930 px
+    "gated-blocks": lambda dt: gated(2, 5, 6, 30, 31),                             # 930 px
     "channel": lambda dt: channel(2, 3, 2, 5, 37, True, True),                     # 74-wide rows
     "cross": lambda dt: cross(2, 2, 9, 70, 5, 33, True),
-    "attention-chunks": lambda dt: attention(1, 3, 2, 128, 23, 29),                # 667 px
+    "attention-blocks": lambda dt: attention(1, 3, 2, 20, 23, 29),                 # 667 px
+    # ≥ 8 channels on both sides of the 1×1 product: the GEMM path.
+    "gated-gemm": lambda dt: gated(2, 40, 16, 9, 13),
+    "attention-gemm": lambda dt: attention(1, 33, 34, 32, 7, 9),
 }
 
 

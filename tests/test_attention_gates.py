@@ -1,4 +1,6 @@
 """attention gates: every backend against the reference, forward and every gradient."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,7 +57,7 @@ CASES = {
     "spatial-1x3x1x1": spatial(1, 3, 1, 1),
     "gated-2x6to3x5x7": gated(2, 6, 3, 5, 7),
     "gated-1x4to1x1x1": gated(1, 4, 1, 1, 1),
-    "channel-2x6x5x7-skip-up": channel(2, 6, 2, 5, 7, True, True),
+    "channel-2x3x5x7-skip-up": channel(2, 3, 2, 5, 7, True, True),
     "channel-1x4x1x1-up": channel(1, 4, 1, 1, 1, False, True),
     "channel-2x5x3x6-skip": channel(2, 5, 3, 3, 6, True, False),
     "cross-2x3x7x9-from-4x5-ac": cross(2, 3, 7, 9, 4, 5, True),
@@ -123,17 +125,20 @@ def test_matches_reference(backend, name, layout):
 
 
 # --- block and tile boundaries --------------------------------------------------------------
-# The cpu kernels work on blocks of 256 bytes of pixels (64 float32, 32 float64) and, around the
-# 1×1 products, on chunks of pixels whose product fits 256 KiB (gated_pointwise with C_out = 64:
-# 448 float32 pixels; attention_gate with C_i = 128: 512). The Triton kernels work on
+# The cpu kernels work on blocks of 256 bytes of pixels (64 float32, 32 float64); around the 1×1
+# products on blocks of 128 bytes (32 / 16) in tasks of 1024 pixels, or, with ≥ 8 channels on
+# both sides of the product, on whole samples through ATen's GEMM. The Triton kernels work on
 # BLOCK_C × BLOCK_P slices (32 × 128 at most) and BLOCK_H × BLOCK_W tiles (16 × 64 at most), or
 # the sizes a test passes. Each shape below spans several blocks with a partial last one.
 CPU_BLOCKS = {
     "spatial": lambda dt: spatial(2, 3, 9, 15 if dt == torch.float32 else 7),       # 135 / 63 px
-    "gated-chunks": lambda dt: gated(2, 5, 64, 30, 31),                            # 930 px
+    "gated-blocks": lambda dt: gated(2, 5, 6, 30, 31),                             # 930 px
     "channel": lambda dt: channel(2, 3, 2, 5, 37, True, True),                     # 74-wide rows
     "cross": lambda dt: cross(2, 2, 9, 70, 5, 33, True),
-    "attention-chunks": lambda dt: attention(1, 3, 2, 128, 23, 29),                # 667 px
+    "attention-blocks": lambda dt: attention(1, 3, 2, 20, 23, 29),                 # 667 px
+    # ≥ 8 channels on both sides of the 1×1 product: the GEMM path.
+    "gated-gemm": lambda dt: gated(2, 40, 16, 9, 13),
+    "attention-gemm": lambda dt: attention(1, 33, 34, 32, 7, 9),
 }
 
 
@@ -219,7 +224,7 @@ def small(args):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("name", ["spatial-2x5x7x9", "gated-2x6to3x5x7", "channel-2x6x5x7-skip-up",
+@pytest.mark.parametrize("name", ["spatial-2x5x7x9", "gated-2x6to3x5x7", "channel-2x3x5x7-skip-up",
                                   "cross-2x3x7x9-from-4x5-ac", "attention-2x5+3x4x7x6"])
 def test_gradcheck_float64(backend, name):
     skip_unless(backend)
@@ -243,7 +248,7 @@ def fused_ops(backend, name):
 
 
 OPCHECK = {"spatial_gate": "spatial-2x5x7x9", "gated_pointwise": "gated-2x6to3x5x7",
-           "channel_gate": "channel-2x6x5x7-skip-up", "cross_gate": "cross-2x3x7x9-from-4x5-ac",
+           "channel_gate": "channel-2x3x5x7-skip-up", "cross_gate": "cross-2x3x7x9-from-4x5-ac",
            "attention_gate": "attention-2x5+3x4x7x6"}
 
 
@@ -288,6 +293,66 @@ def test_compile_fullgraph(backend):
     expected = chain(x, g, params, "reference")
     assert_close(y.detach(), expected.detach(), 1e-5, "compiled output")
     assert x.grad is not None and all(p.grad is not None for p in params)
+
+
+# --- CUDA (runs only where a GPU is present) -------------------------------------------------
+
+# Past the CUDA kernels' 256-thread blocks and launch_config's Triton slices and tiles.
+GPU_CASES = ["spatial", "gated", "channel", "cross-up", "cross-down", "attention"]
+
+
+def _gpu_case(name):
+    return {"spatial": spatial(2, 37, 19, 23), "gated": gated(2, 40, 35, 19, 23),
+            "channel": channel(2, 16, 2, 19, 37, True, True),
+            "cross-up": cross(2, 3, 37, 70, 9, 17, True),
+            "cross-down": cross(2, 3, 9, 17, 37, 70, False),
+            "attention": attention(2, 37, 20, 35, 19, 23)}[name]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.float16, 1e-2),
+                                        (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_gpu_matches_reference(backend, dtype, rtol, name):
+    op, ref, make = _gpu_case(name)
+    args = make(torch.float64, torch.Generator().manual_seed(9))
+    on_gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    y_ref, g_ref, grad_y = run(ref, on_gpu)
+    y, g, _ = run(op, [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in on_gpu], backend,
+                  grad_y=grad_y.to(dtype))
+    assert_close(y.double(), y_ref, rtol, "output")
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert_close(a.double(), b, rtol, f"grad {i}")
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    """CI builds with FASTSEG_CUDA=1: the CUDA sources must have compiled, linked and registered."""
+    if os.environ.get("FASTSEG_CUDA") != "1":
+        pytest.skip("FASTSEG_CUDA=1 not set: the CUDA build is not required in this run")
+    for name in ag.SCHEMAS:
+        for op in (f"fastseg::{name}", f"fastseg::{name}_backward"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+
+
+def test_layers_run_on_the_reference_without_the_extension():
+    """Without fastseg._C the gates import and their layers train on the reference backend."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings, torch\n"
+        "sys.modules['fastseg._C'] = None\n"
+        "from fastseg.layers import SqueezeExcite\n"
+        "layer = SqueezeExcite(16, upsample=True, backend='cpu')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    layer(torch.randn(2, 16, 5, 5), torch.randn(2, 16, 10, 10)).sum().backward()\n"
+        "assert any('not built' in str(c.message) for c in caught), [str(c.message) for c in caught]\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 # --- bad inputs --------------------------------------------------------------------------------

@@ -4,9 +4,10 @@
 // intermediates in cache-sized pieces:
 // * spatial_gate: blocks of kBlock pixels of one sample; the per-pixel gate is reduced over the
 //   channels, then applied while the block is still in cache.
-// * gated_pointwise, attention_gate: blocks of kProjBlock pixels of one sample; the 1×1
-//   projections run on the block in registers with the gating fused around them, and the
-//   backward recomputes them instead of storing them (see the section's comment for why not GEMM).
+// * gated_pointwise, attention_gate: one sample at a time, the 1×1 projections by ATen's GEMM
+//   into a scratch of one sample, the gating fused around them; below 8 channels on either side
+//   of the product, blocks of kProjBlock pixels with the projections in registers instead. Both
+//   backwards recompute the projections instead of storing them.
 // * channel_gate: one (n, c) plane at a time. The global average of the (upsampled) plane is a
 //   weighted sum of the input plane (the resize is linear), so pass 1 reads only x; pass 2
 //   writes up(x)·gate + skip once. Backward: pass A applies the resize's adjoint to grad_out
@@ -164,14 +165,12 @@ _Pragma("omp simd reduction(+ : gw)")
           sums.narrow(0, C, 1).clone()};
 }
 
-// --- 1×1 projections: gated_pointwise and attention_gate -----------------------------------------
+// --- 1×1 projections of few channels: register-blocked loops ------------------------------------
 //
 // Blocks of kProjBlock pixels of one sample; a 1×1 projection of a block is, per output channel,
 // a sum over input channels of a weight times a contiguous row of the block, kept in vector
-// registers. At these networks' sizes (4 to 512 channels, 16² to 256² pixels) that reaches more
-// of the machine than a GEMM call per block, whose degenerate shapes (a few output rows, or a few
-// input channels) BLAS runs at a fraction of its speed, and it needs no scratch tensor.
-// Weight gradients are per-task partial sums (tasks of kTaskPixels pixels), reduced afterwards.
+// registers; no scratch tensor. Weight gradients are per-task partial sums (tasks of
+// kTaskPixels pixels), reduced afterwards.
 
 // Pixels per projection block: 32 float32 (16 float64) accumulators, four 256-bit registers.
 template <typename T>
@@ -271,6 +270,129 @@ void for_pixel_blocks(int64_t N, int64_t HW, int block, const F& fn) {
 
 int64_t pixel_tasks(int64_t N, int64_t HW) { return N * ((HW + kTaskPixels - 1) / kTaskPixels); }
 
+// --- 1×1 projections through ATen's GEMM -----------------------------------------------------------
+//
+// With a few channels on each side the products are cheap and the register-blocked loops below
+// win (BLAS runs such degenerate shapes at a fraction of its speed: LightAWNet's first block,
+// 4 → 2·1 + 1 rows, spent 59 ms in 64 `mm` calls on 0.35 MB operands). From kGemmChannels on,
+// BLAS wins (one thread, min of 7: gated_pointwise 8×64×128² → 16 forward 10.7 against 26.9 ms,
+// backward 42.8 against 165; attention_gate 8×16×256², C_i = 8, 37 against 62 and 101 against
+// 174): per sample, one product of the stacked weights into a scratch of one sample's rows, the
+// gating fused around it, the backward recomputing the product.
+
+// Whether the GEMM path runs: at least kGemmChannels channels on both sides of the product.
+constexpr int64_t kGemmChannels = 8;
+bool use_gemm(int64_t c_in, int64_t rows) { return c_in >= kGemmChannels && rows >= kGemmChannels; }
+
+// [C, HW] view of sample n of an NCHW-contiguous tensor.
+at::Tensor sample_matrix(const at::Tensor& t, int64_t n) {
+  return t.select(0, n).view({t.size(1), -1});
+}
+
+at::Tensor gated_pointwise_gemm(const at::Tensor& a_in, const at::Tensor& w_s, const at::Tensor& b_s,
+                               const at::Tensor& w_a, const at::Tensor& w_b, const at::Tensor& bias_in) {
+  constexpr const char* op = "gated_pointwise";
+  check_cpu(op, a_in);
+  check_gated_pointwise(op, a_in, w_s, b_s, w_a, w_b);
+  const int64_t N = a_in.size(0), C_out = w_a.size(0), H = a_in.size(2), W = a_in.size(3), HW = H * W;
+  check_vector(op, "bias", bias_in, C_out, a_in);
+  const at::Tensor a = a_in.contiguous(), bias = bias_in.contiguous();
+  const at::Tensor weight = stacked_weight(w_s, w_a, w_b);
+  const int64_t rows = 2 * C_out + 1;
+  at::Tensor y = at::empty({N, C_out, H, W}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_cpu", [&] {
+    using T = scalar_t;
+    constexpr int BW = kBlock<T>;
+    at::Tensor scratch = at::empty({rows * HW}, a.options());
+    const T *bp = bias.data_ptr<T>(), b_att = b_s.item<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      at::Tensor prod = scratch.narrow(0, 0, rows * HW).view({rows, HW});
+      at::mm_out(prod, weight, sample_matrix(a, n));  // [W_a·a; W_b·a; w_s·a]
+      const T* pp = prod.data_ptr<T>();
+      T* yp = y.data_ptr<T>() + n * C_out * HW;
+      at::parallel_for(0, (HW + BW - 1) / BW, 1, [&](int64_t begin, int64_t end) {
+        T s[BW];
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const int64_t q0 = blk * BW;
+          const int m = static_cast<int>(std::min<int64_t>(BW, HW - q0));
+          const T* logit = pp + 2 * C_out * HW + q0;
+          for (int t = 0; t < m; ++t) s[t] = sigmoid(logit[t] + b_att);
+          for (int64_t o = 0; o < C_out; ++o) {
+            const T *u = pp + o * HW + q0, *v = pp + (C_out + o) * HW + q0;
+            T* yo = yp + o * HW + q0;
+            const T bo = bp[o];
+_Pragma("omp simd")
+            for (int t = 0; t < m; ++t) yo[t] = u[t] + s[t] * v[t] + bo;
+          }
+        }
+      });
+    }
+  });
+  return to_output_layout(y, a_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_pointwise_backward_gemm(const at::Tensor& gy_in, const at::Tensor& a_in, const at::Tensor& w_s,
+                             const at::Tensor& b_s, const at::Tensor& w_a, const at::Tensor& w_b) {
+  constexpr const char* op = "gated_pointwise_backward";
+  check_cpu(op, a_in);
+  check_gated_pointwise(op, a_in, w_s, b_s, w_a, w_b);
+  const int64_t N = a_in.size(0), C_in = a_in.size(1), C_out = w_a.size(0);
+  const int64_t HW = a_in.size(2) * a_in.size(3), rows = 2 * C_out + 1;
+  check_feature(op, "grad_out", gy_in, a_in);
+  TORCH_CHECK(gy_in.size(0) == N && gy_in.size(1) == C_out && gy_in.size(2) * gy_in.size(3) == HW,
+              op, ": grad_out must be [N, C_out, H, W]");
+  const at::Tensor a = a_in.contiguous(), gy = gy_in.contiguous();
+  const at::Tensor weight = stacked_weight(w_s, w_a, w_b);
+  at::Tensor ga = at::empty_like(a, at::MemoryFormat::Contiguous);
+  at::Tensor gw = at::zeros({rows, C_in}, a.options());       // d/d[W_a; W_b; w_s]
+  at::Tensor gbias = at::zeros({rows}, a.options());          // Σ over pixels of the stacked grads
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_backward_cpu", [&] {
+    using T = scalar_t;
+    constexpr int BW = kBlock<T>;
+    at::Tensor scratch = at::empty({2, rows * HW}, a.options());
+    const T b_att = b_s.item<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      const at::Tensor a_cols = sample_matrix(a, n);
+      at::Tensor prod = scratch[0].narrow(0, 0, rows * HW).view({rows, HW});
+      at::Tensor grad = scratch[1].narrow(0, 0, rows * HW).view({rows, HW});
+      at::mm_out(prod, weight, a_cols);
+      const T* pp = prod.data_ptr<T>();
+      T* gp = grad.data_ptr<T>();
+      const T* gyp = gy.data_ptr<T>() + n * C_out * HW;
+      // grad rows: [grad_y; s·grad_y; d logit], the gradient of [W_a·a; W_b·a; w_s·a].
+      at::parallel_for(0, (HW + BW - 1) / BW, 1, [&](int64_t begin, int64_t end) {
+        T s[BW], gs[BW];
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const int64_t q0 = blk * BW;
+          const int m = static_cast<int>(std::min<int64_t>(BW, HW - q0));
+          const T* logit = pp + 2 * C_out * HW + q0;
+          for (int t = 0; t < m; ++t) s[t] = sigmoid(logit[t] + b_att), gs[t] = 0;
+          for (int64_t o = 0; o < C_out; ++o) {
+            const T *v = pp + (C_out + o) * HW + q0, *g = gyp + o * HW + q0;
+            T *gu = gp + o * HW + q0, *gv = gp + (C_out + o) * HW + q0;
+_Pragma("omp simd")
+            for (int t = 0; t < m; ++t) {
+              gu[t] = g[t];
+              gv[t] = s[t] * g[t];
+              gs[t] += g[t] * v[t];
+            }
+          }
+          T* gl = gp + 2 * C_out * HW + q0;
+          for (int t = 0; t < m; ++t) gl[t] = gs[t] * s[t] * (T(1) - s[t]);
+        }
+      });
+      at::Tensor ga_cols = sample_matrix(ga, n);
+      at::mm_out(ga_cols, weight.t(), grad);
+      gw.addmm_(grad, a_cols.t());
+      gbias.add_(grad.sum(1));
+    }
+  });
+  return {to_output_layout(ga, a_in), gw.narrow(0, 2 * C_out, 1).clone(),
+          gbias.narrow(0, 2 * C_out, 1).clone(), gw.narrow(0, 0, C_out).clone(),
+          gw.narrow(0, C_out, C_out).clone(), gbias.narrow(0, 0, C_out).clone()};
+}
+
 at::Tensor gated_pointwise_cpu(const at::Tensor& a_in, const at::Tensor& w_s, const at::Tensor& b_s,
                                const at::Tensor& w_a, const at::Tensor& w_b, const at::Tensor& bias_in) {
   constexpr const char* op = "gated_pointwise";
@@ -279,6 +401,7 @@ at::Tensor gated_pointwise_cpu(const at::Tensor& a_in, const at::Tensor& w_s, co
   const int64_t N = a_in.size(0), C_in = a_in.size(1), C_out = w_a.size(0), H = a_in.size(2),
                 W = a_in.size(3), HW = H * W;
   check_vector(op, "bias", bias_in, C_out, a_in);
+  if (use_gemm(C_in, 2 * C_out + 1)) return gated_pointwise_gemm(a_in, w_s, b_s, w_a, w_b, bias_in);
   const at::Tensor a = a_in.contiguous(), bias = bias_in.contiguous();
   const at::Tensor weight = stacked_weight(w_s, w_a, w_b);  // [W_a; W_b; w_s]
   at::Tensor y = at::empty({N, C_out, H, W}, a.options());
@@ -318,6 +441,7 @@ gated_pointwise_backward_cpu(const at::Tensor& gy_in, const at::Tensor& a_in, co
   check_feature(op, "grad_out", gy_in, a_in);
   TORCH_CHECK(gy_in.size(0) == N && gy_in.size(1) == C_out && gy_in.size(2) * gy_in.size(3) == HW,
               op, ": grad_out must be [N, C_out, H, W]");
+  if (use_gemm(C_in, rows)) return gated_pointwise_backward_gemm(gy_in, a_in, w_s, b_s, w_a, w_b);
   const at::Tensor a = a_in.contiguous(), gy = gy_in.contiguous();
   const at::Tensor weight = stacked_weight(w_s, w_a, w_b);
   const at::Tensor weight_t = weight.t().contiguous();  // [C_in, rows]: a channel's weights together
@@ -666,6 +790,147 @@ std::tuple<at::Tensor, at::Tensor> cross_gate_backward_cpu(const at::Tensor& gy_
 
 // --- attention_gate ----------------------------------------------------------------------------
 
+at::Tensor attention_gate_gemm(const at::Tensor& x_in, const at::Tensor& g_in, const at::Tensor& w_x,
+                              const at::Tensor& w_g, const at::Tensor& b_in, const at::Tensor& psi_w_in,
+                              const at::Tensor& psi_b) {
+  constexpr const char* op = "attention_gate";
+  check_cpu(op, x_in);
+  check_attention_gate(op, x_in, g_in, w_x, w_g, b_in, psi_w_in, psi_b);
+  const at::Tensor x = x_in.contiguous(), g = g_in.contiguous(), b = b_in.contiguous(),
+                   psi_w = psi_w_in.contiguous();
+  const int64_t N = x.size(0), C_x = x.size(1), C_i = w_x.size(0), HW = x.size(2) * x.size(3);
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_cpu", [&] {
+    using T = scalar_t;
+    constexpr int BW = kBlock<T>;
+    at::Tensor scratch = at::empty({C_i * HW}, x.options());
+    const T *bp = b.data_ptr<T>(), *psi = psi_w.data_ptr<T>(), psi_bias = psi_b.item<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      at::Tensor proj = scratch.narrow(0, 0, C_i * HW).view({C_i, HW});
+      at::mm_out(proj, w_x, sample_matrix(x, n));
+      proj.addmm_(w_g, sample_matrix(g, n));
+      const T* pp = proj.data_ptr<T>();
+      const T* xs = x.data_ptr<T>() + n * C_x * HW;
+      T* ys = y.data_ptr<T>() + n * C_x * HW;
+      at::parallel_for(0, (HW + BW - 1) / BW, 1, [&](int64_t begin, int64_t end) {
+        T alpha[BW];
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const int64_t q0 = blk * BW;
+          const int m = static_cast<int>(std::min<int64_t>(BW, HW - q0));
+          for (int t = 0; t < BW; ++t) alpha[t] = psi_bias;
+          for (int64_t i = 0; i < C_i; ++i) {
+            const T* pi = pp + i * HW + q0;
+            const T bi = bp[i], wi = psi[i];
+_Pragma("omp simd")
+            for (int t = 0; t < m; ++t) alpha[t] += wi * std::max(pi[t] + bi, T(0));
+          }
+          for (int t = 0; t < m; ++t) alpha[t] = sigmoid(alpha[t]);
+          for (int64_t c = 0; c < C_x; ++c) {
+            const T* xc = xs + c * HW + q0;
+            T* yc = ys + c * HW + q0;
+_Pragma("omp simd")
+            for (int t = 0; t < m; ++t) yc[t] = xc[t] * alpha[t];
+          }
+        }
+      });
+    }
+  });
+  return to_output_layout(y, x_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+attention_gate_backward_gemm(const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& g_in,
+                            const at::Tensor& w_x, const at::Tensor& w_g, const at::Tensor& b_in,
+                            const at::Tensor& psi_w_in, const at::Tensor& psi_b) {
+  constexpr const char* op = "attention_gate_backward";
+  check_cpu(op, x_in);
+  check_attention_gate(op, x_in, g_in, w_x, w_g, b_in, psi_w_in, psi_b);
+  check_feature(op, "grad_out", gy_in, x_in);
+  TORCH_CHECK(gy_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape");
+  const at::Tensor x = x_in.contiguous(), g = g_in.contiguous(), gy = gy_in.contiguous(),
+                   b = b_in.contiguous(), psi_w = psi_w_in.contiguous();
+  const int64_t N = x.size(0), C_x = x.size(1), C_i = w_x.size(0), HW = x.size(2) * x.size(3);
+  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor gg = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor gw_x = at::zeros_like(w_x, at::MemoryFormat::Contiguous);
+  at::Tensor gw_g = at::zeros_like(w_g, at::MemoryFormat::Contiguous);
+  at::Tensor gb = at::zeros({C_i}, x.options());
+  at::Tensor gpsi = at::zeros({C_i + 1}, x.options());  // d psi_w, then d psi_b
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_backward_cpu", [&] {
+    using T = scalar_t;
+    constexpr int BW = kBlock<T>;
+    const int64_t blocks = (HW + BW - 1) / BW;
+    at::Tensor scratch = at::empty({C_i * HW}, x.options());
+    at::Tensor partial = at::empty({blocks, C_i + 1}, x.options());
+    const T *bp = b.data_ptr<T>(), *psi = psi_w.data_ptr<T>(), psi_bias = psi_b.item<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      const at::Tensor x_cols = sample_matrix(x, n), g_cols = sample_matrix(g, n);
+      at::Tensor proj = scratch.narrow(0, 0, C_i * HW).view({C_i, HW});
+      at::mm_out(proj, w_x, x_cols);
+      proj.addmm_(w_g, g_cols);
+      T* pp = proj.data_ptr<T>();
+      T* part = partial.data_ptr<T>();
+      const int64_t base = n * C_x * HW;
+      const T *xs = x.data_ptr<T>() + base, *gys = gy.data_ptr<T>() + base;
+      T* gxs = gx.data_ptr<T>() + base;
+      // proj becomes d(W_x·x + W_g·g) in place; grad_x gets its gating term here and its
+      // projection term from the GEMM below.
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        T alpha[BW], gt[BW];
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const int64_t q0 = blk * BW;
+          const int m = static_cast<int>(std::min<int64_t>(BW, HW - q0));
+          for (int t = 0; t < BW; ++t) alpha[t] = psi_bias, gt[t] = 0;
+          for (int64_t i = 0; i < C_i; ++i) {
+            const T* pi = pp + i * HW + q0;
+            const T bi = bp[i], wi = psi[i];
+_Pragma("omp simd")
+            for (int t = 0; t < m; ++t) alpha[t] += wi * std::max(pi[t] + bi, T(0));
+          }
+          for (int t = 0; t < m; ++t) alpha[t] = sigmoid(alpha[t]);
+          for (int64_t c = 0; c < C_x; ++c) {
+            const T *xc = xs + c * HW + q0, *gc = gys + c * HW + q0;
+            T* gxc = gxs + c * HW + q0;
+_Pragma("omp simd")
+            for (int t = 0; t < m; ++t) {
+              gt[t] += gc[t] * xc[t];
+              gxc[t] = gc[t] * alpha[t];
+            }
+          }
+          T* pb = part + blk * (C_i + 1);
+          T sum_gt = 0;
+          for (int t = 0; t < m; ++t) {
+            gt[t] *= alpha[t] * (T(1) - alpha[t]);  // d psi logit
+            sum_gt += gt[t];
+          }
+          pb[C_i] = sum_gt;
+          for (int64_t i = 0; i < C_i; ++i) {
+            T* pi = pp + i * HW + q0;
+            const T bi = bp[i], wi = psi[i];
+            T gpsi_i = 0;
+_Pragma("omp simd reduction(+ : gpsi_i)")
+            for (int t = 0; t < m; ++t) {
+              const T q = pi[t] + bi;
+              gpsi_i += gt[t] * std::max(q, T(0));
+              pi[t] = q > T(0) ? wi * gt[t] : T(0);
+            }
+            pb[i] = gpsi_i;
+          }
+        }
+      });
+      gpsi.add_(partial.narrow(0, 0, blocks).sum(0));
+      gb.add_(proj.sum(1));
+      sample_matrix(gx, n).addmm_(w_x.t(), proj);
+      at::Tensor gg_cols = sample_matrix(gg, n);
+      at::mm_out(gg_cols, w_g.t(), proj);
+      gw_x.addmm_(proj, x_cols.t());
+      gw_g.addmm_(proj, g_cols.t());
+    }
+  });
+  return {to_output_layout(gx, x_in), to_output_layout(gg, g_in), gw_x, gw_g, gb,
+          gpsi.narrow(0, 0, C_i).view({1, C_i}).clone(), gpsi.narrow(0, C_i, 1).clone()};
+}
+
 at::Tensor attention_gate_cpu(const at::Tensor& x_in, const at::Tensor& g_in, const at::Tensor& w_x_in,
                               const at::Tensor& w_g_in, const at::Tensor& b_in, const at::Tensor& psi_w_in,
                               const at::Tensor& psi_b) {
@@ -676,6 +941,8 @@ at::Tensor attention_gate_cpu(const at::Tensor& x_in, const at::Tensor& g_in, co
                    w_g = w_g_in.contiguous(), b = b_in.contiguous(), psi_w = psi_w_in.contiguous();
   const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
                 HW = x.size(2) * x.size(3);
+  if (use_gemm(std::min(C_x, C_g), C_i))
+    return attention_gate_gemm(x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_cpu", [&] {
     using T = scalar_t;
@@ -724,6 +991,8 @@ attention_gate_backward_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, con
   const at::Tensor w_x_t = w_x.t().contiguous(), w_g_t = w_g.t().contiguous();
   const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
                 HW = x.size(2) * x.size(3);
+  if (use_gemm(std::min(C_x, C_g), C_i))
+    return attention_gate_backward_gemm(gy_in, x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
   at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor gg = at::empty_like(g, at::MemoryFormat::Contiguous);
   // Per task: d W_x [C_i, C_x], d W_g [C_i, C_g], d b [C_i], d psi_w [C_i], d psi_b.

@@ -74,12 +74,15 @@ def _run(model, x, seed=3):
     return y, grads
 
 
-# Under the Triton interpreter every kernel launch is slow: the smallest input there, in train
-# mode only (eval mode normalises with running variances estimated from a few pixels at the
-# coarsest stages of so small an input, which amplifies float32 rounding past the tolerance).
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("backend,train", [
-    ("cpu", False), ("cpu", True), pytest.param("triton", True, marks=pytest.mark.slow)])
+# Under the Triton interpreter every kernel launch is slow: LGMSNet only (≈ 90 s; LightAWNet's
+# dynamic convs and gates take > 12 min there, and test_every_fused_layer_gets_the_backend
+# covers its wiring), on the smallest input, in train mode only (eval mode normalises with
+# running variances estimated from a few pixels at the coarsest stages of so small an input,
+# which amplifies float32 rounding past the tolerance).
+@pytest.mark.parametrize("name,backend,train", [
+    ("lgmsnet", "cpu", False), ("lgmsnet", "cpu", True), ("lightawnet", "cpu", False),
+    ("lightawnet", "cpu", True),
+    pytest.param("lgmsnet", "triton", True, marks=pytest.mark.slow)])
 def test_backends_agree_with_the_reference(name, backend, train):
     """Same weights, same input: the fused backend's logits and every gradient equal the
     reference backend's, in train mode (batch statistics) and eval mode, on a channels-last
@@ -115,6 +118,20 @@ def test_backends_agree_with_the_reference(name, backend, train):
     names = ["x"] + [n for n, _ in reference.named_parameters()]
     for param, a, b in zip(names, g, g_ref):
         assert (a - b).abs().max() <= 2e-3 * b.abs().max() + 1e-4 * largest, param
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda", "triton"])
+def test_every_fused_layer_gets_the_backend(name, backend):
+    """The model's backend reaches every layer that dispatches to fused ops."""
+    model = MODELS[name][0](backend=backend)
+    fused = [m for m in model.modules() if hasattr(m, "backend") and m is not model]
+    kinds = {type(m).__name__ for m in fused}
+    expected = ({"MixedDepthwiseConv2d", "SparseTransformer2d"} if name == "lgmsnet" else
+                {"DynamicConv2d", "GatedPointwise", "CrossGate", "GlobalSelfAttention2d",
+                 "SqueezeExcite"})
+    assert kinds == expected
+    assert all(m.backend == backend for m in fused)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -116,6 +116,21 @@ struct Geometry {
   int64_t problems() const { return N * s * s * heads; }
 };
 
+// Runs body(state, task) for every task in [0, n) on the intra-op threads, handing tasks out
+// one at a time: on a machine shared with other work, a thread that gets less of its core then
+// takes fewer tasks (at::parallel_for gives each thread one fixed chunk, so the slowest thread
+// sets the time). make_state() builds each thread's scratch buffers once.
+template <typename MakeState, typename Body>
+void parallel_tasks(int64_t n, MakeState make_state, Body body) {
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n)));
+#pragma omp parallel num_threads(threads)
+  {
+    auto state = make_state();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n; ++task) body(state, task);
+  }
+}
+
 // A [N, H, W, heads, c] input read through its strides (any layout, no copy): element offset
 // of (token t of problem pr, channel e).
 struct Strided {
@@ -214,17 +229,22 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   T* out_p = out.data_ptr<T>();
   T* lse_p = lse.data_ptr<T>();
   // out and lse are contiguous: token (n, r, c, h) at ((n·H + r)·W + c)·heads + h.
-  at::parallel_for(0, P * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qt(static_cast<size_t>(d) * VL), rows(static_cast<size_t>(dv) * VL);
-    std::vector<vec_t<T>> work(d + dv);
-    alignas(64) T lse_block[VL];
-    for (int64_t task = begin; task < end; ++task) {
+  struct Scratch {
+    std::vector<T> Qt, rows, lse_block;
+    std::vector<vec_t<T>> work;
+  };
+  parallel_tasks(P * blocks, [&] {
+    return Scratch{std::vector<T>(d * VL), std::vector<T>(dv * VL), std::vector<T>(VL),
+                   std::vector<vec_t<T>>(d + dv)};
+  }, [&](Scratch& scratch, int64_t task) {
+    auto& [Qt, rows, lse_block, work] = scratch;
+    {
       const int64_t p = task / blocks, t0 = (task % blocks) * VL;
       const int count = static_cast<int>(std::min<int64_t>(VL, L - t0));
       const Problem pr = problem_of(p, static_cast<int>(g.s), static_cast<int>(g.heads));
       gather_cols(qs, g, pr, d, t0, count, VL, Qt.data());
       forward_block<T, D, DV>(K.data() + p * L * d, V.data() + p * L * dv, Qt.data(), L, d, dv,
-                              scale, work.data(), rows.data(), lse_block, count);
+                              scale, work.data(), rows.data(), lse_block.data(), count);
       for (int i = 0; i < count; ++i) {
         const int64_t token = (pr.n * g.H * g.W + group_pixel(t0 + i, pr.a, pr.b,
                                                               static_cast<int>(g.s), g.Wg, g.W)) *
@@ -350,11 +370,17 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
     for (int e = 0; e < dim; ++e)
       for (int i = 0; i < VL; ++i) lanes[e * VL + i] = i < count ? rows[i * dim + e] : T(0);
   };
-  at::parallel_for(0, P * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qt(d * VL), dOt(dv * VL), Kt(d * VL), Vt(dv * VL), rows_a(d * VL),
-        rows_b(dv * VL);
-    std::vector<vec> work(2 * d + 2 * dv);
-    for (int64_t task = begin; task < end; ++task) {
+  struct Scratch {
+    std::vector<T> Qt, dOt, Kt, Vt, rows_a, rows_b;
+    std::vector<vec> work;
+  };
+  parallel_tasks(P * blocks, [&] {
+    return Scratch{std::vector<T>(d * VL), std::vector<T>(dv * VL), std::vector<T>(d * VL),
+                   std::vector<T>(dv * VL), std::vector<T>(d * VL), std::vector<T>(dv * VL),
+                   std::vector<vec>(2 * d + 2 * dv)};
+  }, [&](Scratch& scratch, int64_t task) {
+    auto& [Qt, dOt, Kt, Vt, rows_a, rows_b, work] = scratch;
+    {
       const int64_t p = task / blocks, t0 = (task % blocks) * VL;
       const int count = static_cast<int>(std::min<int64_t>(VL, L - t0));
       const Problem pr = problem_of(p, static_cast<int>(g.s), static_cast<int>(g.heads));

@@ -71,3 +71,29 @@ def test_fuse_for_inference_needs_eval_mode(name):
     with pytest.raises(RuntimeError, match=r"fuse_for_inference needs eval mode"):
         model.fuse_for_inference()
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # nothing folded
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "cpu"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torch_compile_fullgraph(name, backend):
+    """One graph for the whole model (no graph breaks), training mode: the compiled model's
+    logits and parameter gradients equal eager's."""
+    cls, channels, multiple = MODELS[name]
+    torch.manual_seed(0)
+    model = cls(backend=backend)
+    if name == "lightawnet":
+        with torch.no_grad():
+            model.attention.gamma.fill_(0.5)
+    x = torch.randn(2, channels, multiple, multiple, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    results = []
+    for run in (model, compiled):
+        model.zero_grad()
+        y = run(x)
+        y.square().mean().backward()
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    (y_eager, g_eager), (y_comp, g_comp) = results
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-4, atol=1e-4 * y_eager.abs().max().item())
+    largest = max(g.abs().max() for g in g_eager)
+    for (param, _), a, b in zip(model.named_parameters(), g_comp, g_eager):
+        assert (a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-5 * largest, param

@@ -173,7 +173,7 @@ class OriginalLGMSNet(nn.Module):
         self.Conv_1x1 = nn.Conv2d(16, num_classes, 1)
 
     def forward(self, x):
-        pool = nn.functional.max_pool2d
+        pool = F.max_pool2d
         x1 = self.encoder1(self.stem(x))
         x2 = self.encoder2(pool(x1, 2))
         x3 = self.encoder3(pool(x2, 2))
@@ -211,7 +211,8 @@ class DynamicConv(nn.Module):
         N, C, H, W = x.shape
         K, c_out = self.weight.shape[:2]
         alpha = self.attention(x)
-        kernels = torch.mm(alpha, self.weight.view(K, -1)).view(N * c_out, C, *self.weight.shape[3:])
+        kernels = torch.mm(alpha, self.weight.view(K, -1))  # every sample's mixed kernel
+        kernels = kernels.view(N * c_out, C, *self.weight.shape[3:])
         y = F.conv2d(x.reshape(1, N * C, H, W), kernels, padding=1, groups=N)
         return self.norm(y.view(N, c_out, H, W))
 

@@ -54,8 +54,10 @@ def randomize(model, seed):
                 t.fill_(int(torch.randint(1, 100, (), generator=g)))
             elif key.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif key.endswith("running_mean") or key.endswith("gamma"):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.2 + (0.5 if key.endswith("gamma") else 0))
+            elif key.endswith("running_mean"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+            elif key.endswith("gamma"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2 + 0.5)
             elif t.dim() >= 2:
                 fan_in = t[0].numel() if t.dim() != 5 else t[0, 0].numel()
                 t.copy_(torch.randn(t.shape, generator=g) / fan_in ** 0.5)

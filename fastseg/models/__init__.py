@@ -1,7 +1,8 @@
 """The published models, rebuilt on :mod:`fastseg.layers`, and their registry.
 
 ``fastseg.create_model(name, **kwargs)`` builds one by name; ``fastseg.list_models()`` lists the
-names.
+names; :func:`from_original` loads a checkpoint of the authors' code (:func:`to_original` writes
+one).
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from torch import nn
 
 from .lgmsnet import LGMSNet
 from .lightawnet import LightAWNet
+from .convert import from_original, to_original
 
-__all__ = ["LGMSNet", "LightAWNet", "create_model", "list_models"]
+__all__ = ["LGMSNet", "LightAWNet", "create_model", "from_original", "list_models", "to_original"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {"lgmsnet": LGMSNet, "lightawnet": LightAWNet}
 

@@ -1,4 +1,5 @@
-"""Pieces the models share: a conv-norm-activation unit and the input check."""
+"""Pieces the models share: a conv-norm-activation unit, the input check and the BatchNorm folding
+of `fuse_for_inference`."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +30,75 @@ def check_input(x: torch.Tensor, channels: int, multiple: int, model: str) -> No
             raise ValueError(f"{model} needs H and W divisible by {multiple}; got {name}={size} "
                              f"(nearest valid: {' or '.join(map(str, nearest))}; pad or resize "
                              f"the input)")
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) ``[C]`` of an eval-mode BatchNorm: ``bn(x) = x · scale + shift``."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _set_bias(conv: nn.Conv2d, bias: torch.Tensor) -> None:
+    if conv.bias is None:
+        conv.bias = nn.Parameter(bias)
+    else:
+        conv.bias.copy_(bias)
+
+
+def _is_pointwise(conv: nn.Module) -> bool:
+    """A 1×1 conv without groups, stride or padding: an affine map of its input can move through
+    it exactly (no zero padding sees the shift)."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1
+            and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid"))
+
+
+@torch.no_grad()
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d of ``model`` that an ``nn.Conv2d`` can absorb exactly into it, in
+    place, and return ``model`` (which must be in eval mode: the folds use the running
+    statistics).
+
+    Within each ``nn.Sequential``, a BatchNorm right after an ``nn.Conv2d`` (nothing in between)
+    is folded into that conv (``W·s``, ``(b − μ)·s + β``, per output channel, any kernel or
+    groups); one after something else (an activation: LGMSNet's Fusion blocks) but right before
+    a plain 1×1 conv is folded into that conv's input side (``W·diag(s)``, ``b + W·t``), which is
+    exact because a 1×1 conv without padding sees no border. The folded BatchNorm becomes
+    ``nn.Identity`` (indices and names of the other modules stay), convs without a bias gain one.
+
+    Left unfolded, on purpose: a BatchNorm after a :class:`~fastseg.layers.DynamicConv2d`
+    (LightAWNet). Its scale could go into the experts, but its shift cannot become the layer's
+    per-expert bias: the mixed bias ``Σ_k α_k b_k`` equals a constant shift for every input only if
+    the routing weights sum to 1, and LightAWNet's sigmoid routing does not. Folding only the scale
+    would keep a per-channel shift pass, which costs what the eval BatchNorm costs.
+
+    Raises ``RuntimeError`` in training mode. The result is for inference: the removed norms do
+    not come back with ``.train()``.
+    """
+    if model.training:
+        raise RuntimeError("fuse_for_inference needs eval mode (it folds the running "
+                           "statistics): call model.eval() first")
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i, bn in enumerate(seq):
+            if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
+                continue
+            scale, shift = _bn_affine(bn)
+            before = seq[i - 1] if i > 0 else None
+            after = seq[i + 1] if i + 1 < len(seq) else None
+            if isinstance(before, nn.Conv2d):
+                bias = before.bias if before.bias is not None else torch.zeros_like(scale)
+                before.weight.mul_(scale.view(-1, 1, 1, 1))
+                _set_bias(before, bias * scale + shift)
+            elif _is_pointwise(after):
+                matrix = after.weight.view(after.out_channels, after.in_channels)
+                bias = after.bias if after.bias is not None else torch.zeros_like(matrix[:, 0])
+                _set_bias(after, bias + matrix @ shift)
+                after.weight.mul_(scale.view(1, -1, 1, 1))
+            else:
+                continue
+            seq[i] = nn.Identity()
+    return model

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..backend import _check_name
 from ..layers import MixedDepthwiseConv2d, SparseTransformer2d
-from ._common import check_input, conv_bn_act
+from ._common import check_input, conv_bn_act, fuse_for_inference
 
 __all__ = ["LGMSNet"]
 
@@ -144,3 +144,10 @@ class LGMSNet(nn.Module):
         d3 = self.decoder3(torch.cat([x2, self.up3(d4)], 1))
         d2 = self.decoder2(torch.cat([x1, self.up2(d3)], 1))
         return self.head(d2)
+
+    def fuse_for_inference(self) -> "LGMSNet":
+        """Fold the BatchNorms the preceding (or a following 1×1) conv can absorb exactly into it,
+        in place; eval mode only (``RuntimeError`` otherwise). Outputs are unchanged up to
+        float rounding; returns the model. See :func:`fastseg.models._common.fuse_for_inference`
+        for which norms fold."""
+        return fuse_for_inference(self)

@@ -19,7 +19,7 @@ from torch import nn
 from ..backend import _check_name
 from ..layers import (CrossGate, DynamicConv2d, GatedPointwise, GlobalSelfAttention2d,
                       SqueezeExcite)
-from ._common import check_input
+from ._common import check_input, fuse_for_inference
 
 __all__ = ["LightAWNet"]
 
@@ -125,3 +125,10 @@ class LightAWNet(nn.Module):
         d = self.decoder2(d, x2)
         d = self.decoder1(d, x1)
         return self.head(d)
+
+    def fuse_for_inference(self) -> "LightAWNet":
+        """Fold the BatchNorms the preceding (or a following 1×1) conv can absorb exactly into it,
+        in place; eval mode only (``RuntimeError`` otherwise). Outputs are unchanged up to
+        float rounding; returns the model. See :func:`fastseg.models._common.fuse_for_inference`
+        for which norms fold (the ones after the dynamic convs do not)."""
+        return fuse_for_inference(self)

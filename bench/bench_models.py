@@ -1,0 +1,158 @@
+"""The two models end to end: training step and inference latency, reference backend vs fused.
+
+    .venv/bin/python -m pytest bench/bench_models.py --benchmark-json=models.json
+    .venv/bin/python bench/bench_models.py --summary models.json
+
+Cases (models.md §3 has the original code's times on this machine kind):
+
+* ``train``: one training step, batch 8, at 128² and 256²: forward, BCE-with-logits loss against
+  a random mask, backward, SGD step (momentum 0.9), training-mode BatchNorm;
+* ``inference``: batch 1 at 256², eval mode, no autograd.
+
+Implementations: ``reference`` (``backend="reference"``: computes as the authors' code does, so its
+times stand for the originals'), ``cpu`` (the fused kernels), ``cpu-folded`` (inference only: the
+fused kernels after ``fuse_for_inference()``), and ``reference-compiled`` / ``cpu-compiled``
+(``torch.compile`` of the model, default inductor backend) for the training step at 128² only:
+compiling LGMSNet takes minutes per graph on this machine (models.md §3: ≈ 220 s), so the 256²
+steps and inference are measured eager only.
+
+Rounds: 3 for the 256² steps (a reference LGMSNet step takes seconds), 5 for the 128² steps, 10
+for inference; single rounds on this shared 2-core machine vary by up to 2×, so only ratios of
+one run count. Peak memory (eager implementations): one call in a fresh subprocess, its peak
+resident set size above a child that only built the model and inputs (``bench/peak_memory.py``),
+as ``extra_info["peak_mb"]``.
+"""
+import json
+import sys
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peak_memory
+from fastseg.models import LGMSNet, LightAWNet
+
+MODELS = {"lgmsnet": (LGMSNet, 3), "lightawnet": (LightAWNet, 1)}
+CASES = [("train", 8, 128), ("train", 8, 256), ("inference", 1, 256)]
+ROUNDS = {("train", 128): 5, ("train", 256): 3, ("inference", 256): 10}
+
+
+def implementations(mode, size):
+    impls = ["reference", "cpu"]
+    if mode == "inference":
+        impls.append("cpu-folded")
+    if mode == "train" and size == 128:
+        impls += ["reference-compiled", "cpu-compiled"]
+    return impls
+
+
+def build(name, impl, mode):
+    """The model for ``impl`` (weights of seed 0 on every backend) with the BatchNorm statistics
+    of a real batch (the initial 0/1 statistics grow LightAWNet's eval-mode activations, with its
+    unscaled normal expert init, to ~1e10), in the case's mode."""
+    cls, channels = MODELS[name]
+    backend = impl.split("-")[0]
+    torch.manual_seed(0)
+    model = cls(backend=backend)
+    with torch.no_grad():
+        momenta = {}
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                momenta[module], module.momentum = module.momentum, None
+        model(torch.randn(2, channels, 64, 64, generator=torch.Generator().manual_seed(1)))
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+    if mode == "inference":
+        model.eval()
+        if impl == "cpu-folded":
+            model.fuse_for_inference()
+    return model
+
+
+def make_step(name, impl, mode, batch, size):
+    """A zero-argument function running one step of the case, with its inputs bound."""
+    model = build(name, impl, mode)
+    channels = MODELS[name][1]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, channels, size, size, generator=g)
+    run = torch.compile(model) if impl.endswith("-compiled") else model
+    if mode == "inference":
+        def step():
+            with torch.no_grad():
+                return run(x)
+        return step
+    target = (torch.rand(batch, 1, size, size, generator=g) > 0.5).float()
+    # A small learning rate: the timed rounds must not drive the weights to inf (the fused ops
+    # reject non-finite inputs).
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(run(x), target)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+def run_once(impl, case):
+    """Peak-memory child: one step of ``case`` = [model, mode, batch, size] with ``impl`` (None:
+    build only), after every eager implementation ran a tiny step (libraries and thread pools
+    loaded alike in every child)."""
+    name, mode, batch, size = case
+    for warm in implementations(mode, 128 if mode == "train" else size):
+        if not warm.endswith("-compiled"):
+            make_step(name, warm, mode, 1, 32)()
+    step = make_step(name, impl or "reference", mode, batch, size)
+    peak_memory.reset_high_water()
+    if impl is not None:
+        step()
+
+
+PARAMS = [(name, mode, batch, size, impl) for name in MODELS for mode, batch, size in CASES
+          for impl in implementations(mode, size)]
+
+
+@pytest.mark.parametrize("name,mode,batch,size,impl", PARAMS,
+                         ids=[f"{n}-{m}-{b}x{s}-{i}" for n, m, b, s, i in PARAMS])
+def test_model(benchmark, name, mode, batch, size, impl):
+    step = make_step(name, impl, mode, batch, size)
+    out = step()  # warm-up (compilation for the compiled ones)
+    assert torch.isfinite(out).all()
+    case = [name, mode, batch, size]
+    benchmark.extra_info.update(model=name, mode=mode, batch=batch, size=size, impl=impl)
+    if not impl.endswith("-compiled"):
+        benchmark.extra_info["peak_mb"] = round(peak_memory.peak_mb(__file__, impl, case), 1)
+    benchmark.pedantic(step, rounds=ROUNDS[(mode, size)], iterations=1, warmup_rounds=1)
+
+
+def summary(path):
+    """Markdown table of a --benchmark-json file of this script: each implementation's median and
+    fastest round, the median's speedup over the reference eager and the reference compiled, peak
+    memory."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = defaultdict(dict)
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        if "model" in info:
+            key = (info["model"], info["mode"], f"{info['batch']}×{info['size']}²")
+            rows[key][info["impl"]] = (b["stats"]["median"], b["stats"]["min"], info.get("peak_mb"))
+    lines = ["| model | case | impl | median ms | min ms | vs reference | vs reference-compiled | "
+             "peak MB |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for (model, mode, shape), impls in sorted(rows.items()):
+        ref = impls.get("reference", (None,))[0]
+        comp = impls.get("reference-compiled", (None,))[0]
+        for impl, (t, fastest, peak) in sorted(impls.items(), key=lambda kv: -kv[1][0]):
+            vs = lambda base: f"{base / t:.2f}×" if base else "–"  # noqa: E731
+            lines.append(f"| {model} | {mode} {shape} | {impl} | {t * 1e3:.1f} | {fastest * 1e3:.1f} | "
+                         f"{vs(ref)} | {vs(comp)} | {peak if peak is not None else '–'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--summary"]:
+        print(summary(sys.argv[2]))
+    else:
+        peak_memory.child_main(run_once)

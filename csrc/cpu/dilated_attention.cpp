@@ -1,18 +1,19 @@
 // CPU kernels of dilated_attention2d (forward and backward), flash-style.
 //
 // Work unit: one problem (sample, parity group, head; common/dilated_attention.h) of L tokens.
-// The inputs are first gathered per problem into packed buffers: keys and values row by row
-// ([L][d]), queries (and, in the backward, output gradients) transposed ([d][L], queries in the
-// vector lanes). Every step of the inner loops is then a vertical vector operation over kLanes
-// queries: the scores of one key against kLanes queries are d broadcast-FMAs, the online
-// softmax's row maximum and sum are lane-wise, the value accumulation is dv broadcast-FMAs. No
-// score matrix is stored; the backward recomputes the probabilities from the saved log-sum-exp.
+// The inputs are first gathered per problem into packed row-major buffers ([L][d]); a task then
+// transposes one block of kLanes tokens into vector lanes ([d][kLanes]). Every step of the inner
+// loops is a vertical vector operation over those lanes: the scores of one token of the other
+// side against kLanes tokens are d broadcast-FMAs, the online softmax's maximum and sum are
+// lane-wise, the accumulations are broadcast-FMAs. No score matrix is stored; the backward
+// recomputes the probabilities from the saved log-sum-exp.
 //
-// Forward: in parallel over (problem, block of kLanes queries); keys in blocks of kKeyBlock (the
-// online-softmax rescale happens once per block). Backward: in parallel over problems, one thread
-// owning a problem's dQ, dK and dV; keys in the outer loop, all queries' vectors inner: dQ
-// accumulates lane-wise in memory, dK and dV of the key lane-wise in a small buffer summed once
-// per key. Dimensions 8/8 (LGMSNet's heads) are compile-time constants so the loops unroll.
+// Forward: one task per (problem, block of kLanes queries); keys in blocks of kKeyBlock (the
+// online-softmax rescale happens once per block). Backward, one task per (problem, block of
+// kLanes tokens), in two passes that keep every accumulator in registers: dQ with the block's
+// queries in lanes, then dK and dV with its keys in lanes. Tasks are handed to the threads one
+// at a time (parallel_tasks). Dimensions 8/8 (LGMSNet's heads) are compile-time constants so the
+// loops unroll.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -336,7 +337,6 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                 gs = Strided::of(grad_out), os = Strided::of(out);
   const T* lse_base = lse_in.data_ptr<T>();
   const T* out_base = out.data_ptr<T>();
-  const T* go_base = grad_out.data_ptr<T>();
   // Every input packed per problem, row by row, once: both passes read them.
   std::vector<T> Q(P * L * d), K(P * L * d), V(P * L * dv), dO(P * L * dv), lse(P * L),
       delta(P * L);

@@ -15,14 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_positive_int
 from ..backend import _check_name
 from ..ops.dilated_attention import dilated_attention2d
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_input(x: torch.Tensor, channels: int, multiple: int = 1) -> None:
@@ -58,7 +53,7 @@ class SparseTransformer2d(nn.Module):
         super().__init__()
         for name, value in (("dim", dim), ("mlp_dim", mlp_dim), ("heads", heads),
                             ("head_dim", head_dim), ("dilation", dilation)):
-            _positive_int(name, value)
+            check_positive_int(name, value)
         self.dim, self.mlp_dim, self.heads, self.head_dim = dim, mlp_dim, heads, head_dim
         self.dilation = dilation
         self.backend = _check_name(backend)
@@ -102,8 +97,8 @@ class GlobalSelfAttention2d(nn.Module):
 
     def __init__(self, channels: int, qk_reduction: int = 8, backend: str = "auto"):
         super().__init__()
-        _positive_int("channels", channels)
-        _positive_int("qk_reduction", qk_reduction)
+        check_positive_int("channels", channels)
+        check_positive_int("qk_reduction", qk_reduction)
         if channels % qk_reduction:
             raise ValueError(f"channels ({channels}) must be divisible by qk_reduction "
                              f"({qk_reduction})")

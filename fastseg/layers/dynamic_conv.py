@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_positive_int
 from ..backend import _check_name
 from ..ops.dynamic_conv import _conv_params, _pair, dynamic_conv2d
 
@@ -44,8 +45,7 @@ class DynamicConv2d(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("num_experts", num_experts), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must "
                              f"be divisible by groups ({groups})")

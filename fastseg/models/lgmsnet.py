@@ -13,6 +13,7 @@ from torch import nn
 import torch
 import torch.nn.functional as F
 
+from .._validation import check_positive_int
 from ..backend import _check_name
 from ..layers import MixedDepthwiseConv2d, SparseTransformer2d
 from ._common import check_input, conv_bn_act, fuse_for_inference
@@ -110,8 +111,7 @@ class LGMSNet(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 1, backend: str = "auto"):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         self.in_channels, self.num_classes = in_channels, num_classes
         self.backend = _check_name(backend)
         b = dict(backend=backend)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_positive_int
 from ..backend import _check_name
 from ..layers import (CrossGate, DynamicConv2d, GatedPointwise, GlobalSelfAttention2d,
                       SqueezeExcite)
@@ -85,8 +86,7 @@ class LightAWNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 1, backend: str = "auto"):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         self.in_channels, self.num_classes = in_channels, num_classes
         self.backend = _check_name(backend)
         b = dict(backend=backend)

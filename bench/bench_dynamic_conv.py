@@ -1,5 +1,5 @@
-"""dynamic_conv2d at LightAWNet's shapes: the grouped-conv formulation (eager and compiled), a
-static conv of the same shape, the reference, and the fused kernels.
+"""dynamic_conv2d at LightAWNet's shapes: the reference (the batch-folded grouped conv, eager and
+compiled), one conv per sample, a static conv of the same shape, and the fused kernels.
 
     .venv/bin/python -m pytest bench/bench_dynamic_conv.py --benchmark-json=dc.json
     .venv/bin/python bench/summary.py dc.json
@@ -9,12 +9,13 @@ Shapes: batch 8, K = 4 experts of 3×3, padding 1, no bias, C → C at LightAWNe
 8²/16². Modes: forward, and forward + backward (gradients of a fixed random upstream gradient
 with respect to x, the experts and the routing). Implementations:
 
-* ``grouped``: the batch folded into the groups of one conv (timm's CondConv2d): mix every
-  sample's kernel, ``conv2d(x.view(1, N·C, H, W), W.view(N·C, ...), groups=N)``;
-* ``grouped-compiled``: the same under ``torch.compile``;
+* ``reference``: :func:`fastseg.ops.dynamic_conv2d_reference`, the batch folded into the groups
+  of one conv as LightAWNet's code (and timm's CondConv2d) computes it: mix every sample's
+  kernel, ``conv2d(x.view(1, N·C, H, W), W.view(N·C, ...), groups=N)``;
+* ``reference-compiled``: the same under ``torch.compile``;
 * ``static-conv``: ``F.conv2d`` with one kernel for the whole batch: the cost of the same
   convolution without the per-sample kernels, the floor of the idea;
-* ``reference``: :func:`fastseg.ops.dynamic_conv2d_reference` (one conv per sample);
+* ``per-sample``: one ``conv2d`` per sample with its own mixed kernel;
 * each fused backend that runs here (``cpu``), through the public API with its checks.
 
 Each case runs 15 rounds (twice the other op benchmarks): on this shared 2-core machine single
@@ -25,7 +26,7 @@ whose peak resident set size (``VmHWM``, reset after the imports and the input c
 importing torch and triton peaks higher than many of these ops) minus that of a subprocess that
 only builds the inputs is recorded as ``extra_info["peak_mb"]``. Both first run every
 implementation at a tiny shape, so loading libraries and JIT kernels counts in neither. Not for
-``grouped-compiled``: a fresh process would measure the compiler.
+``reference-compiled``: a fresh process would measure the compiler.
 """
 import pytest
 import torch
@@ -41,20 +42,22 @@ SHAPES = [(8, 16, 128, 128), (8, 16, 256, 256), (8, 32, 64, 64), (8, 32, 128, 12
           (8, 256, 8, 8), (8, 256, 16, 16)]
 
 
-def grouped(x, experts, routing):
-    """timm's CondConv2d: the batch folded into the groups of one conv."""
-    N, C, H, W = x.shape
-    weight = (routing @ experts.flatten(1)).view(N * experts.shape[1], *experts.shape[2:])
-    y = F.conv2d(x.reshape(1, N * C, H, W), weight, padding=1, groups=N)
-    return y.view(N, -1, *y.shape[2:])
+def per_sample(x, experts, routing):
+    """One conv per sample, each with its own mixed kernel: the semantics written out."""
+    return torch.cat([F.conv2d(x[n:n + 1], torch.einsum("k,k...->...", routing[n], experts), padding=1)
+                      for n in range(x.shape[0])])
+
+
+def reference(x, experts, routing):
+    return dynamic_conv2d_reference(x, experts, routing, padding=1)
 
 
 _compiled = {}
 
 
-def grouped_compiled(x, experts, routing):
+def reference_compiled(x, experts, routing):
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(grouped, dynamic=False)
+        _compiled["fn"] = torch.compile(reference, dynamic=False)
     return _compiled["fn"](x, experts, routing)
 
 
@@ -64,10 +67,10 @@ def static_conv(x, experts, routing):
 
 
 IMPLS = {
-    "grouped": grouped,
-    "grouped-compiled": grouped_compiled,
+    "reference": reference,
+    "reference-compiled": reference_compiled,
     "static-conv": static_conv,
-    "reference": lambda x, e, r: dynamic_conv2d_reference(x, e, r, padding=1),
+    "per-sample": per_sample,
 }
 for _name in fastseg.available_backends("cpu"):
     if _name not in ("reference", "triton"):  # triton runs on CPU only in its (slow) interpreter
@@ -108,7 +111,7 @@ def run_once(impl, shape):
     loaded in every process alike. The peak-RSS mark is reset before the run (importing torch
     and triton peaks higher than many ops do), so differences in it are the op's own memory."""
     for name in IMPLS:
-        if name != "grouped-compiled":
+        if name != "reference-compiled":
             forward_backward(IMPLS[name], *[t.requires_grad_() for t in inputs((2, 4, 5, 5))[:3]],
                              torch.ones(2, 4, 5, 5))
     x, experts, routing, grad_y = inputs(shape)
@@ -140,7 +143,7 @@ def test_dynamic_conv2d(benchmark, shape, impl, mode):
     nbytes, flops = op_cost(shape, mode)
     benchmark.extra_info.update(op="dynamic_conv2d", impl=impl, mode=mode, shape=list(shape),
                                 bytes=nbytes, flops=flops)
-    if mode == "forward+backward" and impl != "grouped-compiled":
+    if mode == "forward+backward" and impl != "reference-compiled":
         benchmark.extra_info["peak_mb"] = round(peak_memory.peak_mb(__file__, impl, shape), 1)
     benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=1)
 

@@ -121,6 +121,35 @@ def check_against_reference(case, backend, dtype=torch.float32, layout=None, rto
     return y, g
 
 
+def one_conv_per_sample(x, experts, routing, bias=None, stride=1, padding=None, dilation=1, groups=1):
+    """The semantics written out: mix sample n's kernel and bias, convolve sample n with them."""
+    if padding is None:
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(_pair(dilation), experts.shape[-2:]))
+    outputs = []
+    for n in range(x.shape[0]):
+        weight = torch.einsum("k,k...->...", routing[n], experts)
+        b = routing[n] @ bias if bias is not None else None
+        outputs.append(F.conv2d(x[n:n + 1], weight, b, stride, padding, dilation, groups))
+    return torch.cat(outputs)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_reference_is_one_conv_per_sample(case, layout):
+    """The reference (the authors' batch-folded grouped conv) computes the semantics: forward
+    and every gradient, float64."""
+    inputs = case.inputs(torch.float64)
+    y, g = grads(one_conv_per_sample, case, inputs, LAYOUTS[layout])
+    y_ref, g_ref = grads(dynamic_conv2d_reference, case, inputs, LAYOUTS[layout])
+    assert_close(y_ref, y, 1e-12, "output")
+    for name, a, b in zip(NAMES, g_ref, g):
+        assert_close(a, b, 1e-12, "grad " + name)
+
+
 # The interpreter is slow: Triton runs the other layouts on the first case only.
 MATRIX = [(v, c, l) for v in VARIANTS for c in CASES for l in LAYOUTS
           if v != "triton" or l == "nchw" or c is CASES[0]]

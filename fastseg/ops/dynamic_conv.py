@@ -2,7 +2,8 @@
 
 Each sample ``n`` is convolved with its own kernel, a routing-weighted sum of ``K`` expert
 kernels: ``y_n = conv2d(x_n, Σ_k routing[n, k] · experts[k]) + Σ_k routing[n, k] · bias[k]``.
-Backends: ``reference`` (mix each sample's kernel, one ``conv2d`` per sample), ``cpu`` and
+Backends: ``reference`` (mix every sample's kernel and fold the batch into the groups of one
+``conv2d``, as LightAWNet's code and timm's CondConv do), ``cpu`` and
 ``cuda`` (``fastseg._C``), ``triton`` (``fastseg.kernels.dynamic_conv``). No fused backend keeps
 the per-sample kernels between forward and backward: the backward recomputes or reduces them.
 
@@ -56,18 +57,20 @@ def dynamic_conv2d_reference(x: torch.Tensor, experts: torch.Tensor, routing: to
                              bias: Optional[torch.Tensor] = None, stride: IntPair = 1,
                              padding: Optional[IntPair] = None, dilation: IntPair = 1,
                              groups: int = 1) -> torch.Tensor:
-    """The definition: mix each sample's kernel (and bias), one ``conv2d`` per sample.
+    """The definition, computed as LightAWNet's code does: mix every sample's kernel (and bias),
+    then fold the batch into the groups of one ``conv2d`` (sample ``n`` is groups
+    ``n·groups … n·groups + groups - 1``).
 
     x ``[N, C_in, H, W]``; experts ``[K, C_out, C_in/groups, kh, kw]``; routing ``[N, K]``;
     bias ``[K, C_out]``. Returns ``[N, C_out, H_out, W_out]``.
     """
     stride, padding, dilation = _conv_params(experts, stride, padding, dilation)
-    outputs = []
-    for n in range(x.shape[0]):
-        weight = torch.einsum("k,k...->...", routing[n], experts)
-        b = routing[n] @ bias if bias is not None else None
-        outputs.append(F.conv2d(x[n:n + 1], weight, b, stride, padding, dilation, groups))
-    return torch.cat(outputs)
+    N, C_in, H, W = x.shape
+    K, C_out = experts.shape[:2]
+    weight = (routing @ experts.flatten(1)).reshape(N * C_out, *experts.shape[2:])
+    b = (routing @ bias).flatten() if bias is not None else None
+    y = F.conv2d(x.reshape(1, N * C_in, H, W), weight, b, stride, padding, dilation, N * groups)
+    return y.view(N, C_out, *y.shape[2:])
 
 
 def _validate(x, experts, routing, bias, groups):

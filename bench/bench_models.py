@@ -11,10 +11,10 @@ Cases (models.md §3 has the original code's times on this machine kind):
 
 Implementations: ``reference`` (``backend="reference"``: computes as the authors' code does, so its
 times stand for the originals'), ``cpu`` (the fused kernels), ``cpu-folded`` (inference only: the
-fused kernels after ``fuse_for_inference()``), and ``reference-compiled`` / ``cpu-compiled``
-(``torch.compile`` of the model, default inductor backend) for the training step at 128² only:
-compiling LGMSNet takes minutes per graph on this machine (models.md §3: ≈ 220 s), so the 256²
-steps and inference are measured eager only.
+fused kernels after ``fuse_for_inference()``), and each of them ``-compiled``
+(``torch.compile`` of the model, default inductor backend, one graph per case: compiling LGMSNet
+takes minutes per graph on this machine, models.md §3: ≈ 220 s, so the whole file runs for about
+an hour).
 
 Rounds: 3 for the 256² steps (a reference LGMSNet step takes seconds), 5 for the 128² steps, 10
 for inference; single rounds on this shared 2-core machine vary by up to 2×, so only ratios of
@@ -39,11 +39,9 @@ ROUNDS = {("train", 128): 5, ("train", 256): 3, ("inference", 256): 10}
 
 
 def implementations(mode, size):
-    impls = ["reference", "cpu"]
+    impls = ["reference", "cpu", "reference-compiled", "cpu-compiled"]
     if mode == "inference":
-        impls.append("cpu-folded")
-    if mode == "train" and size == 128:
-        impls += ["reference-compiled", "cpu-compiled"]
+        impls += ["cpu-folded", "cpu-folded-compiled"]
     return impls
 
 
@@ -65,7 +63,7 @@ def build(name, impl, mode):
             module.momentum = momentum
     if mode == "inference":
         model.eval()
-        if impl == "cpu-folded":
+        if impl.startswith("cpu-folded"):
             model.fuse_for_inference()
     return model
 

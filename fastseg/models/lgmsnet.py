@@ -108,6 +108,8 @@ class LGMSNet(nn.Module):
     W]`` logits.
     """
 
+    input_multiple = 32  #: H and W must be multiples of this (the encoder's total downsampling)
+
     def __init__(self, in_channels: int = 3, num_classes: int = 1, backend: str = "auto"):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
@@ -133,7 +135,7 @@ class LGMSNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[N, in_channels, H, W]`` (H, W divisible by 32) → logits ``[N, num_classes, H, W]``."""
-        check_input(x, self.in_channels, 32, "LGMSNet")
+        check_input(x, self.in_channels, self.input_multiple, "LGMSNet")
         x1 = self.encoder1(self.stem(x))
         x2 = self.encoder2(F.max_pool2d(x1, 2))
         x3 = self.encoder3(F.max_pool2d(x2, 2))

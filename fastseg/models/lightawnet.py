@@ -83,6 +83,8 @@ class LightAWNet(nn.Module):
     W]`` logits.
     """
 
+    input_multiple = 16  #: H and W must be multiples of this (the encoder's total downsampling)
+
     def __init__(self, in_channels: int = 1, num_classes: int = 1, backend: str = "auto"):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
@@ -108,7 +110,7 @@ class LightAWNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[N, in_channels, H, W]`` (H, W divisible by 16) → logits ``[N, num_classes, H, W]``."""
-        check_input(x, self.in_channels, 16, "LightAWNet")
+        check_input(x, self.in_channels, self.input_multiple, "LightAWNet")
         x1 = self.encoder1(x)
         x2 = self.encoder2(F.max_pool2d(x1, 2))
         x3 = self.encoder3(F.max_pool2d(x2, 2))

@@ -645,14 +645,14 @@ class Trainer:
                          self.out_dir / "overlays" / f"epoch_{self.epoch:03d}.png")
 
 
-def _describe_recipe(recipe: Recipe) -> str:
+def _describe_recipe(recipe: Recipe, loss: str) -> str:
     r = recipe
     optimiser = {"sgd": f"SGD(lr {r.lr:g}, momentum {r.momentum:g}, weight decay {r.weight_decay:g})",
                  "adam": f"Adam(lr {r.lr:g}, weight decay {r.weight_decay:g})",
                  "adamw": f"AdamW(lr {r.lr:g}, weight decay {r.weight_decay:g})"}[r.optimizer]
     schedule = {"poly": f"poly {r.poly_power:g} per iteration", "cosine": "cosine per iteration",
                 "constant": "constant lr"}[r.schedule]
-    return (f"{optimiser}, {schedule}; loss {r.loss}{r.loss_kwargs or ''}; {r.epochs} epochs of "
+    return (f"{optimiser}, {schedule}; loss {loss}{r.loss_kwargs or ''}; {r.epochs} epochs of "
             f"batch {r.batch_size}" + (f" ({r.accumulate} micro-batches)" if r.accumulate > 1 else "")
             + f"; augment {'rot90+flips' if r.augment else 'none'}; amp {r.amp or 'off (float32)'}; "
             f"backend {r.backend}; seed {r.seed}")
@@ -731,7 +731,7 @@ def train(model: str | nn.Module, data: str | Path, out_dir: str | Path, *,
     say(f"input: {recipe.size[0]}×{recipe.size[1]}, {recipe.channels} channel(s), intensity "
         f"{recipe.intensity}; {len(train_set)} training and {len(val_set)} validation samples, "
         f"{trainer.steps_per_epoch} steps per epoch")
-    say(f"recipe: {_describe_recipe(recipe)}")
+    say(f"recipe: {_describe_recipe(recipe, trainer.loss_name)}")
     say(f"device: {context.device}, {context.world_size} process(es)"
         + (f", {recipe.batch_size // context.world_size} images per process per step"
            if context.distributed else ""))

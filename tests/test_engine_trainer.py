@@ -132,6 +132,7 @@ def test_sigterm_mid_epoch_then_resume_matches(data, tmp_path):
         assert torch.equal(got[key], value), key
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(data, tmp_path):
     """Global batch 4: two processes of 2 images each against one process running its 4 images
     as 2 micro-batches of 2 (the same micro-batches, hence the same BatchNorm statistics)."""

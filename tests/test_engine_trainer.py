@@ -27,6 +27,16 @@ REPO = Path(__file__).resolve().parents[1]
 FUSED = "cpu" if "cpu" in fastseg.available_backends("cpu") else "reference"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the runs are tiny, and on a shared 2-core machine a second thread mostly
+    waits for a core at every parallel region."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_synthetic_2d(tmp_path_factory.mktemp("data"), n=16, size=(48, 48),

@@ -8,7 +8,9 @@ fastseg key; keys no rule touches are named the same in both (e.g. LightAWNet's 
 """
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -120,11 +122,15 @@ def _check_keys(source: Mapping[str, torch.Tensor], expected: Mapping[str, torch
         raise ValueError(f"{what}: " + "; ".join(problems))
 
 
-def from_original(name: str, state_dict: Mapping[str, torch.Tensor], **kwargs) -> nn.Module:
+def from_original(name: str, state_dict: Mapping[str, torch.Tensor] | str | os.PathLike,
+                  **kwargs) -> nn.Module:
     """The fastseg model ``name`` (``"lgmsnet"`` or ``"lightawnet"``, built with ``kwargs``:
     ``in_channels``, ``num_classes``, ``backend``) holding the weights of ``state_dict``, a
     checkpoint of the authors' code (keys and shapes: ``original_state_dicts.md``; BatchNorm
-    running statistics and ``num_batches_tracked`` included).
+    running statistics and ``num_batches_tracked`` included), as a dict or the path of a
+    ``torch.save``'d one. A file is read with ``torch.load(weights_only=True)``: one that needs
+    arbitrary pickled objects is refused (``fastseg.engine.checkpoint.CheckpointError``, a
+    ``ValueError``), nothing from it runs.
 
     Strict: missing or unexpected keys and shape mismatches raise a ``ValueError`` naming them
     (build with the checkpoint's ``in_channels`` / ``num_classes``). Given the same input, the
@@ -135,6 +141,13 @@ def from_original(name: str, state_dict: Mapping[str, torch.Tensor], **kwargs) -
     from . import create_model  # the package imports this module
 
     _rules(name)  # an unknown name is an error about `name`, before building anything
+    if isinstance(state_dict, (str, os.PathLike)):
+        from ..engine.checkpoint import load_weights_only
+
+        state_dict = load_weights_only(Path(state_dict))
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict must be a dict of tensors or a file holding one, got "
+                         f"{type(state_dict).__name__}")
     model = create_model(name, **kwargs)
     mapping = original_key_map(name, model)
     target = model.state_dict()

@@ -13,8 +13,14 @@ Kernels compute on NCHW-contiguous buffers. Channels-last and non-contiguous inp
 once to that layout on entry (documented per op); outputs come back in the input's memory format
 (channels-last stays channels-last): :mod:`fastseg._layout` decides it, for the kernels and for
 the fake implementations alike.
+
+Under ``torch.autocast`` every public op casts its floating-point tensor arguments to one dtype
+first (:func:`autocast_inputs`) and computes with autocast off, so a model of fastseg layers
+trains with mixed precision as a plain PyTorch one does.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -35,3 +41,48 @@ def register_cpp(name: str, fake_fwd, fake_bwd, setup_context, backward) -> None
     torch.library.register_fake(f"fastseg::{name}")(fake_fwd)
     torch.library.register_fake(f"fastseg::{name}_backward")(fake_bwd)
     torch.library.register_autograd(f"fastseg::{name}", backward, setup_context=setup_context)
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def _floats(values):
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point():
+                yield value
+        elif isinstance(value, (list, tuple)):
+            yield from _floats(value)
+
+
+def autocast_inputs(op):
+    """Decorator of a public op: under ``torch.autocast`` for its tensors' device, the
+    floating-point tensor arguments (also inside lists) are cast to one dtype and the op runs
+    with autocast disabled.
+
+    The dtype is the widest among them (autocast's "promote" policy, as for ``torch.cat``): a
+    bfloat16 activation meeting a float32 weight computes in float32, float16 q/k/v of an
+    attention stay float16. On CPU it is at least float32, the type the C++ kernels compute
+    in. Outside autocast the op is called unchanged.
+    """
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        floats = list(_floats([*args, *kwargs.values()]))
+        if not floats:
+            return op(*args, **kwargs)
+        device_type = floats[0].device.type
+        if not torch.is_autocast_enabled(device_type):
+            return op(*args, **kwargs)
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in floats))
+        if device_type == "cpu":
+            dtype = torch.promote_types(dtype, torch.float32)
+        args = _cast_floats(args, dtype)
+        kwargs = {k: _cast_floats(v, dtype) for k, v in kwargs.items()}
+        with torch.autocast(device_type, enabled=False):
+            return op(*args, **kwargs)
+    return wrapper

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .._layout import empty_like_output
 from ..backend import resolve_backend
-from ._registry import cpp_op, register_cpp
+from ._registry import autocast_inputs, cpp_op, register_cpp
 
 __all__ = ["spatial_gate", "gated_pointwise", "channel_gate", "cross_gate", "attention_gate",
            "spatial_gate_reference", "gated_pointwise_reference", "channel_gate_reference",
@@ -255,6 +255,7 @@ def _fused(name, backend):
 
 # --- public API --------------------------------------------------------------------------------
 
+@autocast_inputs
 def spatial_gate(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *,
                  backend: str = "auto") -> torch.Tensor:
     """Spatial gate ``x ⊙ σ(w·x + b)``: every channel of a pixel scaled by one gate value.
@@ -281,6 +282,7 @@ def spatial_gate(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *,
     return _fused("spatial_gate", chosen)(x, w, b)
 
 
+@autocast_inputs
 def gated_pointwise(a: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor, w_a: torch.Tensor,
                     w_b: torch.Tensor, bias: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``h = W_a·a + s ⊙ (W_b·a) + bias`` with ``s = σ(w_s·a + b_s)``, in one op.
@@ -319,6 +321,7 @@ def gated_pointwise(a: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor, w_a: 
     return _fused("gated_pointwise", chosen)(a, w_s, b_s, w_a, w_b, bias)
 
 
+@autocast_inputs
 def channel_gate(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  skip: Optional[torch.Tensor] = None, upsample: bool = False, *,
                  backend: str = "auto") -> torch.Tensor:
@@ -362,6 +365,7 @@ def channel_gate(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     return _fused("channel_gate", chosen)(x, w1, w2, skip, bool(upsample))
 
 
+@autocast_inputs
 def cross_gate(a: torch.Tensor, b: torch.Tensor, align_corners: bool = True, *,
                backend: str = "auto") -> torch.Tensor:
     """Cross-branch gate ``a ⊙ σ(resize_bilinear(b → a's H, W))``.
@@ -390,6 +394,7 @@ def cross_gate(a: torch.Tensor, b: torch.Tensor, align_corners: bool = True, *,
     return _fused("cross_gate", chosen)(a, b, bool(align_corners))
 
 
+@autocast_inputs
 def attention_gate(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Tensor,
                    b: torch.Tensor, psi_w: torch.Tensor, psi_b: torch.Tensor, *,
                    backend: str = "auto") -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..backend import resolve_backend
-from ._registry import cpp_op, register_cpp
+from ._registry import autocast_inputs, cpp_op, register_cpp
 
 __all__ = ["dilated_attention2d", "dilated_attention2d_reference"]
 
@@ -146,6 +146,7 @@ _FUSED = {"cpu": cpp_op("dilated_attention2d"), "cuda": cpp_op("dilated_attentio
           "triton": _triton_forward}
 
 
+@autocast_inputs
 def dilated_attention2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dilation: int = 2,
                         scale: Optional[float] = None, *, backend: str = "auto") -> torch.Tensor:
     """Attention inside the ``dilation²`` parity groups of a pixel grid, fused (flash-style).

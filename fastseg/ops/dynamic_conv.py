@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .._layout import empty_like_output
 from ..backend import resolve_backend
-from ._registry import cpp_op, register_cpp
+from ._registry import autocast_inputs, cpp_op, register_cpp
 
 __all__ = ["dynamic_conv2d", "dynamic_conv2d_reference"]
 
@@ -196,6 +196,7 @@ _FUSED = {"cpu": cpp_op("dynamic_conv2d"), "cuda": cpp_op("dynamic_conv2d"),
           "triton": _triton_forward}
 
 
+@autocast_inputs
 def dynamic_conv2d(x: torch.Tensor, experts: torch.Tensor, routing: torch.Tensor,
                    bias: Optional[torch.Tensor] = None, stride: IntPair = 1,
                    padding: Optional[IntPair] = None, dilation: IntPair = 1, groups: int = 1, *,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .._layout import empty_like_output
 from ..backend import resolve_backend
-from ._registry import cpp_op, register_cpp
+from ._registry import autocast_inputs, cpp_op, register_cpp
 
 __all__ = ["mixed_depthwise_conv2d", "mixed_depthwise_conv2d_reference", "equal_splits"]
 
@@ -159,6 +159,7 @@ _FUSED = {"cpu": cpp_op("mixed_depthwise_conv2d"), "cuda": cpp_op("mixed_depthwi
           "triton": _triton_forward}
 
 
+@autocast_inputs
 def mixed_depthwise_conv2d(x: torch.Tensor, weights: Sequence[torch.Tensor],
                            biases: Optional[Sequence[torch.Tensor]] = None, residual: bool = False,
                            *, backend: str = "auto") -> torch.Tensor:

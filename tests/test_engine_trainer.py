@@ -193,6 +193,7 @@ def test_multi_class_volumes_through_train(tmp_path, capsys):
                                  "names": ["background", "liver", "lesion"]}
     assert payload["preprocessing"]["kind"] == "volume"
     assert payload["preprocessing"]["intensity"] == "ct-liver"
+    assert payload["splits"] == splits  # evaluate --split test reads it from the checkpoint
     assert payload["recipe"]["loss"] == "dice_bce"  # run as dice_ce: softmax for 3 classes
 
 

@@ -183,6 +183,8 @@ class Trainer:
             (inferred for the seed models).
         preprocessing, labels: checkpoint entries (see :mod:`fastseg.engine.checkpoint`);
             default: read from a :mod:`fastseg.data` dataset, overridden key by key.
+        splits: the ``{"train", "val", "test"}`` case ids the datasets came from, stored in the
+            checkpoints so that ``fastseg evaluate --split test`` needs nothing else.
         device: ``None``: this process's GPU under CUDA, else CPU.
         progress: show a tqdm bar (rank 0).
         hooks: ``hook(trainer, epoch, step)`` called after every optimiser step (0-based
@@ -197,7 +199,9 @@ class Trainer:
                  recipe: Recipe | None = None, out_dir: str | Path = "runs/train", *,
                  num_classes: int | None = None, model_spec: tuple[str, dict] | None = None,
                  preprocessing: Mapping[str, Any] | None = None,
-                 labels: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
+                 labels: Mapping[str, Any] | None = None,
+                 splits: Mapping[str, Sequence[str]] | None = None,
+                 device: str | torch.device | None = None,
                  progress: bool = True, hooks: Sequence[Hook] = ()):
         if isinstance(model, str):
             recipe = recipe or recipe_for(model)
@@ -232,6 +236,8 @@ class Trainer:
         self.num_classes = num_classes or getattr(model, "num_classes", None) or self._probe_classes()
         self.preprocessing = {**self._dataset_preprocessing(), **(preprocessing or {})}
         self.labels = {**self._dataset_labels(), **(labels or {})}
+        self.splits = None if splits is None else {
+            k: [str(i) for i in v] for k, v in splits.items() if isinstance(v, (list, tuple))}
         self.loss_fn = self._make_loss()
         self.ddp_model = self.model
         if self.context.distributed:
@@ -365,7 +371,7 @@ class Trainer:
             rng=_rng_state(), sampler={"epoch": self.epoch, "step": self.step_in_epoch,
                                        **self._partial},
             recipe=self.recipe.to_dict(), history=list(self.history), best=dict(self.best),
-            world_size=self.context.world_size)
+            world_size=self.context.world_size, splits=self.splits)
 
     def save(self, name: str = "last.pt", metrics: Mapping[str, float] | None = None) -> Path | None:
         """Write the training state to ``out_dir/name`` atomically (rank 0; others return
@@ -723,7 +729,7 @@ def train(model: str | nn.Module, data: str | Path, out_dir: str | Path, *,
     train_set, val_set = make(chosen["train"]), make(chosen["val"])
     trainer = Trainer(model, train_set, val_set, recipe, out_dir, num_classes=num_classes,
                       labels={"names": list(label_names) if label_names else None},
-                      device=device, progress=progress)
+                      splits=chosen, device=device, progress=progress)
     spec_name, spec_kwargs = trainer.model_spec
     parameters = sum(p.numel() for p in trainer.model.parameters())
     say(f"model: {spec_name}({', '.join(f'{k}={v}' for k, v in spec_kwargs.items())}), "

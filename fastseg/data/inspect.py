@@ -110,15 +110,6 @@ def format_report(report: InspectionReport, max_shapes: int = 5) -> str:
     return "\n".join(lines)
 
 
-def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``fastseg data inspect``."""
-    parser.add_argument("path", help="dataset folder, as unpacked")
-    parser.add_argument("--layout", choices=list(LAYOUTS), help="skip detection and read the folder as this layout")
-    parser.add_argument("--label-values", type=lambda s: [int(v) for v in s.split(",")],
-                        help="raw label values in class order, e.g. 0,205,420 (default: the layout's)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the report of ``args.path``; exit code 0 when at least one case is usable, else 1."""
     report = inspect_dataset(args.path, args.layout, args.label_values, progress=sys.stderr.isatty())

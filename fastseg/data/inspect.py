@@ -25,7 +25,8 @@ class InspectionReport:
     """Summary of a dataset folder.
 
     Attributes:
-        root, layout, kind: the folder, the detected layout and ``"image"``/``"volume"``.
+        root, layout, kind: the folder (the one inside, when the folder given holds only that
+            one), the detected layout and ``"image"``/``"volume"``.
         label_mapping: how raw label values become classes.
         cases_found, cases_ok: cases paired by the layout, and those that also decoded cleanly.
         shapes, channels, dtypes: counts of each spatial shape (``"HxW"``/``"XxYxZ"``), channel
@@ -62,6 +63,7 @@ def inspect_dataset(root: str | Path, layout: str | None = None, label_values=No
     except DataError as err:
         report.problems.append(str(err))
         return report
+    report.root = str(index.root)  # the folder inside, for an archive unpacked into one folder
     report.layout, report.kind, report.label_mapping = index.layout, index.kind, index.labels.describe()
     report.cases_found = len(index.cases)
     report.problems += [str(err) for err in index.skipped]
@@ -105,7 +107,7 @@ def format_report(report: InspectionReport, max_shapes: int = 5) -> str:
         lines += [f"labels:  {report.label_mapping}",
                   "classes: " + ", ".join(f"{c} (in {n} cases)" for c, n in report.classes.items())]
     lines.append(f"problems: {len(report.problems)}")
-    lines += [f"  {p}" for p in report.problems]
+    lines += ["  " + p.replace("\n", "\n  ") for p in report.problems]
     lines.append("usable:  " + ("yes" if report.usable else "no"))
     return "\n".join(lines)
 

@@ -87,7 +87,10 @@ class _LayoutNames:
 
 
 def _label_values(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 0,205,420; got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:

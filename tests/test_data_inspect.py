@@ -120,6 +120,15 @@ def test_inspect_folder_without_a_layout_lists_what_each_expected(tmp_path, caps
     assert tree_snapshot(tmp_path) == before
 
 
+def test_layout_and_label_value_arguments_are_checked(tmp_path, capsys):
+    for argv, message in ((["--layout", "nope"], "invalid choice: 'nope' (choose from 'nnunet', 'isic2018'"),
+                          (["--label-values", "0,x"], "expected integers separated by commas")):
+        with pytest.raises(SystemExit) as exit:
+            main(["data", "inspect", str(tmp_path), *argv])
+        assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert main(["data", "inspect", str(make_busi(tmp_path)), "--layout", "busi"]) == 0
+
+
 def test_module_entry_point(tmp_path):
     root = make_kvasir(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .cases import read_case
 from .errors import DataError
-from .layouts import LAYOUTS, find_cases
+from .layouts import find_cases
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 CPU sources (``csrc/ops.cpp``, ``csrc/cpu/*.cpp``) are always compiled. CUDA sources
 (``csrc/cuda/*.cu`` and their torch bindings ``csrc/cuda/*_binding.cpp``) are compiled when a
-CUDA toolkit and a CUDA build of torch are present; ``FASTSEG_CUDA=1`` forces them (the build fails
+CUDA device is visible, with a CUDA toolkit and a CUDA build of torch: on a machine without a GPU
+they would only cost build time (minutes), so a newcomer's first build skips them.
+``FASTSEG_CUDA=1`` forces them (CI does, to check that they compile and link; the build fails
 loudly if it cannot), ``FASTSEG_CUDA=0`` skips them. Without a working compiler the package still
 installs (``FASTSEG_BUILD_EXT=0`` skips the extension) and runs on the reference backend.
 """
@@ -30,6 +32,8 @@ def _want_cuda():
         return False, "torch is a CPU build"
     if CUDA_HOME is None:
         return False, "no CUDA toolkit found (set CUDA_HOME)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible; FASTSEG_CUDA=1 compiles them anyway"
     return True, f"CUDA toolkit at {CUDA_HOME}, torch built for CUDA {torch.version.cuda}"
 
 

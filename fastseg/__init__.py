@@ -1,21 +1,27 @@
 """fastseg: fused kernels, drop-in layers and lightweight medical image segmentation models.
 
-Import cost is kept low: the op registry and layers load here; data, metrics and losses load on
-first use (``fastseg.data``, ``fastseg.metrics``, ``fastseg.losses``).
+``import fastseg`` imports nothing heavy: torch, the op registry, the layers, data, metrics and
+losses load on first use of the name that needs them (``fastseg.ops``, ``fastseg.use_backend``,
+``fastseg.data`` ...), so the command line starts without paying for what it does not run.
+Custom ops register when their module loads, i.e. before any op can be called.
 """
 import importlib
 
-from .backend import BACKENDS, available_backends, use_backend
-from . import ops, layers
-
 __version__ = "0.1.0"
 
+# name -> (module, attribute of it or None for the module itself)
 _LAZY = {
-    "data": "fastseg.data",
-    "engine": "fastseg.engine",
-    "metrics": "fastseg.metrics",
-    "losses": "fastseg.losses",
-    "models": "fastseg.models",
+    "backend": ("fastseg.backend", None),
+    "ops": ("fastseg.ops", None),
+    "layers": ("fastseg.layers", None),
+    "models": ("fastseg.models", None),
+    "data": ("fastseg.data", None),
+    "engine": ("fastseg.engine", None),
+    "metrics": ("fastseg.metrics", None),
+    "losses": ("fastseg.losses", None),
+    "BACKENDS": ("fastseg.backend", "BACKENDS"),
+    "available_backends": ("fastseg.backend", "available_backends"),
+    "use_backend": ("fastseg.backend", "use_backend"),
 }
 
 
@@ -33,11 +39,17 @@ def list_models() -> list[str]:
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'fastseg' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fastseg' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["BACKENDS", "available_backends", "create_model", "list_models", "use_backend", "ops",

@@ -149,7 +149,16 @@ def requested_backend(backend: str = "auto") -> str:
     return "auto"
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does (torch/_dynamo/decorators.py), without
+    importing ``torch._dynamo`` to do it: that import costs more than ``import torch`` itself, and
+    dynamo reads the mark only when it traces, by which time it is loaded. A test checks that the
+    two set the same mark."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend that runs a call on ``dtype`` tensors on ``device`` (never ``"auto"``).
 

@@ -1,4 +1,6 @@
 """Command line: ``fastseg info | bench | gpu-report | data inspect`` (also ``python -m fastseg ...``)."""
+# Building the parser imports nothing beyond the standard library: each command imports what it
+# needs when it runs, so ``fastseg --help`` and a mistyped option answer at once.
 from __future__ import annotations
 
 import argparse
@@ -67,6 +69,30 @@ def _data(args) -> int:
     return run_inspect(args)
 
 
+class _LayoutNames:
+    """The registered dataset layouts, looked up only when argparse checks a ``--layout`` value or
+    prints the choices (the layouts module imports the image and NIfTI readers)."""
+
+    @staticmethod
+    def _names() -> list[str]:
+        from fastseg.data.layouts import LAYOUTS
+
+        return list(LAYOUTS)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+def _label_values(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 0,205,420; got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="inspect a dataset folder")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("inspect", help="detected layout, case counts, shapes, spacing, labels")
-    from fastseg.data.inspect import add_inspect_arguments
-
-    add_inspect_arguments(p)
+    p.add_argument("path", help="dataset folder, as unpacked")
+    p.add_argument("--layout", choices=_LayoutNames(), metavar="LAYOUT",
+                   help="skip detection and read the folder as this layout: %(choices)s")
+    p.add_argument("--label-values", type=_label_values,
+                   help="raw label values in class order, e.g. 0,205,420 (default: the layout's)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_data)
     return parser
 

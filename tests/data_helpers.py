@@ -155,6 +155,42 @@ def make_generic(root, n=3, shape=(16, 20), mask_folder="labels") -> Path:
     return Path(root)
 
 
+BUSI_REPACKAGED_MASKS = {"benign (1)": [((5, 5), 3), ((14, 16), 4)], "benign (2)": [((10, 8), 5)],
+                         "malignant (1)": [((10, 10), 6)], "normal (1)": []}
+
+
+def make_busi_repackaged(root, shape=(20, 24), mask_folder="mask", mask_suffix="_mask") -> Path:
+    """The Kaggle-style BUSI: ``<class>/images/<class> (n).png`` + ``<class>/mask/<class> (n)_mask.png``
+    (and ``_mask_1.png`` for a second mask), disks of :data:`BUSI_REPACKAGED_MASKS`, an all-zero mask
+    for the normal case. ``mask_suffix=""``: masks named like their images, the first disk only."""
+    root = Path(root)
+    for name, disks in BUSI_REPACKAGED_MASKS.items():
+        cls = name.split(" ")[0]
+        save(np.full(shape, 90, np.uint8), root / cls / "images" / f"{name}.png")
+        masks = [disk(shape, centre, radius) for centre, radius in disks] or [np.zeros(shape, bool)]
+        for k, mask in enumerate(masks if mask_suffix else masks[:1]):
+            suffix = mask_suffix + (f"_{k}" if k else "")
+            save(mask.astype(np.uint8) * 255, root / cls / mask_folder / f"{name}{suffix}.png")
+    return root
+
+
+def make_suffix_pairs(root, kind="volume", label_suffix="_label", image_suffix="_image",
+                      ids=("liver_01", "liver_2", "liver_10")) -> Path:
+    """A flat folder of ``<id><image_suffix>.nii.gz|.png`` + ``<id><label_suffix>.nii.gz|.png``:
+    case ``i`` is :func:`ct_volume` ``(16, 12, 6)`` seed ``i`` (classes 0..2), or an RGB image with
+    the 0/1 mask :func:`mask_of` ``(i, (16, 20))``."""
+    root = Path(root)
+    for i, case in enumerate(ids):
+        if kind == "volume":
+            hu, labels = ct_volume((16, 12, 6), i)
+            save_nifti(hu, root / f"{case}{image_suffix}.nii.gz")
+            save_nifti(labels, root / f"{case}{label_suffix}.nii.gz")
+        else:
+            save(rgb_image((16, 20), i), root / f"{case}{image_suffix}.png")
+            save(mask_of(i, (16, 20)).astype(np.uint8), root / f"{case}{label_suffix}.png")
+    return root
+
+
 def tree_snapshot(root) -> dict:
     """Every path under ``root`` with its size and modification time, to prove nothing changed."""
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(root).rglob("*"))}

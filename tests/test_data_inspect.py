@@ -7,10 +7,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from data_helpers import ct_volume, make_busi, make_kvasir, make_lits, save, save_nifti, tree_snapshot
+from data_helpers import (
+    ct_volume, make_busi, make_busi_repackaged, make_kvasir, make_lits, make_suffix_pairs, rgb_image, save, save_nifti,
+    tree_snapshot,
+)
 from fastseg.cli import main
-from fastseg.data import ImageDataset, VolumeSliceDataset, find_cases, inspect_dataset, make_splits
+from fastseg.data import (
+    LAYOUTS, ImageDataset, VolumeSliceDataset, create_dataset, find_cases, inspect_dataset, make_splits,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +81,52 @@ def test_nothing_is_written_into_the_data_folder(tmp_path):
         [dataset[i] for i in range(len(dataset))]
         make_splits(find_cases(root).case_ids)
     assert tree_snapshot(tmp_path) == before
+
+
+# (folder maker, layout, kind, cases, classes line, samples, samples with foreground): the volumes
+# have foreground on 2 of their 6 slices, BUSI's normal case has an empty mask.
+@pytest.mark.parametrize("make, layout, kind, n, classes, n_samples, n_foreground", [
+    (lambda root: make_suffix_pairs(root, "volume", "_seg"), "suffix-pairs", "volume", 3,
+     "0 (in 3 cases), 1 (in 3 cases), 2 (in 3 cases)", 18, 6),
+    (lambda root: make_suffix_pairs(root, "image", "_mask", ""), "suffix-pairs", "image", 3,
+     "0 (in 3 cases), 1 (in 3 cases)", 3, 3),
+    (make_busi_repackaged, "busi", "image", 4, "0 (in 4 cases), 1 (in 3 cases)", 4, 3),
+])
+def test_repackaged_folders_inspected_and_loaded_read_only(tmp_path, capsys, make, layout, kind, n, classes,
+                                                           n_samples, n_foreground):
+    root = make(tmp_path / "data")
+    before = tree_snapshot(tmp_path)
+    assert main(["data", "inspect", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"layout:  {layout} ({kind} files)" in out
+    assert f"cases:   {n} paired, {n} readable" in out
+    assert f"classes: {classes}" in out and "problems: 0" in out
+    dataset = create_dataset(root, size=8, skip_bad=True)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert len(dataset.cases) == n and len(samples) == n_samples
+    assert all(set(s["mask"].unique().tolist()) <= {0.0, 1.0} for s in samples)
+    assert sum(s["mask"].sum().item() > 0 for s in samples) == n_foreground
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_inspect_folder_without_a_layout_lists_what_each_expected(tmp_path, capsys):
+    for folder in ("photos", "scans"):
+        save(rgb_image((5, 5)), tmp_path / folder / "a.png")
+    before = tree_snapshot(tmp_path)
+    assert main(["data", "inspect", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "folder matches no known layout; tried:" in out and "usable:  no" in out
+    assert all(f"  {name}: " in out for name in LAYOUTS)
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_layout_and_label_value_arguments_are_checked(tmp_path, capsys):
+    for argv, message in ((["--layout", "nope"], "invalid choice: 'nope' (choose from 'nnunet', 'isic2018'"),
+                          (["--label-values", "0,x"], "expected integers separated by commas")):
+        with pytest.raises(SystemExit) as exit:
+            main(["data", "inspect", str(tmp_path), *argv])
+        assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert main(["data", "inspect", str(make_busi(tmp_path)), "--layout", "busi"]) == 0
 
 
 def test_module_entry_point(tmp_path):

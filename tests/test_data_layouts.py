@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from data_helpers import (
-    AFFINE, MMWHS_VALUES, ct_volume, disk, make_busi, make_generic, make_isic, make_kvasir, make_lits, make_mmwhs,
-    make_nnunet, mask_of, mmwhs_label, rgb_image, save, save_nifti,
+    AFFINE, BUSI_REPACKAGED_MASKS, MMWHS_VALUES, ct_volume, disk, make_busi, make_busi_repackaged, make_generic,
+    make_isic, make_kvasir, make_lits, make_mmwhs, make_nnunet, make_suffix_pairs, mask_of, mmwhs_label, rgb_image,
+    save, save_nifti,
 )
 from fastseg.data import (
     LAYOUTS, Case, CaseIndex, DataError, LabelSpec, find_cases, probe_case, read, read_case, register_layout,
@@ -180,6 +181,93 @@ def test_registered_layout_is_detected(tmp_path):
         assert find_cases(tmp_path).layout == "test-scans-only"
     finally:
         del LAYOUTS["test-scans-only"]
+
+
+# --- repackagings and folders people make -----------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_folder, mask_suffix", [("mask", "_mask"), ("masks", "_mask"), ("Masks", "")])
+def test_busi_repackaged_with_images_and_mask_folders(tmp_path, mask_folder, mask_suffix):
+    index = find_cases(make_busi_repackaged(tmp_path, mask_folder=mask_folder, mask_suffix=mask_suffix))
+    assert (index.layout, index.kind) == ("busi", "image")
+    assert index.case_ids == list(BUSI_REPACKAGED_MASKS)
+    assert index.cases[0].image[0] == tmp_path / "benign" / "images" / "benign (1).png"
+    for case in index.cases:
+        disks = BUSI_REPACKAGED_MASKS[case.case_id][:None if mask_suffix else 1]
+        assert len(case.label) == max(len(disks), 1)
+        expected = np.zeros((20, 24), bool)
+        for centre, radius in disks:
+            expected |= disk((20, 24), centre, radius)
+        assert np.array_equal(read_case(case, index.labels)[1], expected)
+
+
+@pytest.mark.parametrize("label_suffix", ["_label", "_seg", "_mask", "-Seg"])
+def test_flat_folder_of_volume_pairs_named_by_suffix(tmp_path, label_suffix):
+    index = find_cases(make_suffix_pairs(tmp_path, "volume", label_suffix))
+    assert (index.layout, index.kind) == ("suffix-pairs", "volume")
+    assert index.case_ids == ["liver_01", "liver_2", "liver_10"]
+    assert index.labels == LabelSpec()
+    image, label = read_case(index.cases[2], index.labels)
+    hu, labels = ct_volume((16, 12, 6), 2)
+    assert np.array_equal(image.array, hu) and np.array_equal(label, labels)
+    np.testing.assert_allclose(image.affine, AFFINE, atol=1e-6)
+
+
+@pytest.mark.parametrize("image_suffix, label_suffix", [("", "_mask"), ("_img", "_gt"), ("_image", "_segmentation")])
+def test_flat_folder_of_image_pairs_named_by_suffix(tmp_path, image_suffix, label_suffix):
+    index = find_cases(make_suffix_pairs(tmp_path, "image", label_suffix, image_suffix, ids=("a 1", "a 2")))
+    assert (index.layout, index.kind, index.case_ids) == ("suffix-pairs", "image", ["a 1", "a 2"])
+    image, label = read_case(index.cases[1], index.labels)
+    assert image.array.shape == (16, 20, 3) and np.array_equal(label, mask_of(1, (16, 20)))
+
+
+def test_suffix_pairs_in_case_folders_pair_within_each_folder(tmp_path):
+    for case in ("p1", "p2"):
+        make_suffix_pairs(tmp_path / case, "volume", ids=(case,))
+    make_suffix_pairs(tmp_path / "extra", "volume", ids=("p1",))  # same name, another folder: another case
+    index = find_cases(tmp_path)
+    assert index.layout == "suffix-pairs" and index.case_ids == ["extra/p1", "p1/p1", "p2/p2"]
+    assert index.cases[0].label == (tmp_path / "extra" / "p1_label.nii.gz",)
+
+
+def test_images_and_masks_folders_with_suffixed_mask_names(tmp_path):
+    for i in range(3):
+        save(rgb_image((16, 20), i), tmp_path / "images" / f"polyp {i}.png")
+        save(mask_of(i, (16, 20)).astype(np.uint8), tmp_path / "masks" / f"polyp {i}_mask.png")
+    index = find_cases(tmp_path)
+    assert (index.layout, index.case_ids) == ("generic", ["polyp 0", "polyp 1", "polyp 2"])
+    assert np.array_equal(read_case(index.cases[2], index.labels)[1], mask_of(2, (16, 20)))
+
+
+@pytest.mark.parametrize("maker, wrapper, layout", [(make_kvasir, "Kvasir-SEG", "kvasir-seg"),
+                                                     (make_busi, "Dataset_BUSI_with_GT", "busi")])
+def test_archive_unpacked_into_one_folder(tmp_path, maker, wrapper, layout):
+    maker(tmp_path / wrapper)
+    (tmp_path / "__MACOSX").mkdir()
+    index = find_cases(tmp_path)
+    assert (index.layout, index.root, len(index.cases)) == (layout, tmp_path / wrapper, 3)
+
+
+def test_folder_with_nothing_usable_lists_the_layouts_tried(tmp_path):
+    save(rgb_image((5, 5)), tmp_path / "photos" / "a.png")
+    save(rgb_image((5, 5)), tmp_path / "scans" / "b.png")
+    with pytest.raises(DataError) as info:
+        find_cases(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path}: folder matches no known layout; tried:\n")
+    for name in LAYOUTS:
+        assert f"\n  {name}: " in message
+    assert "images/<id>.jpg with masks/<id>.jpg" in message  # kvasir-seg's expectation
+    assert "<case>_mask.<ext>" in message  # suffix-pairs'
+    with pytest.raises(DataError, match="not in the busi layout: expected benign|malignant|normal/"):
+        find_cases(tmp_path, layout="busi")
+
+
+def test_recognised_folder_without_cases_says_what_it_expected(tmp_path):
+    save(np.zeros((5, 5), np.uint8), tmp_path / "benign" / "notes" / "a.png")
+    save(np.zeros((5, 5), np.uint8), tmp_path / "other.png")
+    with pytest.raises(DataError, match=r"no usable cases in this busi folder: expected benign\|malignant\|normal/"):
+        find_cases(tmp_path)
 
 
 # --- bad data ---------------------------------------------------------------------------------

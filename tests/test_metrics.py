@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastseg import metrics as M
+from fastseg.engine import metrics as engine_metrics
 
 NAN, INF = math.nan, math.inf
 
@@ -110,6 +111,16 @@ def test_empty_mask_rules(pred, target, empty, expected):
               "hd95": M.hd95, "assd": M.assd}
     for name, fn in single.items():
         assert fn(pred, target, empty=empty) == pytest.approx(row[name], nan_ok=True)
+
+
+def test_one_empty_mask_is_inf_at_every_percentile_and_the_note_says_so():
+    # MONAI 1.6.1 gives NaN for its percentile HD here and +inf without one; fastseg keeps +inf.
+    for pred, target in [(SOME, EMPTY), (EMPTY, SOME)]:
+        assert [M.hd95(pred, target, percentile=q) for q in (50, 95, 100)] == [INF] * 3
+        assert M.hd95(pred, target, pooled=True) == INF
+    note = M.EMPTY_MASK_NOTE  # printed by reports; defined in fastseg.engine.metrics
+    assert note is engine_metrics.EMPTY_MASK_NOTE and "EMPTY_MASK_NOTE" in M.__all__
+    assert "HD95 and ASSD are +inf when exactly one" in note and "MONAI 1.6.1 gives NaN" in note
 
 
 def test_perfect_convention_is_the_limit_of_smoothed_scores():

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .cases import read_case
 from .errors import DataError
-from .layouts import LAYOUTS, find_cases
+from .layouts import find_cases
 
 
 @dataclass
@@ -25,7 +25,8 @@ class InspectionReport:
     """Summary of a dataset folder.
 
     Attributes:
-        root, layout, kind: the folder, the detected layout and ``"image"``/``"volume"``.
+        root, layout, kind: the folder (the one inside, when the folder given holds only that
+            one), the detected layout and ``"image"``/``"volume"``.
         label_mapping: how raw label values become classes.
         cases_found, cases_ok: cases paired by the layout, and those that also decoded cleanly.
         shapes, channels, dtypes: counts of each spatial shape (``"HxW"``/``"XxYxZ"``), channel
@@ -62,6 +63,7 @@ def inspect_dataset(root: str | Path, layout: str | None = None, label_values=No
     except DataError as err:
         report.problems.append(str(err))
         return report
+    report.root = str(index.root)  # the folder inside, for an archive unpacked into one folder
     report.layout, report.kind, report.label_mapping = index.layout, index.kind, index.labels.describe()
     report.cases_found = len(index.cases)
     report.problems += [str(err) for err in index.skipped]
@@ -105,18 +107,9 @@ def format_report(report: InspectionReport, max_shapes: int = 5) -> str:
         lines += [f"labels:  {report.label_mapping}",
                   "classes: " + ", ".join(f"{c} (in {n} cases)" for c, n in report.classes.items())]
     lines.append(f"problems: {len(report.problems)}")
-    lines += [f"  {p}" for p in report.problems]
+    lines += ["  " + p.replace("\n", "\n  ") for p in report.problems]
     lines.append("usable:  " + ("yes" if report.usable else "no"))
     return "\n".join(lines)
-
-
-def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``fastseg data inspect``."""
-    parser.add_argument("path", help="dataset folder, as unpacked")
-    parser.add_argument("--layout", choices=list(LAYOUTS), help="skip detection and read the folder as this layout")
-    parser.add_argument("--label-values", type=lambda s: [int(v) for v in s.split(",")],
-                        help="raw label values in class order, e.g. 0,205,420 (default: the layout's)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -1,8 +1,12 @@
 """Dataset layouts: recognise a folder as the public dataset it was unpacked from, list its cases.
 
 Each layout is a function ``root -> CaseIndex | None`` (``None``: not this layout) registered in
-:data:`LAYOUTS`; detection tries them in registration order, the generic pairing last. Unpaired
-or ambiguous files are collected as problems in ``CaseIndex.skipped`` rather than dropped.
+:data:`LAYOUTS` with a line saying what it expects to find; detection tries them in registration
+order, the generic pairings last, and takes the first that pairs at least one case. Unpaired or
+ambiguous files are collected as problems in ``CaseIndex.skipped`` rather than dropped. Besides
+the public datasets as shipped, common repackagings are recognised: BUSI with ``images/`` and
+``mask/`` inside each class folder, any flat folder of ``<case>`` + ``<case>_mask`` (``_label``,
+``_seg`` ...) pairs, and ``images/`` + ``masks/`` folders whose mask names carry such a suffix.
 """
 from __future__ import annotations
 
@@ -18,6 +22,14 @@ from .io import file_stem, is_jpeg, is_nifti, list_data_files, natural_key
 
 MMWHS_LABEL_VALUES = (0, 205, 420, 500, 550, 600, 820, 850)
 LITS_LABEL_VALUES = (0, 1, 2)  # background, liver, tumour
+# Names of image and mask folders (case-insensitive), and the file-name endings that mark a file
+# as a mask or as an image, as repackaged datasets use them: "case_mask.png", "case-seg.nii.gz".
+IMAGE_FOLDERS = ("images", "image", "imgs")
+MASK_FOLDERS = ("masks", "mask", "labels", "label")
+LABEL_NAME_SUFFIXES = ("label", "labels", "seg", "segmentation", "mask", "gt")
+IMAGE_NAME_SUFFIXES = ("image", "img")
+_LABEL_NAME = re.compile(rf"(.+)[_-](?:{'|'.join(LABEL_NAME_SUFFIXES)})", re.IGNORECASE)
+_IMAGE_NAME = re.compile(rf"(.+)[_-](?:{'|'.join(IMAGE_NAME_SUFFIXES)})", re.IGNORECASE)
 
 
 @dataclass
@@ -58,12 +70,40 @@ Layout = Callable[[Path], "CaseIndex | None"]
 LAYOUTS: dict[str, Layout] = {}
 
 
-def register_layout(name: str) -> Callable[[Layout], Layout]:
-    """Decorator adding a layout function to :data:`LAYOUTS` under ``name``."""
+def register_layout(name: str, expects: str | None = None) -> Callable[[Layout], Layout]:
+    """Decorator adding a layout function to :data:`LAYOUTS` under ``name``. ``expects``: what
+    the layout looks for, one line, shown when a folder matches no layout (default: the first
+    line of the function's docstring)."""
     def register(function: Layout) -> Layout:
+        function.expects = expects or (function.__doc__ or "").strip().split("\n")[0]
         LAYOUTS[name] = function
         return function
     return register
+
+
+def expectation(name: str) -> str:
+    """What the layout ``name`` looks for, in one line."""
+    return getattr(LAYOUTS[name], "expects", "")
+
+
+def label_key(path: Path) -> str | None:
+    """``case`` for a mask file named ``case_mask.png`` (``_label``, ``-seg``, ... any of
+    :data:`LABEL_NAME_SUFFIXES`, any case), else ``None``."""
+    match = _LABEL_NAME.fullmatch(file_stem(path))
+    return match.group(1) if match else None
+
+
+def image_key(path: Path) -> str:
+    """``case`` for ``case_image.nii.gz`` or ``case-img.png`` (:data:`IMAGE_NAME_SUFFIXES`), else the stem."""
+    stem = file_stem(path)
+    match = _IMAGE_NAME.fullmatch(stem)
+    return match.group(1) if match else stem
+
+
+def subfolder(root: Path, names: Sequence[str]) -> Path | None:
+    """The first folder of ``root`` named one of ``names`` (in that order, case-insensitive)."""
+    folders = {p.name.lower(): p for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() else {}
+    return next((folders[n] for n in names if n in folders), None)
 
 
 def _group(files: Iterable[Path], key: Callable[[Path], str | None], what: str
@@ -112,7 +152,7 @@ def _matcher(pattern: str, key_format: str = "{}") -> Callable[[Path], str | Non
     return key
 
 
-@register_layout("nnunet")
+@register_layout("nnunet", "dataset.json, imagesTr/<case>_0000.nii.gz (one file per channel), labelsTr/<case>.nii.gz")
 def nnunet(root: Path) -> CaseIndex | None:
     """nnU-Net raw: ``dataset.json``, ``imagesTr/{case}_{channel:04d}{ending}``,
     ``labelsTr/{case}{ending}``; channels and label values from ``dataset.json`` (v2 or v1)."""
@@ -151,7 +191,7 @@ def nnunet(root: Path) -> CaseIndex | None:
     return CaseIndex("nnunet", kind, root, cases, labels, problems)
 
 
-@register_layout("isic2018")
+@register_layout("isic2018", "*_Input/ISIC_<id>.jpg with *_GroundTruth/ISIC_<id>_segmentation.png")
 def isic2018(root: Path) -> CaseIndex | None:
     """ISIC 2018 task 1: ``*_Input/ISIC_<id>.jpg`` with ``*_GroundTruth/ISIC_<id>_segmentation.png``
     (0/255), any number of Training/Validation/Test folder pairs side by side."""
@@ -164,26 +204,45 @@ def isic2018(root: Path) -> CaseIndex | None:
                        _matcher(r"(ISIC_\d+)_segmentation\.png"), LabelSpec((0, 255)), "image")
 
 
-@register_layout("busi")
+BUSI_CLASSES = ("benign", "malignant", "normal")
+_BUSI_MASK = re.compile(r"(.+)_mask(?:_\d+)?")
+
+
+@register_layout("busi", "benign|malignant|normal/ holding '<name>.png' with '<name>_mask.png' (more masks: "
+                 "'_mask_1.png' ...), side by side or in images/ and mask/ sub-folders")
 def busi(root: Path) -> CaseIndex | None:
     """BUSI: ``benign|malignant|normal/<class> (n).png`` with one or more ``<name>_mask*.png``,
-    merged (union). Masks are drawings, some saved RGB(A): binarised at > 127."""
-    folders = [root / c for c in ("benign", "malignant", "normal") if (root / c).is_dir()]
+    merged (union). Masks are drawings, some saved RGB(A): binarised at > 127.
+
+    The common repackaging with ``images/`` and ``mask/`` (or ``masks/``) inside each class folder
+    is read the same way; there a mask may also carry its image's name unchanged."""
+    folders = [f for f in (subfolder(root, [c]) for c in BUSI_CLASSES) if f is not None]
     if not folders:
         return None
-    files = [p for d in folders for p in list_data_files(d)]
-    mask_key = _matcher(r"(.+)_mask(?:_\d+)?\.png")
-    images, problems = _group((p for p in files if mask_key(p) is None), file_stem, "image")
-    masks: dict[str, tuple[Path, ...]] = {}
-    for path in files:
-        case_id = mask_key(path)
-        if case_id is not None:
-            masks[case_id] = masks.get(case_id, ()) + (path,)
-    cases, problems = _pair(images, masks, problems)
+    images, masks = [], []
+    for folder in folders:
+        image_dir, mask_dir = subfolder(folder, IMAGE_FOLDERS), subfolder(folder, MASK_FOLDERS)
+        if image_dir is not None and mask_dir is not None:
+            images += list_data_files(image_dir)
+            masks += list_data_files(mask_dir)
+        else:
+            files = list_data_files(folder)
+            images += [p for p in files if not _BUSI_MASK.fullmatch(file_stem(p))]
+            masks += [p for p in files if _BUSI_MASK.fullmatch(file_stem(p))]
+
+    def mask_key(path: Path) -> str:
+        match = _BUSI_MASK.fullmatch(file_stem(path))
+        return match.group(1) if match else file_stem(path)
+
+    images_by_case, problems = _group(images, file_stem, "image")
+    masks_by_case: dict[str, tuple[Path, ...]] = {}
+    for path in masks:
+        masks_by_case[mask_key(path)] = masks_by_case.get(mask_key(path), ()) + (path,)
+    cases, problems = _pair(images_by_case, masks_by_case, problems)
     return CaseIndex("busi", "image", root, cases, LabelSpec(threshold=MASK_THRESHOLD), problems)
 
 
-@register_layout("lits")
+@register_layout("lits", "volume-<n>.nii[.gz] with segmentation-<n>.nii[.gz], in any sub-folder")
 def lits(root: Path) -> CaseIndex | None:
     """LiTS: ``volume-N.nii`` with ``segmentation-N.nii`` (0 background, 1 liver, 2 tumour), in any
     sub-folders (the challenge ships two training batches); ``.nii.gz`` is accepted too."""
@@ -195,7 +254,7 @@ def lits(root: Path) -> CaseIndex | None:
                        _matcher(r"segmentation-(\d+)\.nii(?:\.gz)?", "volume-{}"), LabelSpec(LITS_LABEL_VALUES), "volume")
 
 
-@register_layout("mmwhs")
+@register_layout("mmwhs", "ct|mr_train_<n>_image.nii.gz with ct|mr_train_<n>_label.nii.gz, in any sub-folder")
 def mmwhs(root: Path) -> CaseIndex | None:
     """MM-WHS: ``ct|mr_train_<n>_image.nii.gz`` with ``..._label.nii.gz``; label values
     0/205/420/500/550/600/820/850 become classes 0-7."""
@@ -208,13 +267,13 @@ def mmwhs(root: Path) -> CaseIndex | None:
 
 
 def _images_and_masks(root: Path, mask_folders: Sequence[str]) -> tuple[list[Path], list[Path]] | None:
-    mask_dir = next((root / m for m in mask_folders if (root / m).is_dir()), None)
-    if not (root / "images").is_dir() or mask_dir is None:
+    image_dir, mask_dir = subfolder(root, IMAGE_FOLDERS), subfolder(root, mask_folders)
+    if image_dir is None or mask_dir is None:
         return None
-    return list_data_files(root / "images"), list_data_files(mask_dir)
+    return list_data_files(image_dir), list_data_files(mask_dir)
 
 
-@register_layout("kvasir-seg")
+@register_layout("kvasir-seg", "images/<id>.jpg with masks/<id>.jpg (JPEG masks)")
 def kvasir_seg(root: Path) -> CaseIndex | None:
     """Kvasir-SEG: ``images/<id>.jpg`` with ``masks/<id>.jpg`` (JPEG masks, binarised at > 127)."""
     found = _images_and_masks(root, ["masks"])
@@ -224,15 +283,70 @@ def kvasir_seg(root: Path) -> CaseIndex | None:
                        LabelSpec(threshold=MASK_THRESHOLD), "image")
 
 
-@register_layout("generic")
+def _in_folder(root: Path, name_key: Callable[[Path], str | None]) -> Callable[[Path], str | None]:
+    """Pairing key = the file's folder relative to ``root`` / ``name_key`` of its name, so that
+    only files of one folder pair up; a file directly in ``root`` keeps its bare key."""
+    def key(path: Path) -> str | None:
+        name = name_key(path)
+        if name is None:
+            return None
+        folder = path.parent.relative_to(root).as_posix()
+        return name if folder == "." else f"{folder}/{name}"
+    return key
+
+
+@register_layout("suffix-pairs", "<case>.<ext> or <case>_image.<ext> with <case>_mask.<ext> (or _label, _seg, "
+                 "_segmentation, _gt) in the same folder, NIfTI or 2-D images")
+def suffix_pairs(root: Path) -> CaseIndex | None:
+    """Pairs named by suffix in one folder (or in several: each pairs its own files), e.g.
+    ``liver_03_image.nii.gz`` + ``liver_03_label.nii.gz`` or ``scan 7.png`` + ``scan 7_mask.png``.
+    The case id is the name without the suffix, prefixed by its sub-folder when not in ``root``.
+    Label values are class indices, as in ``generic``."""
+    files = list_data_files(root, recursive=True)
+    masks = [p for p in files if label_key(p) is not None]
+    if not masks:
+        return None
+    images = [p for p in files if label_key(p) is None]
+    kind = "volume" if images and is_nifti(images[0]) else "image"
+    return _pair_files("suffix-pairs", root, images, masks, _in_folder(root, image_key),
+                       _in_folder(root, label_key), LabelSpec(), kind)
+
+
+@register_layout("generic", "images/ with masks/ or labels/ (also image/, imgs/, mask/, label/), paired by "
+                 "file name; a mask name may end in _mask, _label, _seg ...")
 def generic(root: Path) -> CaseIndex | None:
-    """Any ``images/`` with ``masks/`` or ``labels/``, paired by file stem (images or NIfTI).
+    """Any ``images/`` with ``masks/`` or ``labels/``, paired by file stem (images or NIfTI); a mask
+    named ``<stem>_mask`` (or another of :data:`LABEL_NAME_SUFFIXES`) pairs with ``<stem>``.
     Label values are class indices (binary training uses ``label > 0``); JPEG masks are binarised."""
-    found = _images_and_masks(root, ["masks", "labels"])
+    found = _images_and_masks(root, MASK_FOLDERS)
     if found is None:
         return None
     kind = "volume" if found[0] and is_nifti(found[0][0]) else "image"
-    return _pair_files("generic", root, *found, file_stem, file_stem, LabelSpec(), kind)
+    return _pair_files("generic", root, *found, file_stem, lambda p: label_key(p) or file_stem(p),
+                       LabelSpec(), kind)
+
+
+def _tried(names: Iterable[str]) -> str:
+    return "".join(f"\n  {name}: {expectation(name)}" for name in names)
+
+
+def _detect(root: Path, names: Sequence[str]) -> CaseIndex | None:
+    """The index of the first layout in ``names`` that pairs a case in ``root``; failing that, of
+    the first that recognises the folder (it explains why it pairs nothing); else ``None``."""
+    recognised = None
+    for name in names:
+        index = LAYOUTS[name](root)
+        if index is not None and index.cases:
+            return index
+        recognised = recognised or index
+    return recognised
+
+
+def _only_subfolder(root: Path) -> Path | None:
+    """The one folder inside ``root`` when that is all it holds (an archive unpacked into a folder
+    named after the dataset: ``Kvasir-SEG/``, ``Dataset_BUSI_with_GT/``), else ``None``."""
+    entries = [p for p in root.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink() else None
 
 
 def find_cases(root: str | Path, layout: str | None = None, *, skip_bad: bool = False,
@@ -240,7 +354,9 @@ def find_cases(root: str | Path, layout: str | None = None, *, skip_bad: bool = 
     """Detect the layout of ``root`` (or use ``layout``) and list its cases.
 
     Args:
-        root: the dataset folder, as unpacked.
+        root: the dataset folder, as unpacked; a folder holding nothing but one folder (an
+            archive unpacked into a folder named after the dataset) is read as that folder when
+            a layout pairs cases there.
         layout: a key of :data:`LAYOUTS` to skip detection.
         skip_bad: keep going past unpaired/ambiguous files, listing them in ``skipped``;
             by default the first one raises.
@@ -256,15 +372,16 @@ def find_cases(root: str | Path, layout: str | None = None, *, skip_bad: bool = 
         raise DataError("not a folder", root)
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    for detect in LAYOUTS.values() if layout is None else [LAYOUTS[layout]]:
-        index = detect(root)
-        if index is not None:
-            break
-    else:
+    names = list(LAYOUTS) if layout is None else [layout]
+    # A folder holding only one folder is first read as that folder, then as itself.
+    inner = _only_subfolder(root)
+    found = [i for i in (_detect(f, names) for f in ([root] if inner is None else [inner, root])) if i is not None]
+    index = next((i for i in found if i.cases), found[0] if found else None)
+    if index is None:
         if not list_data_files(root, recursive=True):
             raise DataError("no image or NIfTI files in this folder", root)
-        raise DataError(f"folder matches no known layout ({', '.join(LAYOUTS)})" if layout is None
-                        else f"folder is not in the {layout} layout", root)
+        raise DataError(f"folder matches no known layout; tried:{_tried(names)}" if layout is None
+                        else f"folder is not in the {layout} layout: expected {expectation(layout)}", root)
     if label_values is not None:
         index.labels = LabelSpec(tuple(label_values))
     if index.skipped and not skip_bad:
@@ -272,5 +389,6 @@ def find_cases(root: str | Path, layout: str | None = None, *, skip_bad: bool = 
         more = f" (and {len(index.skipped) - 1} more problems)" if len(index.skipped) > 1 else ""
         raise DataError(first.problem + more, first.path, first.case_id)
     if not index.cases:
-        raise DataError(f"no usable cases in this {index.layout} folder", root)
+        raise DataError(f"no usable cases in this {index.layout} folder: expected {expectation(index.layout)}",
+                        index.root)
     return index

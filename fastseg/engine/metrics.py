@@ -26,6 +26,12 @@ Empty masks, ``empty="monai"`` (default; MONAI's behaviour):
 - dice, iou: NaN when T is empty (MONAI's ``ignore_empty=True``), whatever P is; 0 when only P is.
 - precision, recall: NaN when P, resp. T, is empty (0/0), as MONAI's confusion-matrix metrics.
 - hd95, hd95_pooled, assd: NaN when both are empty; +inf when exactly one is (a surface is missing).
+  One difference from MONAI (1.6.1, checked): there ``compute_hausdorff_distance(percentile=95)``
+  gives NaN when exactly one mask is empty, its percentile interpolating between infinite distances
+  (inf - inf), while its plain Hausdorff distance (no percentile) and its ASSD give +inf. fastseg
+  keeps +inf for hd95 as well, at every percentile: a missed or spurious structure is the worst
+  case, counted in :func:`summarize`'s ``n_inf``, rather than "undefined" (``n_nan``) like a case
+  with nothing to find. :data:`EMPTY_MASK_NOTE` says it in one paragraph, for reports.
 
 ``empty="perfect"``: a ratio whose denominator is 0 is 1 and two empty masks are at distance 0, so
 "both empty" scores perfectly; this is the ``s → 0`` limit of the smoothed per-image scores
@@ -52,8 +58,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["METRICS", "ISIC_JACCARD_THRESHOLD", "dice", "iou", "precision", "recall", "hd95",
-           "assd", "compute_metrics", "compute_metrics_batch", "summarize"]
+__all__ = ["METRICS", "ISIC_JACCARD_THRESHOLD", "EMPTY_MASK_NOTE", "dice", "iou", "precision", "recall",
+           "hd95", "assd", "compute_metrics", "compute_metrics_batch", "summarize"]
 
 Array = Union[np.ndarray, torch.Tensor]
 Spacing = Union[float, Sequence[float], None]
@@ -62,6 +68,12 @@ METRICS = ("dice", "iou", "precision", "recall", "hd95", "hd95_pooled", "assd")
 _OVERLAP = ("dice", "iou", "precision", "recall")
 _EMPTY = ("monai", "perfect")
 ISIC_JACCARD_THRESHOLD = 0.65
+# What a report of per-case scores should say about empty masks (``empty="monai"``).
+EMPTY_MASK_NOTE = (
+    "Empty masks: Dice and IoU are NaN when the ground truth is empty, precision when the prediction "
+    "is; HD95 and ASSD are +inf when exactly one of prediction and ground truth is empty and NaN when "
+    "both are. NaN and inf are left out of mean/std/median and counted (n_nan, n_inf). MONAI 1.6.1 "
+    "gives NaN, not +inf, for HD95 with one mask empty (+inf for its plain Hausdorff distance and ASSD).")
 
 
 def _numpy(x: Array) -> np.ndarray:
@@ -188,6 +200,11 @@ def hd95(pred: Array, target: Array, spacing: Spacing = None, *, pooled: bool = 
     the edge-to-edge distances, ``max(p95(d(P→T)), p95(d(T→P)))``. ``pooled=True``: the 95th
     percentile of both directed sets together. ``percentile=100``: the classical Hausdorff distance.
     One mask empty: +inf; both empty: NaN (``monai``) or 0 (``perfect``).
+
+    Unlike MONAI with one mask empty: MONAI 1.6.1's ``compute_hausdorff_distance(percentile=95)``
+    returns NaN there (a percentile of infinite distances) and +inf only without a percentile;
+    fastseg returns +inf at every percentile, so the case counts as a miss (``n_inf`` in
+    :func:`summarize`), not as undefined. See :data:`EMPTY_MASK_NOTE`.
     """
     _check_empty(empty)
     scores = _distance_scores(*_pair(pred, target), spacing, empty, percentile)
@@ -199,7 +216,8 @@ def assd(pred: Array, target: Array, spacing: Spacing = None, *, empty: str = "m
 
     The mean of both directed edge-to-edge distance sets concatenated (MONAI's
     ``compute_average_surface_distance(symmetric=True)``), so the larger surface weighs more.
-    One mask empty: +inf; both empty: NaN (``monai``) or 0 (``perfect``).
+    One mask empty: +inf, as in MONAI (whose HD95 is NaN there; fastseg's :func:`hd95` is +inf too);
+    both empty: NaN (``monai``) or 0 (``perfect``).
     """
     _check_empty(empty)
     return _distance_scores(*_pair(pred, target), spacing, empty)["assd"]

@@ -43,6 +43,20 @@ def register_cpp(name: str, fake_fwd, fake_bwd, setup_context, backward) -> None
     torch.library.register_autograd(f"fastseg::{name}", backward, setup_context=setup_context)
 
 
+def check_finite(named) -> None:
+    """``ValueError`` naming the first of ``named`` (``(name, tensor or None)`` pairs) that holds
+    NaN or inf; nothing while compiling. One reduction per tensor: a NaN or inf element makes the
+    sum non-finite, so only a non-finite sum (which finite values can also give, by overflow) is
+    looked at element by element."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in named:
+        if t is None or not t.is_floating_point():
+            continue
+        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
 def _cast_floats(value, dtype: torch.dtype):
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() else value

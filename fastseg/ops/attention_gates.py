@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .._layout import empty_like_output
 from ..backend import resolve_backend
-from ._registry import autocast_inputs, cpp_op, register_cpp
+from ._registry import autocast_inputs, check_finite, cpp_op, register_cpp
 
 __all__ = ["spatial_gate", "gated_pointwise", "channel_gate", "cross_gate", "attention_gate",
            "spatial_gate_reference", "gated_pointwise_reference", "channel_gate_reference",
@@ -124,11 +124,7 @@ def _check_param(name, t, shape, like):
 def _check_finite(named, backend):
     """NaN/inf check of every argument, except the feature maps the cpu kernels check themselves
     while they read them (``named``: ``(name, tensor, checked_by_cpu_kernel)``)."""
-    if torch.compiler.is_compiling():
-        return
-    for name, t, in_kernel in named:
-        if t is not None and not (in_kernel and backend == "cpu") and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf")
+    check_finite([(name, t) for name, t, in_kernel in named if not (in_kernel and backend == "cpu")])
 
 
 # --- custom ops: C++ (cpu, cuda) and Triton, one schema each -------------------------------------

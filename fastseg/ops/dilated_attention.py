@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..backend import resolve_backend
-from ._registry import autocast_inputs, cpp_op, register_cpp
+from ._registry import autocast_inputs, check_finite, cpp_op, register_cpp
 
 __all__ = ["dilated_attention2d", "dilated_attention2d_reference"]
 
@@ -77,14 +77,6 @@ def _validate(q, k, v, dilation, scale):
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-
-
-def _check_finite(tensors):
-    if torch.compiler.is_compiling():
-        return
-    for name, t in tensors:
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf")
 
 
 # --- autograd glue shared by the C++ and Triton ops --------------------------------------------
@@ -174,7 +166,7 @@ def dilated_attention2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dilat
     _validate(q, k, v, dilation, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = resolve_backend(backend, q.device, q.dtype)
-    _check_finite([("q", q), ("k", k), ("v", v)])
+    check_finite([("q", q), ("k", k), ("v", v)])
     if chosen == "reference":
         return dilated_attention2d_reference(q, k, v, dilation, scale)
     return _FUSED[chosen](q, k, v, dilation, scale)[0]

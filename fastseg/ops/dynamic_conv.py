@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .._layout import empty_like_output
 from ..backend import resolve_backend
-from ._registry import autocast_inputs, cpp_op, register_cpp
+from ._registry import autocast_inputs, check_finite, cpp_op, register_cpp
 
 __all__ = ["dynamic_conv2d", "dynamic_conv2d_reference"]
 
@@ -124,11 +124,8 @@ def _check_geometry(x, experts, stride, padding, dilation):
 def _check_finite(tensors, backend):
     """NaN/inf check, unless the backend checks its inputs itself (the cpu kernels do, while they
     first read them; a separate pass over x would cost a noticeable part of the op)."""
-    if torch.compiler.is_compiling() or backend == "cpu":
-        return
-    for name, t in tensors:
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf")
+    if backend != "cpu":
+        check_finite(tensors)
 
 
 # --- autograd glue shared by the C++ and Triton ops --------------------------------------------

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .._layout import empty_like_output
 from ..backend import resolve_backend
-from ._registry import autocast_inputs, cpp_op, register_cpp
+from ._registry import autocast_inputs, check_finite, cpp_op, register_cpp
 
 __all__ = ["mixed_depthwise_conv2d", "mixed_depthwise_conv2d_reference", "equal_splits"]
 
@@ -97,14 +97,10 @@ def _validate(x, weights, biases):
 def _check_finite(x, weights, bias, backend):
     """NaN/inf check of the parameters, and of ``x`` unless the backend checks it itself (the cpu
     kernels do, for free, while they copy each plane; a separate pass would cost more than the op)."""
-    if torch.compiler.is_compiling():
-        return
     named = [(f"weights[{g}]", w) for g, w in enumerate(weights)]
     named += [("biases", bias)] if bias is not None else []
     named += [("x", x)] if backend != "cpu" else []
-    for name, t in named:
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf")
+    check_finite(named)
 
 
 # --- autograd glue shared by the C++ and Triton ops --------------------------------------------

@@ -1,0 +1,27 @@
+"""The ops' shared NaN/inf check: exact, although it first looks only at each tensor's sum."""
+import pytest
+import torch
+
+from fastseg.ops._registry import check_finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_finite_values_whose_sum_overflows_pass(dtype):
+    big = torch.finfo(dtype).max
+    check_finite([("x", torch.full((5, 3), big, dtype=dtype)), ("y", None), ("i", torch.arange(4))])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_any_non_finite_element_is_named(bad):
+    x = torch.randn(4, 7)
+    y = torch.randn(3, 33, 5)
+    y[2, 31, 4] = bad
+    with pytest.raises(ValueError, match="^y contains NaN or inf$"):
+        check_finite([("x", x), ("y", y)])
+
+
+def test_opposite_infinities_are_caught():
+    x = torch.zeros(10)
+    x[1], x[8] = float("inf"), -float("inf")
+    with pytest.raises(ValueError, match="x contains"):
+        check_finite([("x", x)])

@@ -1,4 +1,5 @@
-"""Command line: ``fastseg info | bench | gpu-report | data inspect`` (also ``python -m fastseg ...``)."""
+"""Command line: ``fastseg train | evaluate | predict | data inspect | info | bench | gpu-report``
+(also ``python -m fastseg ...``)."""
 # Building the parser imports nothing beyond the standard library: each command imports what it
 # needs when it runs, so ``fastseg --help`` and a mistyped option answer at once.
 from __future__ import annotations
@@ -93,9 +94,103 @@ def _label_values(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 0,205,420; got {text!r}")
 
 
+def _train(args) -> int:
+    from fastseg.commands import run_train
+
+    return run_train(args)
+
+
+def _evaluate(args) -> int:
+    from fastseg.commands import run_evaluate
+
+    return run_evaluate(args)
+
+
+def _predict(args) -> int:
+    from fastseg.commands import run_predict
+
+    return run_predict(args)
+
+
+MODELS = ("lgmsnet", "lightawnet")
+BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by fastseg train (best.pt, last.pt)")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="op backend (default: auto)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images or slices per forward pass")
+    p.add_argument("--tta", action="store_true", help="average the predictions of the input and its flips")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train LGMSNet or LightAWNet on a dataset folder or built-in data",
+                       description="Train a seed model with its paper's recipe (options override it) on a "
+                       "dataset folder (any layout `fastseg data inspect` knows) or on built-in synthetic "
+                       "data. Splits the cases into train/val/test (test is never used for training or "
+                       "model selection), shows progress, and writes last.pt, best.pt, log.jsonl, "
+                       "loss.png, metrics.png, overlays/ and splits.json under --out. Ctrl-C saves "
+                       "last.pt; --resume continues. Runs under torchrun unchanged.")
+    p.add_argument("--model", choices=MODELS, required=True)
+    p.add_argument("--data", required=True, help="dataset folder, or synthetic-2d / synthetic-3d "
+                   "(generated under OUT/data on first use)")
+    p.add_argument("--layout", choices=_LayoutNames(), metavar="LAYOUT", help="force a layout: %(choices)s")
+    p.add_argument("--label-values", type=_label_values, help="raw label values in class order, e.g. 0,205,420")
+    p.add_argument("--num-classes", type=_positive_int, default=1,
+                   help="1: binary (label > 0); K > 1: K classes (default 1)")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int, help="images per optimizer step, over all processes")
+    p.add_argument("--size", type=_positive_int, help="train at SIZE×SIZE (LGMSNet: a multiple of 32, "
+                   "LightAWNet: of 16)")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--backend", choices=BACKEND_NAMES, help="op backend: reference (plain PyTorch) or the "
+                   "fused kernels (default: auto)")
+    p.add_argument("--amp", choices=("bfloat16", "float16"), help="mixed precision (float16: CUDA only)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="torch device (default: this process's GPU, else CPU)")
+    p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset folder (per case, summary, CSV)",
+                       description="Predict every case of a dataset folder whole (volumes slice by slice, "
+                       "scored in 3-D with their voxel spacing) and print Dice, IoU, precision, recall, "
+                       "HD95 and ASSD per case and summarised; write them as CSV.")
+    _add_inference_options(p)
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
+                   help="cases to score: a split recorded in the checkpoint, or all (default: test)")
+    p.add_argument("--layout", choices=_LayoutNames(), metavar="LAYOUT", help="force a layout: %(choices)s")
+    p.add_argument("--label-values", type=_label_values, help="raw label values in class order")
+    p.add_argument("--empty", choices=("monai", "perfect"), default="monai",
+                   help="scores of empty masks: MONAI's (NaN/inf) or perfect when both are empty")
+    p.add_argument("--csv", default=None, help="where to write the table (default: next to the checkpoint)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_evaluate)
+    p = sub.add_parser("predict", help="label maps for images or volumes (NIfTI in, NIfTI out; PNG/JPEG in, PNG out)",
+                       description="Segment one file or every file of a folder with a checkpoint. NIfTI "
+                       "volumes give NIfTI label maps with the input's affine and header; 2-D images give "
+                       "PNG masks. Inputs of any size: resized to the training size and back, or padded "
+                       "to the model's multiple and cropped back.")
+    _add_inference_options(p)
+    p.add_argument("--input", required=True, help="a file, or a folder (searched recursively)")
+    p.add_argument("--output", required=True, help="a file (for one input) or a folder")
+    p.add_argument("--overlay", action="store_true", help="also write the prediction over the image as PNG")
+    p.set_defaults(func=_predict)
     p = sub.add_parser("info", help="versions and which backends can run here")
     p.set_defaults(func=_info)
     p = sub.add_parser("bench", help="time the fused ops against the references; print ratios")

@@ -148,6 +148,19 @@ def _blend(base: np.ndarray, classes: np.ndarray, alpha: float = 0.5) -> np.ndar
     return out.round().astype(np.uint8)
 
 
+def overlay_image(array: np.ndarray, classes: np.ndarray, axis: int = 2) -> np.ndarray:
+    """A prediction over its image, as ``uint8 (H, W, 3)``: ``array`` an image ``(H, W[, C])``
+    with ``classes`` ``(H, W)``, or a volume ``(X, Y, Z[, C])`` with ``classes`` ``(X, Y, Z)``,
+    shown at the slice across ``axis`` with the most foreground (the middle one if none)."""
+    if classes.ndim == 3:
+        counts = (classes > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+        k = int(counts.argmax()) if counts.any() else classes.shape[axis] // 2
+        array, classes = np.take(array, k, axis=axis), np.take(classes, k, axis=axis)
+    image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
+    return _blend(_display(image), classes)
+
+
 def overlay_grid(images: torch.Tensor, truths: torch.Tensor, predictions: torch.Tensor,
                  path: str | Path, *, min_size: int = 160) -> Path:
     """One PNG with a row per sample: the image, the truth over it, the prediction over it.

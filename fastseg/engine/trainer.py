@@ -388,6 +388,11 @@ class Trainer:
         the epoch from a checkpoint (path or payload). A corrupt file raises
         :class:`~fastseg.engine.checkpoint.CheckpointError` before anything changes."""
         payload = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
+        stored_model = (payload.get("model") or {}).get("name")
+        if stored_model != self.model_spec[0]:
+            where = "" if isinstance(checkpoint, Mapping) else f"{checkpoint}: "
+            raise ValueError(f"{where}checkpoint of a {stored_model} model; this run trains "
+                             f"{self.model_spec[0]} (use another --out folder, or the same model)")
         for key in ("optimizer", "scheduler", "scaler", "rng", "sampler"):
             if key not in payload:
                 raise ValueError(f"checkpoint has no training state ({key!r} missing): it can "

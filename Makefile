@@ -1,5 +1,6 @@
 # Everything runs in a virtual environment inside the checkout (.venv), created on first use.
-#   make demo   set up, build, run the main job on built-in data (the benchmark summary)
+#   make demo   set up, build, run the main job on built-in data: train LGMSNet with the fused
+#               kernels on synthetic-2d, then score it on its held-out test split
 #   make test   set up, build, run the test suite
 #   make bench  the full benchmark suite (pytest bench), JSON in .benchmarks/
 #   make gpu-report  compile every kernel for sm_80/sm_90 (no GPU needed): registers, spills
@@ -32,8 +33,11 @@ test: build
 test-slow: build
 	$(PY) -m pytest tests -m slow
 
+DEMO := runs/demo
+# --resume: a second `make demo` (or one after Ctrl-C) continues from runs/demo/last.pt.
 demo: build
-	$(PY) -m fastseg bench
+	$(PY) -m fastseg train --model lgmsnet --data synthetic-2d --size 96 --epochs 16 --backend cpu --out $(DEMO) --resume
+	$(PY) -m fastseg evaluate --checkpoint $(DEMO)/best.pt --data $(DEMO)/data/synthetic-2d --split test --backend cpu
 
 bench: build
 	mkdir -p .benchmarks

@@ -17,7 +17,7 @@ from pathlib import Path
 
 SYNTHETIC = {
     # name: (generator, arguments): sized to train a model to a useful Dice in minutes on a CPU
-    "synthetic-2d": ("make_synthetic_2d", {"n": 200, "size": (96, 96), "image_format": "png",
+    "synthetic-2d": ("make_synthetic_2d", {"n": 300, "size": (96, 96), "image_format": "png",
                                            "mask_format": "png"}),
     "synthetic-3d": ("make_synthetic_ct", {"n": 6, "shape": (96, 96, 24)}),
 }
@@ -103,8 +103,9 @@ def run_train(args) -> int:
             return 130
         if _rank() == 0:
             best = result.get("best") or {}
-            score = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
-            print(f"done in {time.perf_counter() - start:.0f} s; best on validation: {score or '-'}")
+            score = (f"{best['metric']} {best['value']:.4f} at epoch {best['epoch']}"
+                     if best.get("value") is not None else "- (no validation)")
+            print(f"done in {time.perf_counter() - start:.0f} s; best on validation: {score}")
             print(f"checkpoints: {out / 'best.pt'} (best), {out / 'last.pt'} (last)")
     return 0
 
@@ -148,7 +149,8 @@ def run_evaluate(args) -> int:
         rows = evaluate(predictor, index, case_ids=case_ids, num_classes=labels.get("num_classes"),
                         empty=args.empty, progress=not args.quiet)
         print(format_results(rows))
-        print(f"\n{EMPTY_MASK_NOTE}")
+        units = "mm (the volumes' voxel spacing)" if index.kind == "volume" else "pixels"
+        print(f"\nhd95, hd95_pooled and assd are in {units}. {EMPTY_MASK_NOTE}")
         csv_path = Path(args.csv) if args.csv else Path(args.checkpoint).with_name(
             f"evaluate-{args.split}.csv")
         _check_outside(csv_path, [Path(args.data)], "--csv")

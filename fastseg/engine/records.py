@@ -18,6 +18,10 @@ __all__ = ["write_jsonl", "line_plot", "overlay_grid", "nice_ticks"]
 # Colour-blind-safe (Okabe–Ito) for curves; classes reuse it from the second entry on.
 PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0),
            (86, 180, 233), (240, 228, 66), (0, 0, 0)]
+# Classes 1, 2, ... over images: the same colour-blind-safe set, cool colours first (they stand
+# out on the reddish tissue of endoscopy and dermoscopy as on gray scans).
+MASK_COLOURS = [(86, 180, 233), (0, 158, 115), (240, 228, 66), (204, 121, 167), (213, 94, 0),
+                (0, 114, 178), (230, 159, 0)]
 
 
 def write_jsonl(path: str | Path, records: Sequence[Mapping]) -> Path:
@@ -142,7 +146,7 @@ def _blend(base: np.ndarray, classes: np.ndarray, alpha: float = 0.5) -> np.ndar
     for c in np.unique(classes):
         if c == 0:
             continue
-        colour = np.array(PALETTE[(int(c) - 1) % len(PALETTE) + 1], np.float32)
+        colour = np.array(MASK_COLOURS[(int(c) - 1) % len(MASK_COLOURS)], np.float32)
         where = classes == c
         out[where] = (1 - alpha) * out[where] + alpha * colour
     return out.round().astype(np.uint8)

@@ -147,3 +147,18 @@ def test_user_errors_are_one_line(tmp_path):
         _, err = fastseg(*args, expect=2)
         assert message in err and "Traceback" not in err, (args, err)
         assert err.strip().splitlines()[-1].startswith(f"fastseg {args[0]}: error: "), err
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_unchanged(trained, tmp_path):
+    """The same command under torchrun: two gloo processes, one set of outputs, one report."""
+    data = trained[0]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "fastseg", "train", "--model", "lgmsnet", "--data", str(data), "--epochs", "1",
+         "--batch-size", "4", "--size", "32", "--backend", "cpu", "--out", str(tmp_path / "ddp"), "--quiet"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("model: lgmsnet") == 1 and done.stdout.count("done in") == 1, done.stdout
+    assert "2 process(es)" in done.stdout
+    assert load_checkpoint(tmp_path / "ddp" / "last.pt")["world_size"] == 2

@@ -25,3 +25,11 @@ def test_opposite_infinities_are_caught():
     x[1], x[8] = float("inf"), -float("inf")
     with pytest.raises(ValueError, match="x contains"):
         check_finite([("x", x)])
+
+
+def test_leaves_no_autograd_record():
+    x = torch.randn(3, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        check_finite([("x", x)])
+    assert saved == []

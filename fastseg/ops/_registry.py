@@ -53,6 +53,7 @@ def check_finite(named) -> None:
     for name, t in named:
         if t is None or not t.is_floating_point():
             continue
+        t = t.detach()  # no autograd record of the check
         if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or inf")
 

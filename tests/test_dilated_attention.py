@@ -486,3 +486,15 @@ def test_cuda_kernels_registered_when_built_with_cuda():
     assert fastseg.backend.extension() is not None, "fastseg._C failed to import"
     for op in ("fastseg::dilated_attention2d", "fastseg::dilated_attention2d_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+
+
+@pytest.mark.parametrize("layer", ["sparse", "global"])
+def test_layers_return_the_input_memory_format(layer):
+    """NCHW in, NCHW-contiguous out (a channels-last view would make every NCHW kernel after the
+    layer copy its input and its gradient); channels-last in, channels-last out."""
+    module = (SparseTransformer2d(32, heads=2, mlp_dim=16, dilation=2) if layer == "sparse"
+              else GlobalSelfAttention2d(32))
+    x = torch.randn(2, 32, 8, 6)
+    assert module(x).is_contiguous()
+    y = module(x.contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()

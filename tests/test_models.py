@@ -69,7 +69,7 @@ def test_lightawnet_rejects_inputs_it_cannot_take(x, match):
 def _run(model, x, seed=3):
     x = x.clone().requires_grad_()
     y = model(x)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
     grads = torch.autograd.grad(y, [x, *model.parameters()], g)
     return y, grads
 
@@ -86,14 +86,19 @@ def _run(model, x, seed=3):
 def test_backends_agree_with_the_reference(name, backend, train):
     """Same weights, same input: the fused backend's logits and every gradient equal the
     reference backend's, in train mode (batch statistics) and eval mode, on a channels-last
-    input."""
+    input. The cpu backend runs in float64, where both must agree to rounding (in float32 the
+    BatchNorms of the coarsest stages, normalising over a few pixels, amplify the rounding
+    differences of any change of summation order past any tolerance that would still catch a
+    bug); Triton in float32 (its kernels' type)."""
     if unavailable_reason(backend, "cpu") is not None:
         pytest.skip(unavailable_reason(backend, "cpu"))
     cls, channels, multiple = MODELS[name]
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    rtol = 1e-9 if dtype == torch.float64 else 2e-3
     torch.manual_seed(0)
-    reference = cls(in_channels=channels, num_classes=2, backend="reference")
-    fused = cls(in_channels=channels, num_classes=2, backend=backend)
-    x = (torch.randn(2, channels, 2 * multiple, multiple) if backend == "cpu"
+    reference = cls(in_channels=channels, num_classes=2, backend="reference").to(dtype)
+    fused = cls(in_channels=channels, num_classes=2, backend=backend).to(dtype)
+    x = (torch.randn(2, channels, 2 * multiple, multiple, dtype=dtype) if backend == "cpu"
          else torch.randn(2, channels, multiple, multiple))
     with torch.no_grad():
         if name == "lightawnet":
@@ -110,14 +115,14 @@ def test_backends_agree_with_the_reference(name, backend, train):
     y, g = _run(fused, x.contiguous(memory_format=torch.channels_last))
     assert y.shape == (x.shape[0], 2, *x.shape[2:])
     scale = y_ref.abs().max()
-    assert (y - y_ref).abs().max() <= 1e-4 * scale
+    assert (y - y_ref).abs().max() <= rtol / 20 * scale
     # In train mode the gradient of a conv bias followed by BatchNorm is zero in exact arithmetic
     # (the norm removes any constant): there both sides are rounding noise, so every gradient
     # also gets 1e-4 of the largest one as absolute tolerance.
     largest = max(b.abs().max() for b in g_ref)
     names = ["x"] + [n for n, _ in reference.named_parameters()]
     for param, a, b in zip(names, g, g_ref):
-        assert (a - b).abs().max() <= 2e-3 * b.abs().max() + 1e-4 * largest, param
+        assert (a - b).abs().max() <= rtol * b.abs().max() + rtol / 20 * largest, param
 
 
 @pytest.mark.parametrize("name", list(MODELS))

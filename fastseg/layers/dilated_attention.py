@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._layout import output_memory_format
 from .._validation import check_positive_int
 from ..backend import _check_name
 from ..ops.dilated_attention import dilated_attention2d
@@ -75,7 +76,9 @@ class SparseTransformer2d(nn.Module):
                                        self.dilation, backend=self.backend)
         t = t + self.to_out(attended.reshape(N, H, W, -1))
         t = t + self.ffn_out(F.silu(self.ffn_in(self.norm2(t))))
-        return t.permute(0, 3, 1, 2)
+        # Back in x's memory format: a channels-last view would make every NCHW kernel
+        # downstream copy its input (and its gradient) again.
+        return t.permute(0, 3, 1, 2).contiguous(memory_format=output_memory_format(x))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, mlp_dim={self.mlp_dim}, heads={self.heads}, "
@@ -121,7 +124,8 @@ class GlobalSelfAttention2d(nn.Module):
         qkv = F.linear(t, weight, bias).unsqueeze(3)  # [N, H, W, 1, 2·d_qk + C]
         out = dilated_attention2d(qkv[..., :d_qk], qkv[..., d_qk:2 * d_qk], qkv[..., 2 * d_qk:],
                                   1, 1.0, backend=self.backend)
-        return (self.gamma * out.view(N, H, W, C) + t).permute(0, 3, 1, 2)
+        y = (self.gamma * out.view(N, H, W, C) + t).permute(0, 3, 1, 2)
+        return y.contiguous(memory_format=output_memory_format(x))  # x's format, as above
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, qk_reduction={self.qk_reduction}, "

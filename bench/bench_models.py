@@ -74,7 +74,9 @@ def make_step(name, impl, mode, batch, size):
     channels = MODELS[name][1]
     g = torch.Generator().manual_seed(2)
     x = torch.randn(batch, channels, size, size, generator=g)
-    run = torch.compile(model) if impl.endswith("-compiled") else model
+    # dynamic=False: one static graph per case (with automatic dynamic shapes, the recompile
+    # for a second input size fails in inductor: "Cannot convert expression to float")
+    run = torch.compile(model, dynamic=False) if impl.endswith("-compiled") else model
     if mode == "inference":
         def step():
             with torch.no_grad():

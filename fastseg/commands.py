@@ -145,15 +145,15 @@ def run_evaluate(args) -> int:
                 raise UserError(f"{len(missing)} of the {args.split} cases are not in {args.data} "
                                 f"(e.g. {missing[0]}): is it the folder the model was trained on? "
                                 "--split all scores every case found")
+        csv_path = Path(args.csv) if args.csv else Path(args.checkpoint).with_name(
+            f"evaluate-{args.split}.csv")
+        _check_outside(csv_path, [Path(args.data)], "--csv")
         labels = payload.get("labels") or {}
         rows = evaluate(predictor, index, case_ids=case_ids, num_classes=labels.get("num_classes"),
                         empty=args.empty, progress=not args.quiet)
         print(format_results(rows))
         units = "mm (the volumes' voxel spacing)" if index.kind == "volume" else "pixels"
         print(f"\nhd95, hd95_pooled and assd are in {units}. {EMPTY_MASK_NOTE}")
-        csv_path = Path(args.csv) if args.csv else Path(args.checkpoint).with_name(
-            f"evaluate-{args.split}.csv")
-        _check_outside(csv_path, [Path(args.data)], "--csv")
         print(f"\nper-case metrics: {write_csv(rows, csv_path)}")
     return 0
 

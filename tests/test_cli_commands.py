@@ -82,6 +82,9 @@ def test_evaluate_the_test_split(trained, tmp_path):
     fastseg("evaluate", "--checkpoint", run / "best.pt", "--data", data, "--split", "all", "--quiet",
             "--csv", tmp_path / "all.csv")
     assert len((tmp_path / "all.csv").read_text().splitlines()) == 12 + 1 + 3
+    _, err = fastseg("evaluate", "--checkpoint", run / "best.pt", "--data", data, "--csv", data / "m.csv",
+                     expect=2)
+    assert "never writes into input data" in err and not (data / "m.csv").exists()
 
 
 def test_predict_images_of_any_size_with_overlays(trained, tmp_path):

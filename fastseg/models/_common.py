@@ -1,9 +1,22 @@
-"""Pieces the models share: a conv-norm-activation unit, the input check and the BatchNorm folding
-of `fuse_for_inference`."""
+"""Pieces the models share: the constructor's argument checks, a conv-norm-activation unit, the
+input check and the BatchNorm folding of `fuse_for_inference`."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .._validation import check_positive_int
+from ..backend import _check_name
+
+
+def store_arguments(model: nn.Module, in_channels: int, num_classes: int, backend: str) -> dict:
+    """Check the seed models' constructor arguments, store them on ``model`` (``in_channels``,
+    ``num_classes``, ``backend``) and return the keyword arguments for its fused layers."""
+    for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+        check_positive_int(name, value)
+    model.in_channels, model.num_classes = in_channels, num_classes
+    model.backend = _check_name(backend)
+    return dict(backend=backend)
 
 
 def conv_bn_act(in_channels: int, out_channels: int, kernel_size: int, act: nn.Module,

@@ -13,10 +13,8 @@ from torch import nn
 import torch
 import torch.nn.functional as F
 
-from .._validation import check_positive_int
-from ..backend import _check_name
 from ..layers import MixedDepthwiseConv2d, SparseTransformer2d
-from ._common import check_input, conv_bn_act, fuse_for_inference
+from ._common import check_input, conv_bn_act, fuse_for_inference, store_arguments
 
 __all__ = ["LGMSNet"]
 
@@ -112,11 +110,7 @@ class LGMSNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, backend: str = "auto"):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-            check_positive_int(name, value)
-        self.in_channels, self.num_classes = in_channels, num_classes
-        self.backend = _check_name(backend)
-        b = dict(backend=backend)
+        b = store_arguments(self, in_channels, num_classes, backend)
         self.stem = conv_bn_act(in_channels, 16, 3, nn.ReLU(), bias=True)
         self.encoder1 = nn.Sequential(LocalMultiscaleBlock(16, **b), conv_bn_act(16, 16, 1, nn.SiLU()))
         self.encoder2 = nn.Sequential(LocalMultiscaleBlock(16, **b), conv_bn_act(16, 32, 1, nn.SiLU()))

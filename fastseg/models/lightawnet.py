@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_positive_int
-from ..backend import _check_name
 from ..layers import (CrossGate, DynamicConv2d, GatedPointwise, GlobalSelfAttention2d,
                       SqueezeExcite)
-from ._common import check_input, fuse_for_inference
+from ._common import check_input, fuse_for_inference, store_arguments
 
 __all__ = ["LightAWNet"]
 
@@ -87,11 +85,7 @@ class LightAWNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 1, backend: str = "auto"):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-            check_positive_int(name, value)
-        self.in_channels, self.num_classes = in_channels, num_classes
-        self.backend = _check_name(backend)
-        b = dict(backend=backend)
+        b = store_arguments(self, in_channels, num_classes, backend)
         self.encoder1 = Block(in_channels, 16, **b)
         self.encoder2 = Block(16, 32, **b)
         self.encoder3 = Block(32, 64, **b)

@@ -113,6 +113,8 @@ def _predict(args) -> int:
 
 
 MODELS = ("lgmsnet", "lightawnet")
+# fastseg.backend.BACKENDS with "auto", spelled out: importing fastseg.backend imports torch
+# (tests/test_cli_commands.py keeps the two equal).
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 
 

@@ -165,3 +165,10 @@ def test_train_under_torchrun_unchanged(trained, tmp_path):
     assert done.stdout.count("model: lgmsnet") == 1 and done.stdout.count("done in") == 1, done.stdout
     assert "2 process(es)" in done.stdout
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["world_size"] == 2
+
+
+def test_backend_choices_are_the_backends():
+    from fastseg.backend import BACKENDS
+    from fastseg.cli import BACKEND_NAMES
+
+    assert BACKEND_NAMES == ("auto", *BACKENDS)

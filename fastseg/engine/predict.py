@@ -147,5 +147,6 @@ def output_path(source: Path, output: Path, suffix: str) -> Path:
     """Where the prediction of ``source`` goes in folder ``output``: its file name with ``suffix``
     (e.g. ``_pred.png``) in place of its data suffix."""
     from ..data.io import data_suffix
-    name = source.name[: len(source.name) - len(data_suffix(source))] if data_suffix(source) else source.stem
+    ending = data_suffix(source)
+    name = source.name[: len(source.name) - len(ending)] if ending else source.stem
     return output / f"{name}{suffix}"

@@ -37,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/finite.h"
 #include "common/dynamic_conv.h"
 #include "dynamic_conv.h"
 #include "utils.h"
@@ -118,16 +119,6 @@ Plan choose_plan(const Geometry& g) {
                       "FASTSEG_DYNAMIC_CONV_CPU_PLAN must be folded, gemm or auto, got ", want);
   }
   return g.C_out * g.R() >= g.C_in * g.taps() * g.P() ? Plan::gemm : Plan::folded;
-}
-
-// Whether every value of t[0, n) is finite (run on data about to be used, so it is in cache):
-// Σ t[i]·0 is 0 unless some t[i] is NaN or ±inf, and the sum vectorises.
-template <typename T>
-bool all_finite(const T* t, int64_t n) {
-  T zero = 0;
-#pragma omp simd reduction(+ : zero)
-  for (int64_t i = 0; i < n; ++i) zero += t[i] * T(0);
-  return zero == T(0);
 }
 
 template <typename T>

@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/finite.h"
 #include "common/mixed_depthwise_conv.h"
 #include "mixed_depthwise_conv.h"
 #include "utils.h"
@@ -44,17 +45,6 @@ struct PaddedPlane {
                   sizeof(T) * W);
   }
 };
-
-// Whether every value of a plane is finite. Run on a plane just copied (still in cache), it is
-// the forward's NaN/inf input check at almost no cost, where a separate pass over x would cost
-// more than the convolution.
-template <typename T>
-bool all_finite(const T* plane, int64_t n) {
-  bool ok = true;
-#pragma omp simd reduction(&& : ok)
-  for (int64_t i = 0; i < n; ++i) ok = ok && std::abs(plane[i]) <= std::numeric_limits<T>::max();
-  return ok;
-}
 
 // out = correlate(padded, kernel) + bias (+ addend) over one plane; `flip` for the input grad.
 template <typename T>

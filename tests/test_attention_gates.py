@@ -125,13 +125,15 @@ def test_matches_reference(backend, name, layout):
 
 
 # --- block and tile boundaries --------------------------------------------------------------
-# The cpu kernels work on blocks of 256 bytes of pixels (64 float32, 32 float64); around the 1×1
-# products on blocks of 128 bytes (32 / 16) in tasks of 1024 pixels, or, with ≥ 8 channels on
-# both sides of the product, on whole samples through ATen's GEMM. The Triton kernels work on
+# The cpu kernels of spatial_gate, and the gating passes around the GEMM of gated_pointwise and
+# attention_gate (≥ 8 channels on both sides of the 1×1 product), work on blocks of pixels of
+# about 512 KB over all channels (csrc/cpu/attention_gates.cpp, pixel_block), at least 256 pixels:
+# with ~1000 channels a block is 256 pixels in both dtypes. With fewer channels, the 1×1 products
+# run on blocks of 128 bytes (32 float32 / 16 float64) in tasks of 1024 pixels. The Triton kernels work on
 # BLOCK_C × BLOCK_P slices (32 × 128 at most) and BLOCK_H × BLOCK_W tiles (16 × 64 at most), or
 # the sizes a test passes. Each shape below spans several blocks with a partial last one.
 CPU_BLOCKS = {
-    "spatial": lambda dt: spatial(2, 3, 9, 15 if dt == torch.float32 else 7),       # 135 / 63 px
+    "spatial": lambda dt: spatial(2, 1024, 17, 19),                                # 323 px
     "gated-blocks": lambda dt: gated(2, 5, 6, 30, 31),                             # 930 px
     "channel": lambda dt: channel(2, 3, 2, 5, 37, True, True),                     # 74-wide rows
     "cross": lambda dt: cross(2, 2, 9, 70, 5, 33, True),
@@ -139,6 +141,8 @@ CPU_BLOCKS = {
     # ≥ 8 channels on both sides of the 1×1 product: the GEMM path.
     "gated-gemm": lambda dt: gated(2, 40, 16, 9, 13),
     "attention-gemm": lambda dt: attention(1, 33, 34, 32, 7, 9),
+    "gated-gemm-blocks": lambda dt: gated(2, 8, 700, 17, 19),                      # 323 px
+    "attention-gemm-blocks": lambda dt: attention(2, 1024, 8, 8, 17, 19),          # 323 px
 }
 
 

@@ -158,6 +158,27 @@ def test_cpu_blocks_cover_every_pixel(dtype, layout, name):
                             rtol=5e-5 if dtype == torch.float32 else 1e-12)
 
 
+def test_cpu_sigmoid_over_the_whole_float_range():
+    """The cpu kernels' float32 sigmoid (a polynomial e^x, csrc/common/attention_gates.h) against
+    torch.sigmoid from -100 to 100, through the ends where e^x leaves the normal floats and
+    overflows; value and gradient of a same-size cross_gate, y = a·σ(b)."""
+    skip_unless("cpu")
+    b = torch.linspace(-100, 100, 2 * 100_003).view(2, 1, 100_003, 1)
+    b = torch.cat([b, torch.tensor([-88.8, -88.6, -88.4, -87.1, -86.9, 86.9, 87.1, 88.4, 88.8]
+                                   ).view(1, 1, 9, 1).expand(2, 1, 9, 1)], 2)
+    a = torch.ones_like(b)
+    y, (grad_a, grad_b), _ = run(ag.cross_gate, [a, b, True], "cpu", grad_y=torch.ones_like(b))
+    expected = torch.sigmoid(b.double())
+    # relative to the value down to 1e-30, absolutely (1e-37) below that
+    error = (y.double() - expected).abs() / expected.clamp_min(1e-30)
+    assert error.max().item() < 3e-7
+    torch.testing.assert_close(grad_a, y)
+    # σ' = σ·(1 - σ) in float32, as ATen's sigmoid_backward computes it: 1 - σ is 0 from b ≈ 17 on,
+    # so compared absolutely, within a few units in the last place of σ near 1.
+    s = torch.sigmoid(b)
+    assert (grad_b - s * (1 - s)).abs().max().item() < 2e-7
+
+
 TRITON_BLOCKS = [
     # (case, small blocks): small slices/tiles, then launch_config's own at a shape crossing them.
     ("spatial", spatial(1, 37, 3, 45), dict(block_c=4, block_p=16, num_warps=1)),   # 135 px

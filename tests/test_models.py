@@ -134,9 +134,15 @@ def test_every_fused_layer_gets_the_backend(name, backend):
     kinds = {type(m).__name__ for m in fused}
     expected = ({"MixedDepthwiseConv2d", "SparseTransformer2d"} if name == "lgmsnet" else
                 {"DynamicConv2d", "GatedPointwise", "CrossGate", "GlobalSelfAttention2d",
-                 "SqueezeExcite"})
+                 "SqueezeExcite"}) | {"PointwiseConv2d"}
     assert kinds == expected
     assert all(m.backend == backend for m in fused)
+    # every dense 1×1 convolution the model runs as one is a PointwiseConv2d (the GEMM path on
+    # the cpu backend); the fused layers' own 1×1 convs only hold their ops' weights
+    layers = [n + "." for n, m in model.named_modules() if hasattr(m, "backend") and m is not model]
+    plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Conv2d
+             and m.kernel_size == (1, 1) and m.groups == 1 and not n.startswith(tuple(layers))]
+    assert not plain
 
 
 @pytest.mark.parametrize("name", list(MODELS))

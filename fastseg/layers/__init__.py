@@ -3,6 +3,8 @@ from .attention_gates import AttentionGate, CrossGate, GatedPointwise, SpatialGa
 from .dilated_attention import GlobalSelfAttention2d, SparseTransformer2d
 from .dynamic_conv import DynamicConv2d
 from .mixed_depthwise_conv import MixedDepthwiseConv2d
+from .pointwise_conv import PointwiseConv2d
 
 __all__ = ["AttentionGate", "CrossGate", "DynamicConv2d", "GatedPointwise", "GlobalSelfAttention2d",
-           "MixedDepthwiseConv2d", "SparseTransformer2d", "SpatialGate", "SqueezeExcite"]
+           "MixedDepthwiseConv2d", "PointwiseConv2d", "SparseTransformer2d", "SpatialGate",
+           "SqueezeExcite"]

@@ -7,6 +7,7 @@ from torch import nn
 
 from .._validation import check_positive_int
 from ..backend import _check_name
+from ..layers import PointwiseConv2d
 
 
 def store_arguments(model: nn.Module, in_channels: int, num_classes: int, backend: str) -> dict:
@@ -20,11 +21,14 @@ def store_arguments(model: nn.Module, in_channels: int, num_classes: int, backen
 
 
 def conv_bn_act(in_channels: int, out_channels: int, kernel_size: int, act: nn.Module,
-                bias: bool = False) -> nn.Sequential:
-    """Conv (``kernel_size``, 'same' padding) → BatchNorm → ``act``."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size,
-                                   padding=kernel_size // 2, bias=bias),
-                         nn.BatchNorm2d(out_channels), act)
+                bias: bool = False, backend: str = "auto") -> nn.Sequential:
+    """Conv (``kernel_size``, 'same' padding; a :class:`~fastseg.layers.PointwiseConv2d` for 1×1)
+    → BatchNorm → ``act``."""
+    if kernel_size == 1:
+        conv = PointwiseConv2d(in_channels, out_channels, bias=bias, backend=backend)
+    else:
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), act)
 
 
 def check_input(x: torch.Tensor, channels: int, multiple: int, model: str) -> None:

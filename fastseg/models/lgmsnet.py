@@ -13,7 +13,7 @@ from torch import nn
 import torch
 import torch.nn.functional as F
 
-from ..layers import MixedDepthwiseConv2d, SparseTransformer2d
+from ..layers import MixedDepthwiseConv2d, PointwiseConv2d, SparseTransformer2d
 from ._common import check_input, conv_bn_act, fuse_for_inference, store_arguments
 
 __all__ = ["LGMSNet"]
@@ -31,7 +31,7 @@ class LocalMultiscaleBlock(nn.Module):
         super().__init__()
         self.mixed = MixedDepthwiseConv2d(channels, (3, 5, 7, 9), residual=True, backend=backend)
         self.norm = nn.GroupNorm(4, channels)
-        self.reduce = conv_bn_act(channels, channels // 4, 1, nn.SiLU())
+        self.reduce = conv_bn_act(channels, channels // 4, 1, nn.SiLU(), backend=backend)
         self.expand = conv_bn_act(channels // 4, channels, 3, nn.SiLU())
 
     def forward(self, x):
@@ -56,13 +56,13 @@ class GlobalMultiscaleBlock(nn.Module):
         local = channels - transformer_channels
         self.transformer_channels = transformer_channels
         self.conv1 = conv_bn_act(in_channels, channels, 3, nn.SiLU())
-        self.conv2 = conv_bn_act(channels, channels, 1, nn.SiLU())
+        self.conv2 = conv_bn_act(channels, channels, 1, nn.SiLU(), backend=backend)
         self.local = nn.Sequential(
             nn.Conv2d(local, local, 3, padding=1, groups=local, bias=False), nn.BatchNorm2d(local),
             nn.ReLU(), nn.Conv2d(local, local, 1, groups=local, bias=False), nn.BatchNorm2d(local))
         self.transformer = SparseTransformer2d(transformer_channels, mlp_dim, heads=4, head_dim=8,
                                                dilation=2, backend=backend)
-        self.conv3 = conv_bn_act(channels, channels, 1, nn.SiLU())
+        self.conv3 = conv_bn_act(channels, channels, 1, nn.SiLU(), backend=backend)
         self.conv4 = conv_bn_act(in_channels + channels, channels, 3, nn.SiLU())
 
     def forward(self, x):
@@ -85,12 +85,13 @@ class Fusion(nn.Sequential):
     """Conv3×3 (groups 2) → GELU → BN → PW_{a→4b} → GELU → BN → PW_{4b→b} → GELU → BN
     (activations before the norms, as the original)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
         hidden = 4 * out_channels
         super().__init__(
             nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=2), nn.GELU(),
-            nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, hidden, 1), nn.GELU(),
-            nn.BatchNorm2d(hidden), nn.Conv2d(hidden, out_channels, 1), nn.GELU(),
+            nn.BatchNorm2d(in_channels), PointwiseConv2d(in_channels, hidden, backend=backend),
+            nn.GELU(), nn.BatchNorm2d(hidden),
+            PointwiseConv2d(hidden, out_channels, backend=backend), nn.GELU(),
             nn.BatchNorm2d(out_channels))
 
 
@@ -112,20 +113,20 @@ class LGMSNet(nn.Module):
         super().__init__()
         b = store_arguments(self, in_channels, num_classes, backend)
         self.stem = conv_bn_act(in_channels, 16, 3, nn.ReLU(), bias=True)
-        self.encoder1 = nn.Sequential(LocalMultiscaleBlock(16, **b), conv_bn_act(16, 16, 1, nn.SiLU()))
-        self.encoder2 = nn.Sequential(LocalMultiscaleBlock(16, **b), conv_bn_act(16, 32, 1, nn.SiLU()))
-        self.encoder3 = nn.Sequential(LocalMultiscaleBlock(32, **b), conv_bn_act(32, 64, 1, nn.SiLU()))
+        self.encoder1 = nn.Sequential(LocalMultiscaleBlock(16, **b), conv_bn_act(16, 16, 1, nn.SiLU(), **b))
+        self.encoder2 = nn.Sequential(LocalMultiscaleBlock(16, **b), conv_bn_act(16, 32, 1, nn.SiLU(), **b))
+        self.encoder3 = nn.Sequential(LocalMultiscaleBlock(32, **b), conv_bn_act(32, 64, 1, nn.SiLU(), **b))
         self.encoder4 = GlobalMultiscaleBlock(64, 128, 96, 256, **b)
         self.encoder5 = GlobalMultiscaleBlock(128, 128, 96, 256, **b)
         self.up5 = Up(128, 128)
         self.decoder5 = GlobalMultiscaleBlock(256, 128, 96, 256, **b)
         self.up4 = Up(128, 64)
-        self.decoder4 = nn.Sequential(Fusion(128, 64), GlobalMultiscaleBlock(64, 64, 48, 128, **b))
+        self.decoder4 = nn.Sequential(Fusion(128, 64, **b), GlobalMultiscaleBlock(64, 64, 48, 128, **b))
         self.up3 = Up(64, 32)
-        self.decoder3 = Fusion(64, 32)
+        self.decoder3 = Fusion(64, 32, **b)
         self.up2 = Up(32, 16)
-        self.decoder2 = Fusion(32, 16)
-        self.head = nn.Conv2d(16, num_classes, 1)
+        self.decoder2 = Fusion(32, 16, **b)
+        self.head = PointwiseConv2d(16, num_classes, **b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[N, in_channels, H, W]`` (H, W divisible by 32) → logits ``[N, num_classes, H, W]``."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (CrossGate, DynamicConv2d, GatedPointwise, GlobalSelfAttention2d,
-                      SqueezeExcite)
+                      PointwiseConv2d, SqueezeExcite)
 from ._common import check_input, fuse_for_inference, store_arguments
 
 __all__ = ["LightAWNet"]
@@ -44,7 +44,7 @@ class Block(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
         super().__init__()
         self.depthwise = nn.Conv2d(in_channels, in_channels, 7, padding=3, groups=in_channels)
-        self.expand = nn.Sequential(nn.Conv2d(in_channels, 4 * in_channels, 1),
+        self.expand = nn.Sequential(PointwiseConv2d(in_channels, 4 * in_channels, backend=backend),
                                     nn.BatchNorm2d(4 * in_channels), nn.LeakyReLU())
         self.gate = GatedPointwise(4 * in_channels, in_channels, backend=backend)
         self.dynamic = DynamicConvBN(in_channels, out_channels, backend)
@@ -60,7 +60,7 @@ class Decoder(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
         super().__init__()
-        self.reduce = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1),
+        self.reduce = nn.Sequential(PointwiseConv2d(in_channels, out_channels, backend=backend),
                                     nn.BatchNorm2d(out_channels), nn.LeakyReLU())
         self.excite = SqueezeExcite(out_channels, reduction=8, upsample=True, backend=backend)
         self.dynamic = DynamicConvBN(out_channels, out_channels, backend)
@@ -90,11 +90,11 @@ class LightAWNet(nn.Module):
         self.encoder2 = Block(16, 32, **b)
         self.encoder3 = Block(32, 64, **b)
         self.encoder4 = Block(64, 128, **b)          # branch a at 1/8
-        self.side4 = nn.Conv2d(64, 128, 1)           # branch b at 1/8
-        self.side5 = nn.Conv2d(128, 256, 1)
+        self.side4 = PointwiseConv2d(64, 128, **b)   # branch b at 1/8
+        self.side5 = PointwiseConv2d(128, 256, **b)
         self.encoder5 = Block(128, 256, **b)         # branch a at 1/16
         self.attention = GlobalSelfAttention2d(256, **b)
-        self.skip4 = nn.Conv2d(256, 128, 1)
+        self.skip4 = PointwiseConv2d(256, 128, **b)
         self.gate = CrossGate(align_corners=True, **b)
         self.decoder4 = Decoder(256, 128, **b)
         self.decoder3 = Decoder(128, 64, **b)

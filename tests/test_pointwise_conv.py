@@ -1,0 +1,79 @@
+"""PointwiseConv2d: nn.Conv2d's 1×1 convolution, as GEMMs on the cpu backend's NCHW path."""
+import pytest
+import torch
+from torch import nn
+
+from fastseg.layers import PointwiseConv2d
+
+
+def pair(c_in, c_out, bias, dtype=torch.float32, backend="cpu"):
+    torch.manual_seed(0)
+    layer = PointwiseConv2d(c_in, c_out, bias=bias, backend=backend).to(dtype)
+    plain = nn.Conv2d(c_in, c_out, 1, bias=bias).to(dtype)
+    plain.load_state_dict(layer.state_dict())
+    return layer, plain
+
+
+def outputs_and_grads(module, x, grad_y):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    grads = torch.autograd.grad(y, [x] + list(module.parameters()), grad_y)
+    return y, grads
+
+
+class CountGemm:
+    """Counts calls of the GEMM path (ATen's thnn_conv2d) while active."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = torch._C._nn.thnn_conv2d
+
+        def counted(*args):
+            self.calls += 1
+            return real(*args)
+        monkeypatch.setattr(torch._C._nn, "thnn_conv2d", counted)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_matches_nn_conv2d(monkeypatch, dtype, rtol, bias, layout):
+    gemm = CountGemm(monkeypatch)
+    layer, plain = pair(13, 7, bias, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 13, 9, 11, generator=g, dtype=dtype)
+    grad_y = torch.randn(3, 7, 9, 11, generator=g, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, grads = outputs_and_grads(layer, x, grad_y)
+    y_ref, grads_ref = outputs_and_grads(plain, x, grad_y)
+    assert gemm.calls == (1 if layout == "nchw" else 0)  # channels-last keeps oneDNN's path
+    for a, b in zip((y,) + grads, (y_ref,) + grads_ref):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= rtol * b.abs().max()
+
+
+def test_reference_backend_is_nn_conv2d(monkeypatch):
+    gemm = CountGemm(monkeypatch)
+    layer, plain = pair(4, 5, True, backend="reference")
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
+    assert gemm.calls == 0
+
+
+def test_state_dict_moves_both_ways():
+    layer, plain = pair(6, 3, True)
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    assert layer.weight.shape == (3, 6, 1, 1)
+    back = PointwiseConv2d(6, 3)
+    back.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(back.weight, plain.weight)
+
+
+def test_autocast_and_compile():
+    layer, plain = pair(8, 4, True)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # nn.Conv2d's autocast path
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)

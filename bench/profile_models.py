@@ -49,8 +49,8 @@ def category(name: str, shapes) -> str:
     for label, pattern in CATEGORIES:
         if re.search(pattern, name):
             if label == "convolution":
-                # the weight: convolution_backward's third input, the forward ops' second
-                index = 2 if name == "aten::convolution_backward" else 1
+                # the weight: the backward ops' third input, the forward ops' second
+                index = 2 if name.endswith("_backward") else 1
                 weight = shapes[index] if len(shapes) > index else []
                 if len(weight) == 4 and weight[1] == 1 and weight[2] * weight[3] > 1:
                     return "depthwise convolutions"

@@ -134,7 +134,7 @@ def test_every_fused_layer_gets_the_backend(name, backend):
     kinds = {type(m).__name__ for m in fused}
     expected = ({"MixedDepthwiseConv2d", "SparseTransformer2d"} if name == "lgmsnet" else
                 {"DynamicConv2d", "GatedPointwise", "CrossGate", "GlobalSelfAttention2d",
-                 "SqueezeExcite"}) | {"PointwiseConv2d"}
+                 "SqueezeExcite", "DepthwiseConv2d"}) | {"PointwiseConv2d"}
     assert kinds == expected
     assert all(m.backend == backend for m in fused)
     # every dense 1×1 convolution the model runs as one is a PointwiseConv2d (the GEMM path on

@@ -1,4 +1,5 @@
-"""``MixedDepthwiseConv2d``: the drop-in layer for :func:`fastseg.ops.mixed_depthwise_conv2d`."""
+"""``MixedDepthwiseConv2d`` and ``DepthwiseConv2d``: the drop-in layers for
+:func:`fastseg.ops.mixed_depthwise_conv2d`."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..backend import _check_name
+from ..backend import _check_name, requested_backend
 from ..ops.mixed_depthwise_conv import equal_splits, mixed_depthwise_conv2d
 
 
@@ -59,3 +60,35 @@ class MixedDepthwiseConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.channels}, kernel_sizes={tuple(self.kernel_sizes)}, splits={tuple(self.splits)}, "
                 f"bias={self.biases is not None}, residual={self.residual}, backend={self.backend!r}")
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
+    bias=bias)``: the same parameters (``weight`` ``[channels, 1, k, k]``, ``bias``
+    ``[channels]``), initialisation and state_dict keys, computed by the fused
+    :func:`~fastseg.ops.mixed_depthwise_conv2d` with a single group on every backend but
+    ``"reference"`` (which runs ``nn.Conv2d``). Input and output ``[N, channels, H, W]``; odd
+    ``kernel_size``, stride 1, 'same' padding.
+
+    Forward + backward of LightAWNet's 7×7 depthwise convs (batch 8, cpu, one process, min of 10;
+    bench/RESULTS.md, "Models"): 1 channel at 128² 34.8 → 2.1 ms, 16 at 64² 25.0 → 5.7 ms, 32 at
+    32² 16.2 → 5.4 ms; on the smallest planes oneDNN's depthwise conv is faster (64 at 16² 5.3
+    against 6.3 ms, 128 at 8² 3.7 against 5.5 ms).
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True, backend: str = "auto"):
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2,
+                         groups=channels, bias=bias)
+        self.backend = _check_name(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[N, channels, H, W]`` → ``[N, channels, H, W]``."""
+        if requested_backend(self.backend) == "reference":
+            return super().forward(x)
+        return mixed_depthwise_conv2d(x, [self.weight], None if self.bias is None else [self.bias],
+                                      backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"

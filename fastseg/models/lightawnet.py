@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import (CrossGate, DynamicConv2d, GatedPointwise, GlobalSelfAttention2d,
-                      PointwiseConv2d, SqueezeExcite)
+from ..layers import (CrossGate, DepthwiseConv2d, DynamicConv2d, GatedPointwise,
+                      GlobalSelfAttention2d, PointwiseConv2d, SqueezeExcite)
 from ._common import check_input, fuse_for_inference, store_arguments
 
 __all__ = ["LightAWNet"]
@@ -43,7 +43,7 @@ class Block(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
         super().__init__()
-        self.depthwise = nn.Conv2d(in_channels, in_channels, 7, padding=3, groups=in_channels)
+        self.depthwise = DepthwiseConv2d(in_channels, 7, backend=backend)
         self.expand = nn.Sequential(PointwiseConv2d(in_channels, 4 * in_channels, backend=backend),
                                     nn.BatchNorm2d(4 * in_channels), nn.LeakyReLU())
         self.gate = GatedPointwise(4 * in_channels, in_channels, backend=backend)

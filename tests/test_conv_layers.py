@@ -1,4 +1,4 @@
-"""PointwiseConv2d: nn.Conv2d's 1×1 convolution, as GEMMs on the cpu backend's NCHW path."""
+"""PointwiseConv2d and DepthwiseConv2d: nn.Conv2d layers computed by GEMMs and the fused depthwise op."""
 import pytest
 import torch
 from torch import nn
@@ -77,3 +77,45 @@ def test_autocast_and_compile():
         assert layer(x).dtype == torch.bfloat16  # nn.Conv2d's autocast path
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+# --- DepthwiseConv2d: nn.Conv2d's depthwise conv through mixed_depthwise_conv2d -----------------
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_depthwise_matches_nn_conv2d(monkeypatch, backend, bias, layout):
+    from fastseg.backend import unavailable_reason
+    from fastseg.layers import DepthwiseConv2d
+    from fastseg.ops import mixed_depthwise_conv as mdc
+    if unavailable_reason(backend, "cpu"):
+        pytest.skip(unavailable_reason(backend, "cpu"))
+    calls = []
+    real = mdc.mixed_depthwise_conv2d
+    monkeypatch.setattr("fastseg.layers.mixed_depthwise_conv.mixed_depthwise_conv2d",
+                        lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
+    torch.manual_seed(0)
+    layer = DepthwiseConv2d(5, 7, bias=bias, backend=backend)
+    plain = nn.Conv2d(5, 5, 7, padding=3, groups=5, bias=bias)
+    plain.load_state_dict(layer.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 9, 11, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(2, 5, 9, 11, generator=g)
+    y, grads = outputs_and_grads(layer, x, grad_y)
+    y_ref, grads_ref = outputs_and_grads(plain, x, grad_y)
+    assert calls == [backend]
+    for a, b in zip((y,) + grads, (y_ref,) + grads_ref):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_depthwise_reference_backend_and_bad_kernel():
+    from fastseg.layers import DepthwiseConv2d
+    layer = DepthwiseConv2d(3, 5, backend="reference")
+    plain = nn.Conv2d(3, 3, 5, padding=2, groups=3)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kernel_size"):
+        DepthwiseConv2d(3, 4)

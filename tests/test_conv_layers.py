@@ -75,7 +75,7 @@ def test_autocast_and_compile():
     x = torch.randn(2, 8, 5, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # nn.Conv2d's autocast path
-    compiled = torch.compile(layer, fullgraph=True)
+    compiled = torch.compile(layer, fullgraph=True)  # nn.Conv2d's path inside the graph
     torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
 
 

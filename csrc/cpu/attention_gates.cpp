@@ -2,8 +2,8 @@
 //
 // Every gate is bandwidth-bound, so each kernel streams its large tensors once or twice and keeps
 // intermediates in cache-sized pieces:
-// * spatial_gate: blocks of kBlock pixels of one sample; the per-pixel gate is reduced over the
-//   channels, then applied while the block is still in cache.
+// * spatial_gate: blocks of pixels of one sample, ≈ 512 KB over all channels (pixel_block); the
+//   per-pixel gate is reduced over the channels, then applied while the block is still in cache.
 // * gated_pointwise, attention_gate: one sample at a time, the 1×1 projections by ATen's GEMM
 //   into a scratch of one sample, the gating fused around them; below 8 channels on either side
 //   of the product, blocks of kProjBlock pixels with the projections in registers instead. Both
@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <utility>
 #include <vector>
 
@@ -33,10 +32,6 @@
 namespace fastseg {
 namespace gates {
 namespace {
-
-// Pixels per vector block: four 512-bit vectors (two AVX2 registers' worth each for float).
-template <typename T>
-constexpr int kBlock = 256 / sizeof(T);
 
 // Pixels per block of a pass that reads `tensors` [rows, HW] slices of one sample, each row at a
 // stride of HW: about kBlockBytes in all, so that a second pass over the block finds it in L2, in

@@ -21,6 +21,10 @@ for inference; single rounds on this shared 2-core machine vary by up to 2×, so
 one run count. Peak memory (eager implementations): one call in a fresh subprocess, its peak
 resident set size above a child that only built the model and inputs (``bench/peak_memory.py``),
 as ``extra_info["peak_mb"]``.
+
+Allocator: by default the C library's settings, under which glibc maps every tensor above 32 MB
+afresh and its pages fault in on each step; ``FASTSEG_RETAIN_FREED_MEMORY=1`` runs the file as
+``fastseg train`` runs (freed memory kept for reuse, ``fastseg.memory``).
 """
 import json
 import sys
@@ -31,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 import peak_memory
+from fastseg.memory import retain_freed_memory_from_environment
 from fastseg.models import LGMSNet, LightAWNet
+
+# FASTSEG_RETAIN_FREED_MEMORY=1: glibc keeps freed memory for reuse, as in `fastseg train`
+# (fastseg.memory); unset: the C library's defaults, as a plain PyTorch script runs. The
+# peak-memory children inherit the variable, so they run with the same setting.
+RETAINED = retain_freed_memory_from_environment(default=False)
 
 MODELS = {"lgmsnet": (LGMSNet, 3), "lightawnet": (LightAWNet, 1)}
 CASES = [("train", 8, 128), ("train", 8, 256), ("inference", 1, 256)]
@@ -121,7 +131,8 @@ def test_model(benchmark, name, mode, batch, size, impl):
     out = step()  # warm-up (compilation for the compiled ones)
     assert torch.isfinite(out).all()
     case = [name, mode, batch, size]
-    benchmark.extra_info.update(model=name, mode=mode, batch=batch, size=size, impl=impl)
+    benchmark.extra_info.update(model=name, mode=mode, batch=batch, size=size, impl=impl,
+                                retain_freed_memory=RETAINED)
     if not impl.endswith("-compiled"):
         benchmark.extra_info["peak_mb"] = round(peak_memory.peak_mb(__file__, impl, case), 1)
     benchmark.pedantic(step, rounds=ROUNDS[(mode, size)], iterations=1, warmup_rounds=1)
@@ -134,12 +145,18 @@ def summary(path):
     with open(path) as f:
         data = json.load(f)
     rows = defaultdict(dict)
+    retained = set()
     for b in data["benchmarks"]:
         info = b["extra_info"]
         if "model" in info:
+            retained.add(info.get("retain_freed_memory", False))
             key = (info["model"], info["mode"], f"{info['batch']}×{info['size']}²")
             rows[key][info["impl"]] = (b["stats"]["median"], b["stats"]["min"], info.get("peak_mb"))
-    lines = ["| model | case | impl | median ms | min ms | vs reference | vs reference-compiled | "
+    setting = {frozenset([True]): "freed memory retained (FASTSEG_RETAIN_FREED_MEMORY=1)",
+               frozenset([False]): "the C library's default allocator settings"}.get(
+                   frozenset(retained), "mixed allocator settings")
+    lines = [f"Allocator: {setting}.", "",
+             "| model | case | impl | median ms | min ms | vs reference | vs reference-compiled | "
              "peak MB |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for (model, mode, shape), impls in sorted(rows.items()):
         ref = impls.get("reference", (None,))[0]

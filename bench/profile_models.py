@@ -11,6 +11,7 @@ Each implementation is built and warmed up as in ``bench_models.py`` (the same w
 step); the profiled step is the fastest of ``--rounds`` profiled steps (the least disturbed by
 other processes). The profiler adds a few per cent of overhead to every op, alike for both
 backends; the plain wall time of the best unprofiled round is printed too.
+``FASTSEG_RETAIN_FREED_MEMORY=1`` profiles as ``fastseg train`` runs (see ``bench_models.py``).
 """
 import argparse
 import re
@@ -20,7 +21,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_models import MODELS, make_step
+from bench_models import MODELS, RETAINED, make_step
 
 # (category, pattern on the op name); the first match wins. Convolutions are split by their
 # weight's shape afterwards (see `category`).
@@ -93,7 +94,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.mode}, batch "
-          f"{args.batch}, {args.size}²; self CPU ms of the fastest of {args.rounds} profiled steps")
+          f"{args.batch}, {args.size}²; self CPU ms of the fastest of {args.rounds} profiled steps; "
+          f"{'freed memory retained' if RETAINED else 'default allocator settings'}")
     for name in args.model:
         results = {impl: profile_step(name, impl, args.mode, args.batch, args.size, args.rounds)
                    for impl in args.impls}

@@ -9,6 +9,8 @@ Each configuration runs in a fresh process (or a fresh torchrun group); images/s
 global batch over the steps after ``--warmup`` ones, timed by a step hook, so data loading,
 forward, backward, gradient all-reduce and the optimiser step are all inside. One process uses
 every core as torch's threads; each of N DDP processes gets cores / N threads.
+``FASTSEG_RETAIN_FREED_MEMORY=1`` keeps freed memory for reuse in each worker, as ``fastseg
+train`` does (``fastseg.memory``); unset, the C library's defaults.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ def worker(args) -> int:
 
     sys.path.insert(0, str(REPO))
     from fastseg.engine import Trainer, recipe_for
+    from fastseg.memory import retain_freed_memory_from_environment
+
+    retain_freed_memory_from_environment(default=False)  # =1: as `fastseg train` runs
 
     channels = 3 if args.model == "lgmsnet" else 1
     size = args.size

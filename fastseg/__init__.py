@@ -22,6 +22,8 @@ _LAZY = {
     "BACKENDS": ("fastseg.backend", "BACKENDS"),
     "available_backends": ("fastseg.backend", "available_backends"),
     "use_backend": ("fastseg.backend", "use_backend"),
+    "memory": ("fastseg.memory", None),
+    "retain_freed_memory": ("fastseg.memory", "retain_freed_memory"),
 }
 
 
@@ -52,5 +54,5 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["BACKENDS", "available_backends", "create_model", "list_models", "use_backend", "ops",
-           "layers", "__version__"]
+__all__ = ["BACKENDS", "available_backends", "create_model", "list_models", "retain_freed_memory",
+           "use_backend", "ops", "layers", "__version__"]

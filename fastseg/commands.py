@@ -4,7 +4,8 @@ Each ``run_*`` takes the parsed arguments and returns an exit status. A user's m
 or unreadable file, a folder no layout matches, a checkpoint of another model, wrong channels,
 out of memory) ends in one ``fastseg <command>: error: ...`` line and status 2, never a traceback;
 an interruption of training saves ``last.pt`` and exits 130 with the command that resumes it.
-Nothing is ever written into an input folder.
+Nothing is ever written into an input folder. Each command keeps freed memory for reuse
+(:mod:`fastseg.memory`; ``FASTSEG_RETAIN_FREED_MEMORY=0`` turns that off).
 """
 from __future__ import annotations
 
@@ -53,6 +54,14 @@ def _fail(command: str, message: str) -> int:
     return 2
 
 
+def _retain_freed_memory() -> None:
+    """Each command repeats one kind of step: keep freed memory for reuse (fastseg.memory) unless
+    FASTSEG_RETAIN_FREED_MEMORY=0; a value other than 0 or 1 is a user error."""
+    from .memory import retain_freed_memory_from_environment
+
+    retain_freed_memory_from_environment(default=True)
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -83,6 +92,7 @@ def run_train(args) -> int:
     """``fastseg train``: the paper recipe of ``--model`` with the given changes, on a folder or
     on built-in synthetic data; checkpoints, log, curves and overlays under ``--out``."""
     with _user_errors("train"):
+        _retain_freed_memory()
         from .engine.trainer import Interrupted, train
 
         out = Path(args.out)
@@ -124,6 +134,7 @@ def run_evaluate(args) -> int:
     """``fastseg evaluate``: per-case and summary metrics of a checkpoint on a folder (by default
     the test cases of the split it was trained with), printed and written as CSV."""
     with _user_errors("evaluate"):
+        _retain_freed_memory()
         from .data.layouts import find_cases
         from .engine.evaluate import evaluate, format_results, write_csv
         from .engine.metrics import EMPTY_MASK_NOTE
@@ -171,6 +182,7 @@ def _check_outside(path: Path, inputs, option: str) -> None:
 def run_predict(args) -> int:
     """``fastseg predict``: label maps for one file or a folder of images/volumes."""
     with _user_errors("predict"):
+        _retain_freed_memory()
         from .data.io import data_suffix, is_nifti, list_data_files, read, write_image, write_nifti
         from .engine.predict import output_path
         from .engine.records import overlay_image

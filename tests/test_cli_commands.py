@@ -172,3 +172,11 @@ def test_backend_choices_are_the_backends():
     from fastseg.cli import BACKEND_NAMES
 
     assert BACKEND_NAMES == ("auto", *BACKENDS)
+
+
+def test_bench_times_every_op_family_by_default():
+    from fastseg import cli
+
+    ops = {p.stem[len("bench_"):] for p in (ROOT / "bench").glob("bench_*.py")}
+    ops -= {"models", "data", "metrics"}  # not op families: run by `make bench`
+    assert set(cli.build_parser().parse_args(["bench"]).ops) == ops

@@ -5,13 +5,13 @@ PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves every r
 mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on free, so in a training loop
 every large activation and gradient is a new mapping whose pages fault in, zero-filled by the
 kernel, on first touch, step after step (a LGMSNet training step of batch 8 at 256²: 1–2 million
-page faults; on the benchmark machine up to ≈ 0.4 ms per MB, bench/RESULTS.md, "The allocator"). :func:`retain_freed_memory` makes glibc
-serve all requests from its heap and never shrink it, so the second step reuses the first step's
-pages. The process keeps its peak footprint until it exits; the allocator's heap can also fragment
-into more memory than its peak when the sizes it serves keep changing, so this suits a process that
-repeats one kind of step (training, evaluation, prediction, benchmarks) rather than a long-lived
-service. ``fastseg train``, ``evaluate`` and ``predict`` apply it unless the environment sets
-``FASTSEG_RETAIN_FREED_MEMORY=0``.
+page faults; bench/RESULTS.md, "The allocator"). :func:`retain_freed_memory` makes glibc serve
+all requests from its heap and never shrink it, so the second step reuses the first step's pages.
+The process keeps its peak footprint until it exits, and the heap can fragment into more memory
+than the peak of what is alive (LGMSNet's fused 256² training step: 2.7 → 3.1 GB), so this suits
+a process that repeats one kind of step (training, evaluation, prediction, benchmarks) rather than
+a long-lived service. ``fastseg train``, ``evaluate`` and ``predict`` apply it unless the
+environment sets ``FASTSEG_RETAIN_FREED_MEMORY=0``.
 """
 from __future__ import annotations
 

@@ -99,15 +99,20 @@ def test_depthwise_matches_nn_conv2d(monkeypatch, backend, bias, layout):
     plain = nn.Conv2d(5, 5, 7, padding=3, groups=5, bias=bias)
     plain.load_state_dict(layer.state_dict())
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 5, 9, 11, generator=g)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    grad_y = torch.randn(2, 5, 9, 11, generator=g)
-    y, grads = outputs_and_grads(layer, x, grad_y)
-    y_ref, grads_ref = outputs_and_grads(plain, x, grad_y)
-    assert calls == [backend]
-    for a, b in zip((y,) + grads, (y_ref,) + grads_ref):
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    # 17×19 = 323 pixels: above DepthwiseConv2d.small_plane, so the fused op runs on cpu too;
+    # 9×11 = 99 pixels: the cpu backend hands such planes to nn.Conv2d, the others do not.
+    for h, w, fused in ((17, 19, True), (9, 11, backend != "cpu")):
+        calls.clear()
+        x = torch.randn(2, 5, h, w, generator=g)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        grad_y = torch.randn(2, 5, h, w, generator=g)
+        y, grads = outputs_and_grads(layer, x, grad_y)
+        y_ref, grads_ref = outputs_and_grads(plain, x, grad_y)
+        assert calls == ([backend] if fused else [])
+        for a, b in zip((y,) + grads, (y_ref,) + grads_ref):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    assert DepthwiseConv2d.small_plane == 16 * 16
 
 
 def test_depthwise_reference_backend_and_bad_kernel():

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..backend import _check_name, requested_backend
+from ..backend import _check_name, requested_backend, resolve_backend
 from ..ops.mixed_depthwise_conv import equal_splits, mixed_depthwise_conv2d
 
 
@@ -72,9 +72,14 @@ class DepthwiseConv2d(nn.Conv2d):
 
     Forward + backward of LightAWNet's 7×7 depthwise convs (batch 8, cpu, one process, min of 10;
     bench/RESULTS.md, "Models"): 1 channel at 128² 34.8 → 2.1 ms, 16 at 64² 25.0 → 5.7 ms, 32 at
-    32² 16.2 → 5.4 ms; on the smallest planes oneDNN's depthwise conv is faster (64 at 16² 5.3
-    against 6.3 ms, 128 at 8² 3.7 against 5.5 ms).
+    32² 16.2 → 5.4 ms. On planes of at most :attr:`small_plane` pixels oneDNN's depthwise conv is
+    faster (min of 15: 32 at 16² 2.9 against 3.3 ms, 128 at 16² 10.5 against 12.1 ms, 256 at 8²
+    7.1 against 10.0 ms; at 32² the fused op is 2.2–2.4× faster), so there the ``cpu`` backend
+    runs ``nn.Conv2d``'s path.
     """
+
+    #: on the cpu backend, planes of at most this many pixels (H·W) take nn.Conv2d's path
+    small_plane = 16 * 16
 
     def __init__(self, channels: int, kernel_size: int, bias: bool = True, backend: str = "auto"):
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -85,7 +90,9 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[N, channels, H, W]`` → ``[N, channels, H, W]``."""
-        if requested_backend(self.backend) == "reference":
+        small = x.device.type == "cpu" and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= self.small_plane
+        if requested_backend(self.backend) == "reference" or (
+                small and resolve_backend(self.backend, x.device, x.dtype) == "cpu"):
             return super().forward(x)
         return mixed_depthwise_conv2d(x, [self.weight], None if self.bias is None else [self.bias],
                                       backend=self.backend)

@@ -113,7 +113,8 @@ def _predict(args) -> int:
 
 
 MODELS = ("lgmsnet", "lightawnet")
-OP_BENCHMARKS = ("mixed_depthwise_conv", "dynamic_conv", "dilated_attention", "attention_gates")
+OP_BENCHMARKS = ("mixed_depthwise_conv", "dynamic_conv", "dilated_attention", "attention_gates",
+                 "batch_norm_act")
 # fastseg.backend.BACKENDS with "auto", spelled out: importing fastseg.backend imports torch
 # (tests/test_cli_commands.py keeps the two equal).
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
     p = sub.add_parser("bench", help="time the fused ops against the references; print ratios")
     p.add_argument("--ops", nargs="+", choices=OP_BENCHMARKS, default=list(OP_BENCHMARKS),
-                   help="op families to time (files bench/bench_<op>.py; default: all four)")
+                   help="op families to time (files bench/bench_<op>.py; default: all)")
     p.add_argument("-k", default=None, help="pytest -k expression selecting cases")
     p.add_argument("--json", default=".benchmarks/ops.json", help="where to write the raw results")
     p.set_defaults(func=_bench)

@@ -1,10 +1,11 @@
 """Drop-in ``nn.Module`` layers built on :mod:`fastseg.ops`."""
 from .attention_gates import AttentionGate, CrossGate, GatedPointwise, SpatialGate, SqueezeExcite
+from .batch_norm_act import BatchNormAct2d
 from .dilated_attention import GlobalSelfAttention2d, SparseTransformer2d
 from .dynamic_conv import DynamicConv2d
 from .mixed_depthwise_conv import DepthwiseConv2d, MixedDepthwiseConv2d
 from .pointwise_conv import PointwiseConv2d
 
-__all__ = ["AttentionGate", "CrossGate", "DepthwiseConv2d", "DynamicConv2d", "GatedPointwise",
+__all__ = ["AttentionGate", "BatchNormAct2d", "CrossGate", "DepthwiseConv2d", "DynamicConv2d", "GatedPointwise",
            "GlobalSelfAttention2d", "MixedDepthwiseConv2d", "PointwiseConv2d", "SparseTransformer2d",
            "SpatialGate", "SqueezeExcite"]

@@ -4,11 +4,13 @@ from .attention_gates import (attention_gate, attention_gate_reference, channel_
                               channel_gate_reference, cross_gate, cross_gate_reference,
                               gated_pointwise, gated_pointwise_reference, spatial_gate,
                               spatial_gate_reference)
+from .norm_act import batch_norm_act, batch_norm_act_reference
 from .dilated_attention import dilated_attention2d, dilated_attention2d_reference
 from .dynamic_conv import dynamic_conv2d, dynamic_conv2d_reference
 from .mixed_depthwise_conv import mixed_depthwise_conv2d, mixed_depthwise_conv2d_reference
 
-__all__ = ["attention_gate", "attention_gate_reference", "channel_gate", "channel_gate_reference",
+__all__ = ["attention_gate", "attention_gate_reference", "batch_norm_act", "batch_norm_act_reference",
+           "channel_gate", "channel_gate_reference",
            "cross_gate", "cross_gate_reference", "dilated_attention2d",
            "dilated_attention2d_reference", "dynamic_conv2d", "dynamic_conv2d_reference",
            "gated_pointwise", "gated_pointwise_reference", "mixed_depthwise_conv2d",

@@ -1,0 +1,73 @@
+"""batch_norm_act (BatchNorm2d + activation, training mode) at LGMSNet's shapes: reference eager,
+reference compiled, the fused cpu op.
+
+    .venv/bin/python -m pytest bench/bench_batch_norm_act.py --benchmark-json=bna.json
+    .venv/bin/python bench/summary.py bna.json
+
+Shapes (batch 8): 16 channels at 256² (stem, encoder 1, decoder 2), 4 at 256² (the LMS block's
+1×1 reduction), 32 at 128², 64 at 64², 128 at 32²; SiLU, and ReLU at 16 × 256². Modes: forward,
+and forward + backward (gradients of x, weight and bias for a fixed random upstream gradient).
+Implementations: ``reference`` (``F.batch_norm`` then the activation, ATen), ``reference-compiled``
+(the same under ``torch.compile``) and ``cpu`` (:func:`fastseg.ops.batch_norm_act`).
+"""
+import pytest
+import torch
+
+from fastseg.backend import unavailable_reason
+from fastseg.ops import batch_norm_act, batch_norm_act_reference
+
+SHAPES = [((8, 16, 256, 256), "silu"), ((8, 16, 256, 256), "relu"), ((8, 4, 256, 256), "silu"),
+          ((8, 32, 128, 128), "silu"), ((8, 64, 64, 64), "silu"), ((8, 128, 32, 32), "silu")]
+
+_compiled = {}
+
+
+def reference_compiled(*args):
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(batch_norm_act_reference, dynamic=False)
+    return _compiled["fn"](*args)
+
+
+IMPLS = {"reference": batch_norm_act_reference, "reference-compiled": reference_compiled}
+if unavailable_reason("cpu", "cpu") is None:
+    IMPLS["cpu"] = lambda *args: batch_norm_act(*args, backend="cpu")
+
+
+def op_cost(shape, mode):
+    """(bytes, flops) the op must at least move and compute: the floor's inputs."""
+    tensor = shape[0] * shape[1] * shape[2] * shape[3] * 4
+    if mode == "forward":
+        return 3 * tensor, 0  # read x (statistics), read x and write y
+    return 8 * tensor, 0  # + read x and grad_y (reductions), read both again, write grad_x
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", SHAPES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}")
+def test_batch_norm_act(benchmark, case, impl, mode):
+    shape, activation = case
+    g = torch.Generator().manual_seed(0)
+    c = shape[1]
+    x = torch.randn(shape, generator=g) * 2 + 1
+    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    mean, var = torch.zeros(c), torch.ones(c)
+    fn = IMPLS[impl]
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn(x, weight, bias, mean, var, True, 0.1, 1e-5, activation)
+    else:
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        grad_y = torch.randn(shape, generator=g)
+
+        def run():
+            y = fn(*leaves, mean, var, True, 0.1, 1e-5, activation)
+            return torch.autograd.grad(y, leaves, grad_y)
+    out = run()  # warm-up (and compilation for the compiled reference)
+    expected = batch_norm_act_reference(x, weight, bias, None, None, True, 0.1, 1e-5, activation)
+    if mode == "forward":  # what is timed must compute the right thing
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    nbytes, flops = op_cost(shape, mode)
+    benchmark.extra_info.update(op=f"batch_norm_act[{activation}]", impl=impl, mode=mode, shape=list(shape),
+                                activation=activation, bytes=nbytes, flops=flops)
+    benchmark.pedantic(run, rounds=9, iterations=1, warmup_rounds=1)

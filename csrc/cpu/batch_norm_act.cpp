@@ -1,0 +1,267 @@
+// BatchNorm2d fused with the activation after it (fastseg/ops/norm_act.py), NCHW, CPU.
+//
+// ATen runs BatchNorm and its activation as separate passes over the tensor: forward statistics,
+// normalise, activate (5 tensor passes); backward activation gradient, two BatchNorm passes (8).
+// Here the forward reads x for the statistics, then reads it again and writes y (3 passes); the
+// backward recomputes the activation's input from x and the statistics instead of keeping it,
+// sums the two per-channel reductions in one pass and writes grad_x in a second (5 passes).
+//
+// Work split: every pass runs over the N·C planes of H·W contiguous values (at::parallel_for);
+// per-plane partial sums are kept in double and added per channel afterwards, so the result does
+// not depend on the thread count. Within a plane, chunks of kChunk values are summed in the
+// input's type by vectorised loops, each chunk's sum then added in double.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/attention_gates.h"
+
+namespace fastseg {
+namespace bnact {
+namespace {
+
+enum Act : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kSilu = 3 };
+constexpr int64_t kChunk = 2048;
+
+template <typename T, int64_t A>
+inline T act_forward(T z, T slope) {
+  if constexpr (A == kRelu) return z > T(0) ? z : T(0);
+  else if constexpr (A == kLeakyRelu) return (z > T(0) ? z : T(0)) + slope * (z < T(0) ? z : T(0));
+  else if constexpr (A == kSilu) return z * gates::sigmoid(z);
+  else return z;
+}
+
+// d act(z) / dz, as ATen's backward takes it (ReLU and LeakyReLU: the z > 0 side at z = 0 is 0).
+template <typename T, int64_t A>
+inline T act_derivative(T z, T slope) {
+  if constexpr (A == kRelu) return z > T(0) ? T(1) : T(0);
+  else if constexpr (A == kLeakyRelu) return slope + (T(1) - slope) * T(z > T(0));  // branch-free
+  else if constexpr (A == kSilu) {
+    const T s = gates::sigmoid(z);
+    return s * (T(1) + z * (T(1) - s));
+  } else return T(1);
+}
+
+void check(const at::Tensor& x, const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape [",
+                    x.size(1), "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype");
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on x's device");
+}
+
+// Σ over a channel's N planes of (x − shift) and (x − shift)², per channel, in double.
+template <typename T>
+void channel_moments(const T* x, int64_t N, int64_t C, int64_t HW, std::vector<double>& s1,
+                     std::vector<double>& s2) {
+  std::vector<double> p1(N * C), p2(N * C);
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const T shift = x[(p % C) * HW];  // the channel's first value: keeps the squares small
+      const T* xp = x + p * HW;
+      double a = 0, b = 0;
+      for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
+        const int64_t i1 = std::min(HW, i0 + kChunk);
+        T ca = 0, cb = 0;
+#pragma omp simd reduction(+ : ca, cb)
+        for (int64_t i = i0; i < i1; ++i) {
+          const T d = xp[i] - shift;
+          ca += d;
+          cb += d * d;
+        }
+        a += ca;
+        b += cb;
+      }
+      p1[p] = a;
+      p2[p] = b;
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      a += p1[n * C + c];
+      b += p2[n * C + c];
+    }
+    s1[c] = a;
+    s2[c] = b;
+  }
+}
+
+template <typename T, int64_t A>
+void apply(const T* x, const T* scale, const T* shift, T* y, int64_t N, int64_t C, int64_t HW,
+           T slope) {
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const T a = scale[p % C], b = shift[p % C], s = slope;  // locals: y cannot alias them
+      const T* xp = x + p * HW;
+      T* yp = y + p * HW;
+      FASTSEG_VECTOR_LOOP
+      for (int64_t i = 0; i < HW; ++i) yp[i] = act_forward<T, A>(xp[i] * a + b, s);
+    }
+  });
+}
+
+template <typename F>
+void dispatch_act(int64_t act, F&& f) {
+  switch (act) {
+    case kIdentity: return f(std::integral_constant<int64_t, kIdentity>{});
+    case kRelu: return f(std::integral_constant<int64_t, kRelu>{});
+    case kLeakyRelu: return f(std::integral_constant<int64_t, kLeakyRelu>{});
+    case kSilu: return f(std::integral_constant<int64_t, kSilu>{});
+    default: TORCH_CHECK_VALUE(false, "batch_norm_act: unknown activation code ", act);
+  }
+}
+
+// Returns (y, mean, var): in training the batch's mean and biased variance per channel, in eval
+// copies of running_mean and running_var.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
+    const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps,
+    int64_t act, double slope) {
+  constexpr const char* op = "batch_norm_act";
+  TORCH_CHECK_VALUE(x_in.dim() == 4, op, ": x must be [N, C, H, W], got ", x_in.sizes());
+  check(x_in, weight_in, "weight", op);
+  check(x_in, bias_in, "bias", op);
+  check(x_in, running_mean, "running_mean", op);
+  check(x_in, running_var, "running_var", op);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in, bias = bias_in;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  TORCH_CHECK_VALUE(!training || N * HW > 1, op, ": training needs more than one value per channel, got x ",
+                    x.sizes());
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({C}, x.options()), var = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_cpu", [&] {
+    using T = scalar_t;
+    const T* xs = x.data_ptr<T>();
+    T *ms = mean.data_ptr<T>(), *vs = var.data_ptr<T>();
+    if (training) {
+      std::vector<double> s1(C), s2(C);
+      channel_moments<T>(xs, N, C, HW, s1, s2);
+      const double M = double(N * HW);
+      for (int64_t c = 0; c < C; ++c) {
+        const double m = s1[c] / M;  // of x − shift, the channel's first value
+        ms[c] = T(m + double(xs[c * HW]));
+        vs[c] = T(std::max(0.0, s2[c] / M - m * m));
+      }
+    } else {
+      const at::Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
+      std::copy_n(rm.data_ptr<T>(), C, ms);
+      std::copy_n(rv.data_ptr<T>(), C, vs);
+    }
+    const at::Tensor w = weight.contiguous(), b = bias.contiguous();
+    const T *ws = w.data_ptr<T>(), *bs = b.data_ptr<T>();
+    std::vector<T> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double sc = double(ws[c]) / std::sqrt(double(vs[c]) + eps);
+      scale[c] = T(sc);
+      shift[c] = T(double(bs[c]) - double(ms[c]) * sc);
+    }
+    dispatch_act(act, [&](auto a) {
+      apply<T, decltype(a)::value>(xs, scale.data(), shift.data(), y.data_ptr<T>(), N, C, HW, T(slope));
+    });
+  });
+  return {y, mean, var};
+}
+
+template <typename T, int64_t A>
+void backward_kernel(const T* xs, const T* gs, const T* ms, const T* is, const T* ws, const T* bs,
+                     T* gx, T* gw, T* gb, int64_t N, int64_t C, int64_t HW, bool training, T sl) {
+  // pass 1: per plane Σ dz and Σ dz·x̂, dz = g · act'(z), z = x̂·w + b, x̂ = (x − mean)·invstd
+  std::vector<double> p1(N * C), p2(N * C);
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % C;
+      const T m = ms[c], inv = is[c], w = ws[c], b = bs[c], s = sl;
+      const T *xp = xs + p * HW, *gp = gs + p * HW;
+      double s1 = 0, s2 = 0;
+      for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
+        const int64_t i1 = std::min(HW, i0 + kChunk);
+        T c1 = 0, c2 = 0;
+#pragma omp simd reduction(+ : c1, c2)
+        for (int64_t i = i0; i < i1; ++i) {
+          const T xh = (xp[i] - m) * inv;
+          const T dz = gp[i] * act_derivative<T, A>(xh * w + b, s);
+          c1 += dz;
+          c2 += dz * xh;
+        }
+        s1 += c1;
+        s2 += c2;
+      }
+      p1[p] = s1;
+      p2[p] = s2;
+    }
+  });
+  std::vector<T> k1(C), k2(C), k3(C);
+  const double M = double(N * HW);
+  for (int64_t c = 0; c < C; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      s1 += p1[n * C + c];
+      s2 += p2[n * C + c];
+    }
+    gb[c] = T(s1);
+    gw[c] = T(s2);
+    // grad_x = k1·dz − k2 − k3·x̂ in training; k1·dz in eval (the statistics are constants there)
+    const double wi = double(ws[c]) * double(is[c]);
+    k1[c] = T(wi);
+    k2[c] = training ? T(wi * s1 / M) : T(0);
+    k3[c] = training ? T(wi * s2 / M) : T(0);
+  }
+  // pass 2: grad_x
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % C;
+      // locals, not the captured references: a store through `out` could alias those
+      const T m = ms[c], inv = is[c], w = ws[c], b = bs[c], a1 = k1[c], a2 = k2[c], a3 = k3[c], s = sl;
+      const T *xp = xs + p * HW, *gp = gs + p * HW;
+      T* out = gx + p * HW;
+      FASTSEG_VECTOR_LOOP
+      for (int64_t i = 0; i < HW; ++i) {
+        const T xh = (xp[i] - m) * inv;
+        const T dz = gp[i] * act_derivative<T, A>(xh * w + b, s);
+        out[i] = a1 * dz - a2 - a3 * xh;
+      }
+    }
+  });
+}
+
+// (grad_x, grad_weight, grad_bias) of y = act(BN(x)) given the forward's (mean, var).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const at::Tensor& bias_in, const at::Tensor& mean_in, const at::Tensor& var_in, bool training,
+    double eps, int64_t act, double slope) {
+  constexpr const char* op = "batch_norm_act_backward";
+  TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape");
+  const at::Tensor x = x_in.contiguous(), g = grad_in.contiguous().to(x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const at::Tensor mean = mean_in.contiguous(), var = var_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_weight = at::empty({C}, x.options()), grad_bias = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_backward_cpu", [&] {
+    std::vector<scalar_t> invstd(C);
+    for (int64_t c = 0; c < C; ++c)
+      invstd[c] = scalar_t(1.0 / std::sqrt(double(var.data_ptr<scalar_t>()[c]) + eps));
+    dispatch_act(act, [&](auto a) {
+      backward_kernel<scalar_t, decltype(a)::value>(
+          x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+          invstd.data(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+          grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
+          N, C, HW, training, scalar_t(slope));
+    });
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
+  m.impl("batch_norm_act", &batch_norm_act_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+}
+
+}  // namespace bnact
+}  // namespace fastseg

@@ -5,6 +5,7 @@ import torch
 import fastseg
 from fastseg.backend import unavailable_reason
 from fastseg.models import LGMSNet, LightAWNet
+from fastseg.layers import BatchNormAct2d
 
 LGMSNET_MODULES = {
     "stem": 480, "encoder1": 1_672, "encoder2": 1_960, "encoder3": 6_224, "encoder4": 391_424,
@@ -83,7 +84,7 @@ def _run(model, x, seed=3):
     ("lgmsnet", "cpu", False), ("lgmsnet", "cpu", True), ("lightawnet", "cpu", False),
     ("lightawnet", "cpu", True),
     pytest.param("lgmsnet", "triton", True, marks=pytest.mark.slow)])
-def test_backends_agree_with_the_reference(name, backend, train):
+def test_backends_agree_with_the_reference(name, backend, train, monkeypatch):
     """Same weights, same input: the fused backend's logits and every gradient equal the
     reference backend's, in train mode (batch statistics) and eval mode, on a channels-last
     input. The cpu backend runs in float64, where both must agree to rounding (in float32 the
@@ -112,17 +113,21 @@ def test_backends_agree_with_the_reference(name, backend, train):
     fused.load_state_dict(reference.state_dict())
     reference.train(train), fused.train(train)
     y_ref, g_ref = _run(reference, x)
-    y, g = _run(fused, x.contiguous(memory_format=torch.channels_last))
-    assert y.shape == (x.shape[0], 2, *x.shape[2:])
-    scale = y_ref.abs().max()
-    assert (y - y_ref).abs().max() <= rtol / 20 * scale
-    # In train mode the gradient of a conv bias followed by BatchNorm is zero in exact arithmetic
-    # (the norm removes any constant): there both sides are rounding noise, so every gradient
-    # also gets 1e-4 of the largest one as absolute tolerance.
-    largest = max(b.abs().max() for b in g_ref)
-    names = ["x"] + [n for n, _ in reference.named_parameters()]
-    for param, a, b in zip(names, g, g_ref):
-        assert (a - b).abs().max() <= rtol * b.abs().max() + rtol / 20 * largest, param
+    # every BatchNormAct2d takes the fused op, however small its input (NCHW inputs only: a
+    # channels-last one keeps ATen's channels-last BatchNorm)
+    monkeypatch.setattr(BatchNormAct2d, "min_numel", 0)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        y, g = _run(fused, x.contiguous(memory_format=layout))
+        assert y.shape == (x.shape[0], 2, *x.shape[2:])
+        scale = y_ref.abs().max()
+        assert (y - y_ref).abs().max() <= rtol / 20 * scale
+        # In train mode the gradient of a conv bias followed by BatchNorm is zero in exact
+        # arithmetic (the norm removes any constant): there both sides are rounding noise, so
+        # every gradient also gets 1e-4 of the largest one as absolute tolerance.
+        largest = max(b.abs().max() for b in g_ref)
+        names = ["x"] + [n for n, _ in reference.named_parameters()]
+        for param, a, b in zip(names, g, g_ref):
+            assert (a - b).abs().max() <= rtol * b.abs().max() + rtol / 20 * largest, param
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -134,7 +139,7 @@ def test_every_fused_layer_gets_the_backend(name, backend):
     kinds = {type(m).__name__ for m in fused}
     expected = ({"MixedDepthwiseConv2d", "SparseTransformer2d"} if name == "lgmsnet" else
                 {"DynamicConv2d", "GatedPointwise", "CrossGate", "GlobalSelfAttention2d",
-                 "SqueezeExcite", "DepthwiseConv2d"}) | {"PointwiseConv2d"}
+                 "SqueezeExcite", "DepthwiseConv2d"}) | {"PointwiseConv2d", "BatchNormAct2d"}
     assert kinds == expected
     assert all(m.backend == backend for m in fused)
     # every dense 1×1 convolution the model runs as one is a PointwiseConv2d (the GEMM path on
@@ -143,6 +148,12 @@ def test_every_fused_layer_gets_the_backend(name, backend):
     plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Conv2d
              and m.kernel_size == (1, 1) and m.groups == 1 and not n.startswith(tuple(layers))]
     assert not plain
+    # every BatchNorm followed by ReLU, LeakyReLU or SiLU is a BatchNormAct2d (one op on cpu)
+    acts = (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.SiLU)
+    pairs = [(n, i) for n, m in model.named_modules() if isinstance(m, torch.nn.Sequential)
+             for i in range(len(m) - 1)
+             if type(m[i]) is torch.nn.BatchNorm2d and isinstance(m[i + 1], acts)]
+    assert not pairs
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -7,7 +7,7 @@ from torch import nn
 
 from .._validation import check_positive_int
 from ..backend import _check_name
-from ..layers import PointwiseConv2d
+from ..layers import BatchNormAct2d, PointwiseConv2d
 
 
 def store_arguments(model: nn.Module, in_channels: int, num_classes: int, backend: str) -> dict:
@@ -20,15 +20,28 @@ def store_arguments(model: nn.Module, in_channels: int, num_classes: int, backen
     return dict(backend=backend)
 
 
+def bn_act(channels: int, act: nn.Module, eps: float = 1e-5,
+           backend: str = "auto") -> tuple[BatchNormAct2d, nn.Identity]:
+    """BatchNorm2d → ``act`` (``nn.ReLU``, ``nn.LeakyReLU`` or ``nn.SiLU``) as the pair
+    ``(BatchNormAct2d, nn.Identity())``: two entries, so that a ``Sequential`` keeps the indices
+    (and state_dict keys) it has with ``nn.BatchNorm2d, act``."""
+    if isinstance(act, nn.LeakyReLU):
+        norm = BatchNormAct2d(channels, "leaky_relu", act.negative_slope, eps=eps, backend=backend)
+    else:
+        name = {nn.ReLU: "relu", nn.SiLU: "silu"}[type(act)]
+        norm = BatchNormAct2d(channels, name, eps=eps, backend=backend)
+    return norm, nn.Identity()
+
+
 def conv_bn_act(in_channels: int, out_channels: int, kernel_size: int, act: nn.Module,
                 bias: bool = False, backend: str = "auto") -> nn.Sequential:
     """Conv (``kernel_size``, 'same' padding; a :class:`~fastseg.layers.PointwiseConv2d` for 1×1)
-    → BatchNorm → ``act``."""
+    → BatchNorm → ``act`` (the last two as :func:`bn_act`)."""
     if kernel_size == 1:
         conv = PointwiseConv2d(in_channels, out_channels, bias=bias, backend=backend)
     else:
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
-    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), act)
+    return nn.Sequential(conv, *bn_act(out_channels, act, backend=backend))
 
 
 def check_input(x: torch.Tensor, channels: int, multiple: int, model: str) -> None:
@@ -85,7 +98,9 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     groups); one after something else (an activation: LGMSNet's Fusion blocks) but right before
     a plain 1×1 conv is folded into that conv's input side (``W·diag(s)``, ``b + W·t``), which is
     exact because a 1×1 conv without padding sees no border. The folded BatchNorm becomes
-    ``nn.Identity`` (indices and names of the other modules stay), convs without a bias gain one.
+    ``nn.Identity`` (indices and names of the other modules stay), convs without a bias gain one;
+    a folded :class:`~fastseg.layers.BatchNormAct2d` becomes its activation, and only folds into
+    the conv before it.
 
     Left unfolded, on purpose: a BatchNorm after a :class:`~fastseg.layers.DynamicConv2d`
     (LightAWNet). Its scale could go into the experts, but its shift cannot become the layer's
@@ -106,6 +121,8 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             scale, shift = _bn_affine(bn)
             before = seq[i - 1] if i > 0 else None
             after = seq[i + 1] if i + 1 < len(seq) else None
+            if isinstance(bn, BatchNormAct2d) and bn.activation != "identity":
+                after = None  # its activation stands between it and the next module
             if isinstance(before, nn.Conv2d):
                 bias = before.bias if before.bias is not None else torch.zeros_like(scale)
                 before.weight.mul_(scale.view(-1, 1, 1, 1))
@@ -117,5 +134,5 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
                 after.weight.mul_(scale.view(1, -1, 1, 1))
             else:
                 continue
-            seq[i] = nn.Identity()
+            seq[i] = bn.activation_module() if isinstance(bn, BatchNormAct2d) else nn.Identity()
     return model

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import MixedDepthwiseConv2d, PointwiseConv2d, SparseTransformer2d
-from ._common import check_input, conv_bn_act, fuse_for_inference, store_arguments
+from ._common import bn_act, check_input, conv_bn_act, fuse_for_inference, store_arguments
 
 __all__ = ["LGMSNet"]
 
@@ -32,7 +32,7 @@ class LocalMultiscaleBlock(nn.Module):
         self.mixed = MixedDepthwiseConv2d(channels, (3, 5, 7, 9), residual=True, backend=backend)
         self.norm = nn.GroupNorm(4, channels)
         self.reduce = conv_bn_act(channels, channels // 4, 1, nn.SiLU(), backend=backend)
-        self.expand = conv_bn_act(channels // 4, channels, 3, nn.SiLU())
+        self.expand = conv_bn_act(channels // 4, channels, 3, nn.SiLU(), backend=backend)
 
     def forward(self, x):
         y = F.gelu(self.norm(self.mixed(x)))
@@ -55,15 +55,16 @@ class GlobalMultiscaleBlock(nn.Module):
         super().__init__()
         local = channels - transformer_channels
         self.transformer_channels = transformer_channels
-        self.conv1 = conv_bn_act(in_channels, channels, 3, nn.SiLU())
+        self.conv1 = conv_bn_act(in_channels, channels, 3, nn.SiLU(), backend=backend)
         self.conv2 = conv_bn_act(channels, channels, 1, nn.SiLU(), backend=backend)
         self.local = nn.Sequential(
-            nn.Conv2d(local, local, 3, padding=1, groups=local, bias=False), nn.BatchNorm2d(local),
-            nn.ReLU(), nn.Conv2d(local, local, 1, groups=local, bias=False), nn.BatchNorm2d(local))
+            nn.Conv2d(local, local, 3, padding=1, groups=local, bias=False),
+            *bn_act(local, nn.ReLU(), backend=backend),
+            nn.Conv2d(local, local, 1, groups=local, bias=False), nn.BatchNorm2d(local))
         self.transformer = SparseTransformer2d(transformer_channels, mlp_dim, heads=4, head_dim=8,
                                                dilation=2, backend=backend)
         self.conv3 = conv_bn_act(channels, channels, 1, nn.SiLU(), backend=backend)
-        self.conv4 = conv_bn_act(in_channels + channels, channels, 3, nn.SiLU())
+        self.conv4 = conv_bn_act(in_channels + channels, channels, 3, nn.SiLU(), backend=backend)
 
     def forward(self, x):
         h = self.conv2(self.conv1(x))
@@ -75,10 +76,10 @@ class GlobalMultiscaleBlock(nn.Module):
 class Up(nn.Sequential):
     """Bilinear ×2 (align_corners=False) → Conv3×3 (bias) → BN → ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
         super().__init__(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                          nn.Conv2d(in_channels, out_channels, 3, padding=1),
-                         nn.BatchNorm2d(out_channels), nn.ReLU())
+                         *bn_act(out_channels, nn.ReLU(), backend=backend))
 
 
 class Fusion(nn.Sequential):
@@ -112,19 +113,19 @@ class LGMSNet(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 1, backend: str = "auto"):
         super().__init__()
         b = store_arguments(self, in_channels, num_classes, backend)
-        self.stem = conv_bn_act(in_channels, 16, 3, nn.ReLU(), bias=True)
+        self.stem = conv_bn_act(in_channels, 16, 3, nn.ReLU(), bias=True, **b)
         self.encoder1 = nn.Sequential(LocalMultiscaleBlock(16, **b), conv_bn_act(16, 16, 1, nn.SiLU(), **b))
         self.encoder2 = nn.Sequential(LocalMultiscaleBlock(16, **b), conv_bn_act(16, 32, 1, nn.SiLU(), **b))
         self.encoder3 = nn.Sequential(LocalMultiscaleBlock(32, **b), conv_bn_act(32, 64, 1, nn.SiLU(), **b))
         self.encoder4 = GlobalMultiscaleBlock(64, 128, 96, 256, **b)
         self.encoder5 = GlobalMultiscaleBlock(128, 128, 96, 256, **b)
-        self.up5 = Up(128, 128)
+        self.up5 = Up(128, 128, **b)
         self.decoder5 = GlobalMultiscaleBlock(256, 128, 96, 256, **b)
-        self.up4 = Up(128, 64)
+        self.up4 = Up(128, 64, **b)
         self.decoder4 = nn.Sequential(Fusion(128, 64, **b), GlobalMultiscaleBlock(64, 64, 48, 128, **b))
-        self.up3 = Up(64, 32)
+        self.up3 = Up(64, 32, **b)
         self.decoder3 = Fusion(64, 32, **b)
-        self.up2 = Up(32, 16)
+        self.up2 = Up(32, 16, **b)
         self.decoder2 = Fusion(32, 16, **b)
         self.head = PointwiseConv2d(16, num_classes, **b)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..layers import (CrossGate, DepthwiseConv2d, DynamicConv2d, GatedPointwise,
                       GlobalSelfAttention2d, PointwiseConv2d, SqueezeExcite)
-from ._common import check_input, fuse_for_inference, store_arguments
+from ._common import bn_act, check_input, fuse_for_inference, store_arguments
 
 __all__ = ["LightAWNet"]
 
@@ -45,7 +45,7 @@ class Block(nn.Module):
         super().__init__()
         self.depthwise = DepthwiseConv2d(in_channels, 7, backend=backend)
         self.expand = nn.Sequential(PointwiseConv2d(in_channels, 4 * in_channels, backend=backend),
-                                    nn.BatchNorm2d(4 * in_channels), nn.LeakyReLU())
+                                    *bn_act(4 * in_channels, nn.LeakyReLU(), backend=backend))
         self.gate = GatedPointwise(4 * in_channels, in_channels, backend=backend)
         self.dynamic = DynamicConvBN(in_channels, out_channels, backend)
 
@@ -61,7 +61,7 @@ class Decoder(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
         super().__init__()
         self.reduce = nn.Sequential(PointwiseConv2d(in_channels, out_channels, backend=backend),
-                                    nn.BatchNorm2d(out_channels), nn.LeakyReLU())
+                                    *bn_act(out_channels, nn.LeakyReLU(), backend=backend))
         self.excite = SqueezeExcite(out_channels, reduction=8, upsample=True, backend=backend)
         self.dynamic = DynamicConvBN(out_channels, out_channels, backend)
 

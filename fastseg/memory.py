@@ -6,7 +6,9 @@ mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on free, so i
 every large activation and gradient is a new mapping whose pages fault in, zero-filled by the
 kernel, on first touch, step after step (a LGMSNet training step of batch 8 at 256²: 1–2 million
 page faults; bench/RESULTS.md, "The allocator"). :func:`retain_freed_memory` makes glibc serve
-all requests from its heap and never shrink it, so the second step reuses the first step's pages.
+all requests from its heap and never shrink it, so once the heap has settled (a few steps: PyTorch
+asks for 64-byte-aligned memory, which an exactly-sized freed chunk cannot serve until freed
+neighbours have merged with it) each step reuses earlier steps' pages.
 The process keeps its peak footprint until it exits, and the heap can fragment into more memory
 than the peak of what is alive (LGMSNet's fused 256² training step: 2.7 → 3.1 GB), so this suits
 a process that repeats one kind of step (training, evaluation, prediction, benchmarks) rather than

@@ -1,4 +1,4 @@
-"""``batch_norm_act`` (module ``norm_act``): BatchNorm2d (training or eval mode) and the activation after it, as one op.
+"""``batch_norm_act``: BatchNorm2d (training or eval mode) and the activation after it, as one op.
 
 Backends: ``reference`` (``F.batch_norm`` then the activation, as ATen computes them) and
 ``cpu`` (csrc/cpu/batch_norm_act.cpp: 3 passes over the tensor forward and 5 backward instead of

@@ -53,6 +53,21 @@ void check(const at::Tensor& x, const at::Tensor& t, const char* name, const cha
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on x's device");
 }
 
+// Per channel, the sums over its N planes of the per-plane partial sums p1, p2 ([N·C], plane
+// n·C + c), in a fixed order: the result does not depend on how the planes were split.
+void add_planes(const std::vector<double>& p1, const std::vector<double>& p2, int64_t N, int64_t C,
+                std::vector<double>& s1, std::vector<double>& s2) {
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      a += p1[n * C + c];
+      b += p2[n * C + c];
+    }
+    s1[c] = a;
+    s2[c] = b;
+  }
+}
+
 // Σ over a channel's N planes of (x − shift) and (x − shift)², per channel, in double.
 template <typename T>
 void channel_moments(const T* x, int64_t N, int64_t C, int64_t HW, std::vector<double>& s1,
@@ -79,15 +94,7 @@ void channel_moments(const T* x, int64_t N, int64_t C, int64_t HW, std::vector<d
       p2[p] = b;
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double a = 0, b = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      a += p1[n * C + c];
-      b += p2[n * C + c];
-    }
-    s1[c] = a;
-    s2[c] = b;
-  }
+  add_planes(p1, p2, N, C, s1, s2);
 }
 
 template <typename T, int64_t A>
@@ -194,14 +201,12 @@ void backward_kernel(const T* xs, const T* gs, const T* ms, const T* is, const T
       p2[p] = s2;
     }
   });
+  std::vector<double> sum_dz(C), sum_dz_xhat(C);
+  add_planes(p1, p2, N, C, sum_dz, sum_dz_xhat);
   std::vector<T> k1(C), k2(C), k3(C);
   const double M = double(N * HW);
   for (int64_t c = 0; c < C; ++c) {
-    double s1 = 0, s2 = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      s1 += p1[n * C + c];
-      s2 += p2[n * C + c];
-    }
+    const double s1 = sum_dz[c], s2 = sum_dz_xhat[c];
     gb[c] = T(s1);
     gw[c] = T(s2);
     // grad_x = k1·dz − k2 − k3·x̂ in training; k1·dz in eval (the statistics are constants there)

@@ -13,8 +13,12 @@ pytestmark = pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None,
                                 reason=str(unavailable_reason("cpu", "cpu")))
 
 ACTS = {"relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.2), "silu": nn.SiLU(), "identity": nn.Identity()}
-# odd sizes; 45·47 = 2115 values per plane crosses the kernels' 2048-value chunks; 1×1 planes
-SHAPES = [(3, 5, 7, 9), (2, 3, 45, 47), (4, 6, 1, 1), (1, 2, 13, 3)]
+# odd sizes; 45·47 = 2115 values per plane crosses the NCHW kernels' 2048-value chunks; 1×1
+# planes. Channels-last (rows of C values, k = ceil(128 / C) rows per wide row, blocks of 64
+# wide rows): 2×45×47 rows of 3 = 98 wide rows of 43 in two blocks plus a 16-row tail; 4 rows of
+# 6 and 39 rows of 2 only a tail; 2×9×31 rows of 33 = 139 wide rows of 4 in three blocks, tail 2.
+SHAPES = [(3, 5, 7, 9), (2, 3, 45, 47), (4, 6, 1, 1), (1, 2, 13, 3), (2, 33, 9, 31)]
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
 class CountCalls:
@@ -60,20 +64,25 @@ def _compare(fused, plain, x, dtype):
             assert (a - b).abs().max() <= tol * (1 + b.abs().max()), name
         else:
             assert torch.equal(a, b), name
+    return ya, xa.grad
 
 
 @pytest.mark.parametrize("activation", list(ACTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_batchnorm_then_activation(monkeypatch, activation, dtype, training, shape):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_matches_batchnorm_then_activation(monkeypatch, activation, dtype, training, shape, layout):
     count = CountCalls(monkeypatch)
     torch.manual_seed(0)
     fused, plain = _pair(shape[1], activation, dtype)
     fused.train(training), plain.train(training)
-    x = torch.randn(shape, dtype=dtype) * 3 + 1
-    _compare(fused, plain, x, dtype)
+    x = (torch.randn(shape, dtype=dtype) * 3 + 1).contiguous(memory_format=LAYOUTS[layout])
+    y, grad = _compare(fused, plain, x, dtype)
     assert count.calls == 1
+    if layout == "nhwc" and not x.is_contiguous():  # the output and grad_x keep x's layout
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("kwargs", [dict(affine=False), dict(track_running_stats=False),
@@ -98,18 +107,16 @@ def test_layout_size_switch_and_reference_backend(monkeypatch):
     _compare(fused, plain, small, torch.float32)
     assert count.calls == 0  # below min_numel: nn.BatchNorm2d's path
     fused.min_numel = 0
-    cl = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
-    fused.eval()  # eval: the running statistics stay as they are
-    y = fused(cl)
-    fused.train()
-    assert count.calls == 0 and y.is_contiguous(memory_format=torch.channels_last)
-    _compare(fused, plain, cl, torch.float32)
+    cl = small.contiguous(memory_format=torch.channels_last)
+    y, grad = _compare(fused, plain, cl, torch.float32)
+    assert count.calls == 1 and y.is_contiguous(memory_format=torch.channels_last)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
     fused.backend = "reference"
     _compare(fused, plain, small, torch.float32)
-    assert count.calls == 0
+    assert count.calls == 1
     fused.backend = "cpu"
     _compare(fused, plain, small, torch.float32)
-    assert count.calls == 1
+    assert count.calls == 2
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -131,8 +138,9 @@ def test_opcheck_and_compile():
     x = torch.randn(2, 3, 4, 5)
     w, b, rm, rv = torch.rand(3) + 0.5, torch.randn(3), torch.zeros(3), torch.ones(3)
     for training in (True, False):
-        torch.library.opcheck(torch.ops.fastseg.batch_norm_act.default,
-                              (x.requires_grad_(), w, b, rm, rv, training, 1e-5, 3, 0.01))
+        for t in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.library.opcheck(torch.ops.fastseg.batch_norm_act.default,
+                                  (t.detach().requires_grad_(), w, b, rm, rv, training, 1e-5, 3, 0.01))
     compiled = torch.compile(lambda x: batch_norm_act(x, w, b, None, None, True, 0.1, 1e-5, "silu",
                                                       backend="cpu"), fullgraph=True)
     expected = batch_norm_act_reference(x.detach(), w, b, None, None, True, 0.1, 1e-5, "silu")

@@ -1,4 +1,4 @@
-// BatchNorm2d fused with the activation after it (fastseg/ops/norm_act.py), NCHW, CPU.
+// BatchNorm2d fused with the activation after it (fastseg/ops/norm_act.py), NCHW and NHWC, CPU.
 //
 // ATen runs BatchNorm and its activation as separate passes over the tensor: forward statistics,
 // normalise, activate (5 tensor passes); backward activation gradient, two BatchNorm passes (8).
@@ -6,10 +6,12 @@
 // backward recomputes the activation's input from x and the statistics instead of keeping it,
 // sums the two per-channel reductions in one pass and writes grad_x in a second (5 passes).
 //
-// Work split: every pass runs over the N·C planes of H·W contiguous values (at::parallel_for);
+// Work split (NCHW): every pass runs over the N·C planes of H·W contiguous values (at::parallel_for);
 // per-plane partial sums are kept in double and added per channel afterwards, so the result does
 // not depend on the thread count. Within a plane, chunks of kChunk values are summed in the
-// input's type by vectorised loops, each chunk's sum then added in double.
+// input's type by vectorised loops, each chunk's sum then added in double. Channels-last inputs
+// are computed in their own layout, over rows of C values (see Tiling below); outputs and
+// gradients come back in x's layout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -51,6 +53,14 @@ void check(const at::Tensor& x, const at::Tensor& t, const char* name, const cha
                     x.size(1), "], got ", t.sizes());
   TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype");
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on x's device");
+}
+
+// The layout the kernels compute in: channels-last for a channels-last-contiguous x that is not
+// also NCHW-contiguous (as csrc/utils.h's output rule), NCHW for everything else.
+at::MemoryFormat layout(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
 }
 
 // Per channel, the sums over its N planes of the per-plane partial sums p1, p2 ([N·C], plane
@@ -111,6 +121,104 @@ void apply(const T* x, const T* scale, const T* shift, T* y, int64_t N, int64_t 
   });
 }
 
+// ---- channels-last (NHWC): a row-major matrix of N·H·W rows of C values ----
+//
+// The vector loops run along a row. For narrow C, k consecutive rows form one "wide row" of
+// L = k·C values (per-channel parameters tiled k times), so that every inner loop is at least
+// kMinWidth long; the R mod k rows left at the end are a tail block of width C. The wide rows are
+// cut into blocks of kBlockRows, fixed whatever the thread count: each block's per-lane partial
+// sums (in T over at most kBlockRows values, then in double) are added per channel in block order,
+// so results do not depend on the thread count.
+constexpr int64_t kMinWidth = 128, kBlockRows = 64;
+
+struct Tiling {
+  int64_t C, k, L, P, tail, blocks;  // P wide rows; `blocks` counts the tail block too
+  Tiling(int64_t rows, int64_t channels) : C(channels) {
+    k = std::max<int64_t>(1, (kMinWidth + C - 1) / C);
+    L = k * C;
+    P = rows / k;
+    tail = rows % k;
+    blocks = (P + kBlockRows - 1) / kBlockRows + (tail > 0);
+  }
+  // block b: its first value's offset, its row count and its row width
+  void block(int64_t b, int64_t& offset, int64_t& count, int64_t& width) const {
+    const int64_t full = (P + kBlockRows - 1) / kBlockRows;
+    if (b < full) {
+      offset = b * kBlockRows * L;
+      count = std::min(P, (b + 1) * kBlockRows) - b * kBlockRows;
+      width = L;
+    } else {
+      offset = P * L;
+      count = tail;
+      width = C;
+    }
+  }
+  template <typename T>
+  std::vector<T> tile(const T* per_channel) const {
+    std::vector<T> t(L);
+    for (int64_t j = 0; j < L; ++j) t[j] = per_channel[j % C];
+    return t;
+  }
+  // per channel, Σ over blocks and lanes of the per-lane partial sums p ([blocks, L])
+  void fold(const std::vector<double>& p, std::vector<double>& s) const {
+    std::fill(s.begin(), s.end(), 0.0);
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t j = 0; j < L; ++j) s[j % C] += p[b * L + j];
+  }
+};
+
+template <typename T>
+void channel_moments_nhwc(const T* x, const Tiling& t, std::vector<double>& s1,
+                          std::vector<double>& s2) {
+  const std::vector<T> shift = t.tile(x);  // the first row: keeps the squares small
+  std::vector<double> p1(t.blocks * t.L, 0.0), p2(t.blocks * t.L, 0.0);
+  at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> a(t.L), q(t.L);
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t offset, count, width;
+      t.block(b, offset, count, width);
+      std::fill(a.begin(), a.end(), T(0));
+      std::fill(q.begin(), q.end(), T(0));
+      T *ap = a.data(), *qp = q.data();
+      const T* sh = shift.data();
+      for (int64_t r = 0; r < count; ++r) {
+        const T* xr = x + offset + r * width;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const T d = xr[j] - sh[j];
+          ap[j] += d;
+          qp[j] += d * d;
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        p1[b * t.L + j] = ap[j];
+        p2[b * t.L + j] = qp[j];
+      }
+    }
+  });
+  t.fold(p1, s1);
+  t.fold(p2, s2);
+}
+
+template <typename T, int64_t A>
+void apply_nhwc(const T* x, const T* scale, const T* shift, T* y, const Tiling& t, T slope) {
+  const std::vector<T> sc = t.tile(scale), sh = t.tile(shift);
+  at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
+    const T *a = sc.data(), *b = sh.data();
+    const T s = slope;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      int64_t offset, count, width;
+      t.block(blk, offset, count, width);
+      for (int64_t r = 0; r < count; ++r) {
+        const T* xr = x + offset + r * width;
+        T* yr = y + offset + r * width;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) yr[j] = act_forward<T, A>(xr[j] * a[j] + b[j], s);
+      }
+    }
+  });
+}
+
 template <typename F>
 void dispatch_act(int64_t act, F&& f) {
   switch (act) {
@@ -134,11 +242,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
   check(x_in, bias_in, "bias", op);
   check(x_in, running_mean, "running_mean", op);
   check(x_in, running_var, "running_var", op);
-  const at::Tensor x = x_in.contiguous(), weight = weight_in, bias = bias_in;
+  const at::MemoryFormat format = layout(x_in);
+  const bool nhwc = format == at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(format), weight = weight_in, bias = bias_in;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   TORCH_CHECK_VALUE(!training || N * HW > 1, op, ": training needs more than one value per channel, got x ",
                     x.sizes());
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(format));
   at::Tensor mean = at::empty({C}, x.options()), var = at::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_cpu", [&] {
     using T = scalar_t;
@@ -146,11 +256,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
     T *ms = mean.data_ptr<T>(), *vs = var.data_ptr<T>();
     if (training) {
       std::vector<double> s1(C), s2(C);
-      channel_moments<T>(xs, N, C, HW, s1, s2);
+      if (nhwc) channel_moments_nhwc<T>(xs, Tiling(N * HW, C), s1, s2);
+      else channel_moments<T>(xs, N, C, HW, s1, s2);
       const double M = double(N * HW);
       for (int64_t c = 0; c < C; ++c) {
         const double m = s1[c] / M;  // of x − shift, the channel's first value
-        ms[c] = T(m + double(xs[c * HW]));
+        ms[c] = T(m + double(xs[nhwc ? c : c * HW]));
         vs[c] = T(std::max(0.0, s2[c] / M - m * m));
       }
     } else {
@@ -167,7 +278,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
       shift[c] = T(double(bs[c]) - double(ms[c]) * sc);
     }
     dispatch_act(act, [&](auto a) {
-      apply<T, decltype(a)::value>(xs, scale.data(), shift.data(), y.data_ptr<T>(), N, C, HW, T(slope));
+      constexpr int64_t kAct = decltype(a)::value;
+      if (nhwc)
+        apply_nhwc<T, kAct>(xs, scale.data(), shift.data(), y.data_ptr<T>(), Tiling(N * HW, C), T(slope));
+      else
+        apply<T, kAct>(xs, scale.data(), shift.data(), y.data_ptr<T>(), N, C, HW, T(slope));
     });
   });
   return {y, mean, var};
@@ -233,6 +348,77 @@ void backward_kernel(const T* xs, const T* gs, const T* ms, const T* is, const T
   });
 }
 
+// The NHWC backward: per channel Σ dz and Σ dz·x̂ over blocks of (wide) rows, then grad_x
+// (the same two passes as backward_kernel; see Tiling).
+template <typename T, int64_t A>
+void backward_kernel_nhwc(const T* xs, const T* gs, const T* ms, const T* is, const T* ws,
+                          const T* bs, T* gx, T* gw, T* gb, int64_t R, int64_t C, bool training,
+                          T sl) {
+  const Tiling t(R, C);
+  const std::vector<T> mt = t.tile(ms), it = t.tile(is), wt = t.tile(ws), bt = t.tile(bs);
+  std::vector<double> p1(t.blocks * t.L, 0.0), p2(t.blocks * t.L, 0.0);
+  at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> a(t.L), q(t.L);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      int64_t offset, count, width;
+      t.block(blk, offset, count, width);
+      std::fill(a.begin(), a.end(), T(0));
+      std::fill(q.begin(), q.end(), T(0));
+      T *ap = a.data(), *qp = q.data();
+      const T *m = mt.data(), *inv = it.data(), *w = wt.data(), *b = bt.data();
+      const T s = sl;
+      for (int64_t r = 0; r < count; ++r) {
+        const T *xr = xs + offset + r * width, *gr = gs + offset + r * width;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const T xh = (xr[j] - m[j]) * inv[j];
+          const T dz = gr[j] * act_derivative<T, A>(xh * w[j] + b[j], s);
+          ap[j] += dz;
+          qp[j] += dz * xh;
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        p1[blk * t.L + j] = ap[j];
+        p2[blk * t.L + j] = qp[j];
+      }
+    }
+  });
+  std::vector<double> sum_dz(C), sum_dz_xhat(C);
+  t.fold(p1, sum_dz);
+  t.fold(p2, sum_dz_xhat);
+  std::vector<T> k1(C), k2(C), k3(C);
+  const double M = double(R);
+  for (int64_t c = 0; c < C; ++c) {
+    const double s1 = sum_dz[c], s2 = sum_dz_xhat[c];
+    gb[c] = T(s1);
+    gw[c] = T(s2);
+    const double wi = double(ws[c]) * double(is[c]);
+    k1[c] = T(wi);
+    k2[c] = training ? T(wi * s1 / M) : T(0);
+    k3[c] = training ? T(wi * s2 / M) : T(0);
+  }
+  const std::vector<T> k1t = t.tile(k1.data()), k2t = t.tile(k2.data()), k3t = t.tile(k3.data());
+  at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
+    const T *m = mt.data(), *inv = it.data(), *w = wt.data(), *b = bt.data();
+    const T *a1 = k1t.data(), *a2 = k2t.data(), *a3 = k3t.data();
+    const T s = sl;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      int64_t offset, count, width;
+      t.block(blk, offset, count, width);
+      for (int64_t r = 0; r < count; ++r) {
+        const T *xr = xs + offset + r * width, *gr = gs + offset + r * width;
+        T* out = gx + offset + r * width;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const T xh = (xr[j] - m[j]) * inv[j];
+          const T dz = gr[j] * act_derivative<T, A>(xh * w[j] + b[j], s);
+          out[j] = a1[j] * dz - a2[j] - a3[j] * xh;
+        }
+      }
+    }
+  });
+}
+
 // (grad_x, grad_weight, grad_bias) of y = act(BN(x)) given the forward's (mean, var).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight_in,
@@ -240,22 +426,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     double eps, int64_t act, double slope) {
   constexpr const char* op = "batch_norm_act_backward";
   TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape");
-  const at::Tensor x = x_in.contiguous(), g = grad_in.contiguous().to(x.scalar_type());
+  const at::MemoryFormat format = layout(x_in);
+  const at::Tensor x = x_in.contiguous(format), g = grad_in.to(x.scalar_type()).contiguous(format);
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const at::Tensor mean = mean_in.contiguous(), var = var_in.contiguous();
   const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(format));
   at::Tensor grad_weight = at::empty({C}, x.options()), grad_bias = at::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_backward_cpu", [&] {
     std::vector<scalar_t> invstd(C);
     for (int64_t c = 0; c < C; ++c)
       invstd[c] = scalar_t(1.0 / std::sqrt(double(var.data_ptr<scalar_t>()[c]) + eps));
     dispatch_act(act, [&](auto a) {
-      backward_kernel<scalar_t, decltype(a)::value>(
-          x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
-          invstd.data(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
-          grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
-          N, C, HW, training, scalar_t(slope));
+      constexpr int64_t kAct = decltype(a)::value;
+      const scalar_t *xs = x.data_ptr<scalar_t>(), *gs = g.data_ptr<scalar_t>();
+      const scalar_t *ms = mean.data_ptr<scalar_t>(), *ws = weight.data_ptr<scalar_t>();
+      const scalar_t* bs = bias.data_ptr<scalar_t>();
+      scalar_t *gx = grad_x.data_ptr<scalar_t>(), *gw = grad_weight.data_ptr<scalar_t>();
+      scalar_t* gb = grad_bias.data_ptr<scalar_t>();
+      if (format == at::MemoryFormat::ChannelsLast)
+        backward_kernel_nhwc<scalar_t, kAct>(xs, gs, ms, invstd.data(), ws, bs, gx, gw, gb, N * HW,
+                                             C, training, scalar_t(slope));
+      else
+        backward_kernel<scalar_t, kAct>(xs, gs, ms, invstd.data(), ws, bs, gx, gw, gb, N, C, HW,
+                                        training, scalar_t(slope));
     });
   });
   return {grad_x, grad_weight, grad_bias};

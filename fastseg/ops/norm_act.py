@@ -1,8 +1,8 @@
 """``batch_norm_act``: BatchNorm2d (training or eval mode) and the activation after it, as one op.
 
 Backends: ``reference`` (``F.batch_norm`` then the activation, as ATen computes them) and
-``cpu`` (csrc/cpu/batch_norm_act.cpp: 3 passes over the tensor forward and 5 backward instead of
-ATen's 5 and 8, and no normalised tensor kept for the activation's backward). There are no GPU
+``cpu`` (csrc/cpu/batch_norm_act.cpp, NCHW and channels-last: 3 passes over the tensor forward and
+5 backward instead of ATen's 5 and 8, and no normalised tensor kept for the activation's backward). There are no GPU
 kernels: on CUDA tensors, and for the ``cuda`` and ``triton`` backends, the reference computes it
 (cuDNN's BatchNorm and one elementwise pass).
 """
@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._layout import empty_like_output
 from ..backend import _check_name, resolve_backend
 from ._registry import cpp_op, register_cpp
 
@@ -45,9 +46,10 @@ _cpp_backward = cpp_op("batch_norm_act_backward")
 
 
 def _like_x_and_two_channel_vectors(x):
-    """What both ops return: an NCHW tensor of x's shape and two ``[C]`` vectors."""
+    """What both ops return: a tensor of x's shape in the kernels' layout for x (channels-last
+    stays channels-last, anything else NCHW) and two ``[C]`` vectors."""
     c = x.shape[1]
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(c), x.new_empty(c)
+    return empty_like_output(x), x.new_empty(c), x.new_empty(c)
 
 
 def _fake(x, weight, bias, running_mean, running_var, training, eps, act, slope):
@@ -92,8 +94,8 @@ def batch_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
         training: batch statistics (True) or running ones (False).
         activation: ``"identity"``, ``"relu"``, ``"leaky_relu"`` (``negative_slope``) or
             ``"silu"``.
-        backend: ``"cpu"`` fuses them on NCHW-contiguous CPU tensors of float32/float64; every
-            other case (channels-last inputs too: ATen's BatchNorm keeps that layout) runs the
+        backend: ``"cpu"`` fuses them on NCHW- or channels-last-contiguous CPU tensors of
+            float32/float64, each computed in its own layout; every other case runs the
             reference (see the module docstring).
 
     Returns:
@@ -107,7 +109,8 @@ def batch_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
         raise ValueError(f"x must have shape [N, C, H, W], got {shape}")
     use_batch = training or running_mean is None or running_var is None
     fused = (_cpp is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-             and x.is_contiguous() and not torch.is_autocast_enabled("cpu")
+             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+             and not torch.is_autocast_enabled("cpu")
              and resolve_backend(backend, x.device, x.dtype) == "cpu")
     if not fused:
         return batch_norm_act_reference(x, weight, bias, running_mean, running_var, training,

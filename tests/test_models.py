@@ -1,4 +1,6 @@
 """The published models: exact structure, the registry, input checks, backends that agree."""
+import itertools
+
 import pytest
 import torch
 
@@ -113,12 +115,24 @@ def test_backends_agree_with_the_reference(name, backend, train, monkeypatch):
     fused.load_state_dict(reference.state_dict())
     reference.train(train), fused.train(train)
     y_ref, g_ref = _run(reference, x)
-    # every BatchNormAct2d takes the fused op, however small its input (NCHW inputs only: a
-    # channels-last one keeps ATen's channels-last BatchNorm)
+    # every BatchNormAct2d takes the fused op, however small its input
     monkeypatch.setattr(BatchNormAct2d, "min_numel", 0)
-    for layout in (torch.channels_last, torch.contiguous_format):
+    # LGMSNet on the cpu backend computes in channels-last whatever the input's layout
+    # (cpu_channels_last); both settings are checked, and which layout its stages ran in
+    internal = (True, False) if hasattr(fused, "cpu_channels_last") else (None,)
+    seen = []
+    hook = next(fused.children()).register_forward_hook(
+        lambda module, args, out: seen.append(not out.is_contiguous()
+                                              and out.is_contiguous(memory_format=torch.channels_last)))
+    for layout, channels_last in itertools.product((torch.channels_last, torch.contiguous_format),
+                                                   internal):
+        if channels_last is not None:
+            fused.cpu_channels_last = channels_last
         y, g = _run(fused, x.contiguous(memory_format=layout))
         assert y.shape == (x.shape[0], 2, *x.shape[2:])
+        if channels_last is not None:  # LGMSNet: returned in the input's layout
+            assert y.is_contiguous(memory_format=layout)
+            assert seen[-1] == ((channels_last and backend == "cpu") or layout == torch.channels_last)
         scale = y_ref.abs().max()
         assert (y - y_ref).abs().max() <= rtol / 20 * scale
         # In train mode the gradient of a conv bias followed by BatchNorm is zero in exact
@@ -128,6 +142,7 @@ def test_backends_agree_with_the_reference(name, backend, train, monkeypatch):
         names = ["x"] + [n for n, _ in reference.named_parameters()]
         for param, a, b in zip(names, g, g_ref):
             assert (a - b).abs().max() <= rtol * b.abs().max() + rtol / 20 * largest, param
+    hook.remove()
 
 
 @pytest.mark.parametrize("name", list(MODELS))

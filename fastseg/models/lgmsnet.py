@@ -13,6 +13,8 @@ from torch import nn
 import torch
 import torch.nn.functional as F
 
+from .._layout import output_memory_format
+from ..backend import resolve_backend
 from ..layers import MixedDepthwiseConv2d, PointwiseConv2d, SparseTransformer2d
 from ._common import bn_act, check_input, conv_bn_act, fuse_for_inference, store_arguments
 
@@ -69,6 +71,10 @@ class GlobalMultiscaleBlock(nn.Module):
     def forward(self, x):
         h = self.conv2(self.conv1(x))
         t, c = h[:, :self.transformer_channels], h[:, self.transformer_channels:]
+        if not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
+            # a channel slice of a channels-last tensor is contiguous in neither format; the
+            # transformer keeps a channels-last-contiguous input's layout (it computes in NHWC)
+            t = t.contiguous(memory_format=torch.channels_last)
         h = self.conv3(torch.cat([self.transformer(t), c + self.local(c)], 1))
         return self.conv4(torch.cat([h, x], 1))
 
@@ -109,6 +115,11 @@ class LGMSNet(nn.Module):
     """
 
     input_multiple = 32  #: H and W must be multiples of this (the encoder's total downsampling)
+    #: On the ``cpu`` backend (eager), compute in channels-last: oneDNN's convolutions, BatchNorm +
+    #: activation (:class:`~fastseg.layers.BatchNormAct2d`), the transformer, upsampling and
+    #: pooling all run natively in it and skip oneDNN's reorders of NCHW tensors; the output comes
+    #: back in the input's memory format. False: compute in the input's layout.
+    cpu_channels_last = True
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, backend: str = "auto"):
         super().__init__()
@@ -132,6 +143,10 @@ class LGMSNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[N, in_channels, H, W]`` (H, W divisible by 32) → logits ``[N, num_classes, H, W]``."""
         check_input(x, self.in_channels, self.input_multiple, "LGMSNet")
+        layout = output_memory_format(x)
+        if (self.cpu_channels_last and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and resolve_backend(self.backend, x.device, x.dtype) == "cpu"):
+            x = x.contiguous(memory_format=torch.channels_last)
         x1 = self.encoder1(self.stem(x))
         x2 = self.encoder2(F.max_pool2d(x1, 2))
         x3 = self.encoder3(F.max_pool2d(x2, 2))
@@ -141,7 +156,7 @@ class LGMSNet(nn.Module):
         d4 = self.decoder4(torch.cat([x3, self.up4(d5)], 1))
         d3 = self.decoder3(torch.cat([x2, self.up3(d4)], 1))
         d2 = self.decoder2(torch.cat([x1, self.up2(d3)], 1))
-        return self.head(d2)
+        return self.head(d2).contiguous(memory_format=layout)
 
     def fuse_for_inference(self) -> "LGMSNet":
         """Fold the BatchNorms the preceding (or a following 1×1) conv can absorb exactly into it,

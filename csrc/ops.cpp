@@ -27,13 +27,15 @@ TORCH_LIBRARY(fastseg, m) {
   m.def(
       "dilated_attention2d_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
       " Tensor lse, int dilation, float scale) -> (Tensor, Tensor, Tensor)");
-  // BatchNorm fused with its activation (CPU only; fastseg/ops/norm_act.py).
+  // BatchNorm fused with the activations before (pre) and after (act) it (CPU only;
+  // fastseg/ops/norm_act.py).
   m.def(
       "batch_norm_act(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var,"
-      " bool training, float eps, int act, float slope) -> (Tensor, Tensor, Tensor)");
+      " bool training, float eps, int act, float slope, int pre) -> (Tensor, Tensor, Tensor)");
   m.def(
       "batch_norm_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
-      " Tensor var, bool training, float eps, int act, float slope) -> (Tensor, Tensor, Tensor)");
+      " Tensor var, bool training, float eps, int act, float slope, int pre)"
+      " -> (Tensor, Tensor, Tensor)");
   // Attention gates (fastseg/ops/attention_gates.py holds the same schemas for the Triton ops).
   m.def("spatial_gate(Tensor x, Tensor w, Tensor b) -> Tensor");
   m.def("spatial_gate_backward(Tensor grad_out, Tensor x, Tensor w, Tensor b) -> (Tensor, Tensor, Tensor)");

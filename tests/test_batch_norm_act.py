@@ -1,5 +1,7 @@
 """batch_norm_act / BatchNormAct2d: BatchNorm2d and its activation as one op on the cpu backend,
 against nn.BatchNorm2d followed by the activation."""
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -32,8 +34,13 @@ class CountCalls:
         monkeypatch.setattr(ops_bna, "_cpp", counted)
 
 
-def _pair(channels, activation, dtype, **kwargs):
-    fused = BatchNormAct2d(channels, activation, negative_slope=0.2, backend="cpu", **kwargs).to(dtype)
+PRE = {"identity": nn.Identity(), "gelu": nn.GELU()}
+
+
+def _pair(channels, activation, dtype, pre="identity", **kwargs):
+    """(BatchNormAct2d, Sequential(pre, nn.BatchNorm2d, activation)) holding the same state."""
+    fused = BatchNormAct2d(channels, activation, negative_slope=0.2, backend="cpu",
+                           pre_activation=pre, **kwargs).to(dtype)
     fused.min_numel = 0
     with torch.no_grad():
         if fused.affine:
@@ -44,7 +51,7 @@ def _pair(channels, activation, dtype, **kwargs):
             fused.running_var.uniform_(0.5, 2)
     plain = nn.BatchNorm2d(channels, **kwargs).to(dtype)
     plain.load_state_dict(fused.state_dict())
-    return fused, nn.Sequential(plain, ACTS[activation])
+    return fused, nn.Sequential(PRE[pre], plain, ACTS[activation])
 
 
 def _compare(fused, plain, x, dtype):
@@ -55,10 +62,10 @@ def _compare(fused, plain, x, dtype):
     ya.backward(g), yb.backward(g)
     pairs = [("y", ya, yb), ("grad x", xa.grad, xb.grad)]
     if fused.affine:
-        pairs += [("grad weight", fused.weight.grad, plain[0].weight.grad),
-                  ("grad bias", fused.bias.grad, plain[0].bias.grad)]
+        pairs += [("grad weight", fused.weight.grad, plain[1].weight.grad),
+                  ("grad bias", fused.bias.grad, plain[1].bias.grad)]
     for name, buffer in fused.named_buffers():
-        pairs.append((name, buffer, plain[0].get_buffer(name)))
+        pairs.append((name, buffer, plain[1].get_buffer(name)))
     for name, a, b in pairs:
         if b.is_floating_point():
             assert (a - b).abs().max() <= tol * (1 + b.abs().max()), name
@@ -72,10 +79,12 @@ def _compare(fused, plain, x, dtype):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_matches_batchnorm_then_activation(monkeypatch, activation, dtype, training, shape, layout):
+@pytest.mark.parametrize("pre", list(PRE))
+def test_matches_batchnorm_then_activation(monkeypatch, activation, dtype, training, shape, layout,
+                                           pre):
     count = CountCalls(monkeypatch)
     torch.manual_seed(0)
-    fused, plain = _pair(shape[1], activation, dtype)
+    fused, plain = _pair(shape[1], activation, dtype, pre)
     fused.train(training), plain.train(training)
     x = (torch.randn(shape, dtype=dtype) * 3 + 1).contiguous(memory_format=LAYOUTS[layout])
     y, grad = _compare(fused, plain, x, dtype)
@@ -120,8 +129,9 @@ def test_layout_size_switch_and_reference_backend(monkeypatch):
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("activation", ["silu", "leaky_relu"])
-def test_gradcheck(training, activation):
+@pytest.mark.parametrize("activation,pre", [("silu", "identity"), ("leaky_relu", "identity"),
+                                            ("identity", "gelu"), ("silu", "gelu")])
+def test_gradcheck(training, activation, pre):
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g) + 0.3).requires_grad_()
     w = (torch.rand(3, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
@@ -130,7 +140,7 @@ def test_gradcheck(training, activation):
 
     def f(x, w, b):  # running statistics copied: gradcheck calls f many times
         return batch_norm_act(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, activation,
-                              0.1, backend="cpu")
+                              0.1, pre_activation=pre, backend="cpu")
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
@@ -138,9 +148,10 @@ def test_opcheck_and_compile():
     x = torch.randn(2, 3, 4, 5)
     w, b, rm, rv = torch.rand(3) + 0.5, torch.randn(3), torch.zeros(3), torch.ones(3)
     for training in (True, False):
-        for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        for t, pre in itertools.product((x, x.contiguous(memory_format=torch.channels_last)), (0, 1)):
             torch.library.opcheck(torch.ops.fastseg.batch_norm_act.default,
-                                  (t.detach().requires_grad_(), w, b, rm, rv, training, 1e-5, 3, 0.01))
+                                  (t.detach().requires_grad_(), w, b, rm, rv, training, 1e-5, 3, 0.01,
+                                   pre))
     compiled = torch.compile(lambda x: batch_norm_act(x, w, b, None, None, True, 0.1, 1e-5, "silu",
                                                       backend="cpu"), fullgraph=True)
     expected = batch_norm_act_reference(x.detach(), w, b, None, None, True, 0.1, 1e-5, "silu")
@@ -154,6 +165,10 @@ def test_bad_inputs():
         batch_norm_act(x, w, b, rm, rv, True, activation="gelu", backend="cpu")
     with pytest.raises(ValueError, match="activation"):
         BatchNormAct2d(3, "tanh")
+    with pytest.raises(ValueError, match="pre_activation must be one of"):
+        batch_norm_act(x, w, b, rm, rv, True, pre_activation="relu", backend="cpu")
+    with pytest.raises(ValueError, match="pre_activation must be one of"):
+        BatchNormAct2d(3, pre_activation="silu")
     with pytest.raises(ValueError, match=r"x must have shape \[N, C, H, W\]"):
         batch_norm_act(x[0], w, b, rm, rv, True, backend="cpu")
     with pytest.raises(ValueError, match="weight must have shape"):

@@ -163,11 +163,13 @@ def test_every_fused_layer_gets_the_backend(name, backend):
     plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Conv2d
              and m.kernel_size == (1, 1) and m.groups == 1 and not n.startswith(tuple(layers))]
     assert not plain
-    # every BatchNorm followed by ReLU, LeakyReLU or SiLU is a BatchNormAct2d (one op on cpu)
+    # every BatchNorm followed by ReLU, LeakyReLU or SiLU, or after a GELU, is a BatchNormAct2d
+    # (one op on cpu)
     acts = (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.SiLU)
     pairs = [(n, i) for n, m in model.named_modules() if isinstance(m, torch.nn.Sequential)
              for i in range(len(m) - 1)
-             if type(m[i]) is torch.nn.BatchNorm2d and isinstance(m[i + 1], acts)]
+             if type(m[i]) is torch.nn.BatchNorm2d and isinstance(m[i + 1], acts)
+             or isinstance(m[i], torch.nn.GELU) and type(m[i + 1]) is torch.nn.BatchNorm2d]
     assert not pairs
 
 

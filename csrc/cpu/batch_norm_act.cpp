@@ -48,6 +48,44 @@ inline T act_derivative(T z, T slope) {
   } else return T(1);
 }
 
+// The activation before the norm (LGMSNet's Fusion blocks: GELU → BatchNorm): none or GELU.
+enum Pre : int64_t { kNone = 0, kGelu = 1 };
+
+// erf of a float, vectorisable: Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), the formula of
+// ATen's vectorised erf, with the Cephes-polynomial exp of the gates.
+inline float erf_vectorisable(float x) {
+  const float a = x < 0.0f ? -x : x;
+  const float t = 1.0f / (1.0f + 0.3275911f * a);
+  const float r =
+      ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+  const float e = 1.0f - r * gates::exp_vectorisable(-a * a);
+  return x < 0.0f ? -e : e;
+}
+inline double erf_vectorisable(double x) { return std::erf(x); }
+inline float exp_any(float x) { return gates::exp_vectorisable(x); }
+inline double exp_any(double x) { return std::exp(x); }
+
+// v = pre(x) and, if dv is not null, dv = pre'(x). GELU: v = x·Φ(x), v' = Φ(x) + x·φ(x), with the
+// standard normal's Φ(x) = (1 + erf(x/√2))/2 and φ(x) = exp(−x²/2)/√(2π), as ATen's gelu and
+// gelu_backward (approximate='none') compute them.
+template <typename T, int64_t P>
+inline T pre_forward(T x) {
+  if constexpr (P == kGelu) return x * (T(0.5) + T(0.5) * erf_vectorisable(x * T(0.70710678118654752)));
+  else return x;
+}
+// v = pre(x) and d = pre'(x), sharing Φ(x)
+template <typename T, int64_t P>
+inline void pre_both(T x, T& v, T& d) {
+  if constexpr (P == kGelu) {
+    const T cdf = T(0.5) + T(0.5) * erf_vectorisable(x * T(0.70710678118654752));
+    v = x * cdf;
+    d = cdf + x * T(0.39894228040143268) * exp_any(T(-0.5) * x * x);
+  } else {
+    v = x;
+    d = T(1);
+  }
+}
+
 void check(const at::Tensor& x, const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape [",
                     x.size(1), "], got ", t.sizes());
@@ -78,14 +116,15 @@ void add_planes(const std::vector<double>& p1, const std::vector<double>& p2, in
   }
 }
 
-// Σ over a channel's N planes of (x − shift) and (x − shift)², per channel, in double.
-template <typename T>
+// Σ over a channel's N planes of (v − shift) and (v − shift)², v = pre(x), per channel, in double.
+template <typename T, int64_t P>
 void channel_moments(const T* x, int64_t N, int64_t C, int64_t HW, std::vector<double>& s1,
                      std::vector<double>& s2) {
   std::vector<double> p1(N * C), p2(N * C);
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const T shift = x[(p % C) * HW];  // the channel's first value: keeps the squares small
+      const T shift = pre_forward<T, P>(x[(p % C) * HW]);  // the channel's first value: keeps
+                                                            // the squares small
       const T* xp = x + p * HW;
       double a = 0, b = 0;
       for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
@@ -93,7 +132,7 @@ void channel_moments(const T* x, int64_t N, int64_t C, int64_t HW, std::vector<d
         T ca = 0, cb = 0;
 #pragma omp simd reduction(+ : ca, cb)
         for (int64_t i = i0; i < i1; ++i) {
-          const T d = xp[i] - shift;
+          const T d = pre_forward<T, P>(xp[i]) - shift;
           ca += d;
           cb += d * d;
         }
@@ -107,7 +146,7 @@ void channel_moments(const T* x, int64_t N, int64_t C, int64_t HW, std::vector<d
   add_planes(p1, p2, N, C, s1, s2);
 }
 
-template <typename T, int64_t A>
+template <typename T, int64_t A, int64_t P>
 void apply(const T* x, const T* scale, const T* shift, T* y, int64_t N, int64_t C, int64_t HW,
            T slope) {
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
@@ -116,7 +155,7 @@ void apply(const T* x, const T* scale, const T* shift, T* y, int64_t N, int64_t 
       const T* xp = x + p * HW;
       T* yp = y + p * HW;
       FASTSEG_VECTOR_LOOP
-      for (int64_t i = 0; i < HW; ++i) yp[i] = act_forward<T, A>(xp[i] * a + b, s);
+      for (int64_t i = 0; i < HW; ++i) yp[i] = act_forward<T, A>(pre_forward<T, P>(xp[i]) * a + b, s);
     }
   });
 }
@@ -167,10 +206,12 @@ struct Tiling {
   }
 };
 
-template <typename T>
+template <typename T, int64_t P>
 void channel_moments_nhwc(const T* x, const Tiling& t, std::vector<double>& s1,
                           std::vector<double>& s2) {
-  const std::vector<T> shift = t.tile(x);  // the first row: keeps the squares small
+  std::vector<T> first(x, x + t.C);  // pre(the first row): keeps the squares small
+  for (T& v : first) v = pre_forward<T, P>(v);
+  const std::vector<T> shift = t.tile(first.data());
   std::vector<double> p1(t.blocks * t.L, 0.0), p2(t.blocks * t.L, 0.0);
   at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> a(t.L), q(t.L);
@@ -185,7 +226,7 @@ void channel_moments_nhwc(const T* x, const Tiling& t, std::vector<double>& s1,
         const T* xr = x + offset + r * width;
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
-          const T d = xr[j] - sh[j];
+          const T d = pre_forward<T, P>(xr[j]) - sh[j];
           ap[j] += d;
           qp[j] += d * d;
         }
@@ -200,7 +241,7 @@ void channel_moments_nhwc(const T* x, const Tiling& t, std::vector<double>& s1,
   t.fold(p2, s2);
 }
 
-template <typename T, int64_t A>
+template <typename T, int64_t A, int64_t P>
 void apply_nhwc(const T* x, const T* scale, const T* shift, T* y, const Tiling& t, T slope) {
   const std::vector<T> sc = t.tile(scale), sh = t.tile(shift);
   at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
@@ -213,7 +254,7 @@ void apply_nhwc(const T* x, const T* scale, const T* shift, T* y, const Tiling& 
         const T* xr = x + offset + r * width;
         T* yr = y + offset + r * width;
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) yr[j] = act_forward<T, A>(xr[j] * a[j] + b[j], s);
+        for (int64_t j = 0; j < width; ++j) yr[j] = act_forward<T, A>(pre_forward<T, P>(xr[j]) * a[j] + b[j], s);
       }
     }
   });
@@ -230,12 +271,21 @@ void dispatch_act(int64_t act, F&& f) {
   }
 }
 
+template <typename F>
+void dispatch_pre(int64_t pre, F&& f) {
+  switch (pre) {
+    case kNone: return f(std::integral_constant<int64_t, kNone>{});
+    case kGelu: return f(std::integral_constant<int64_t, kGelu>{});
+    default: TORCH_CHECK_VALUE(false, "batch_norm_act: unknown pre-activation code ", pre);
+  }
+}
+
 // Returns (y, mean, var): in training the batch's mean and biased variance per channel, in eval
 // copies of running_mean and running_var.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
     const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
     const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps,
-    int64_t act, double slope) {
+    int64_t act, double slope, int64_t pre) {
   constexpr const char* op = "batch_norm_act";
   TORCH_CHECK_VALUE(x_in.dim() == 4, op, ": x must be [N, C, H, W], got ", x_in.sizes());
   check(x_in, weight_in, "weight", op);
@@ -256,12 +306,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
     T *ms = mean.data_ptr<T>(), *vs = var.data_ptr<T>();
     if (training) {
       std::vector<double> s1(C), s2(C);
-      if (nhwc) channel_moments_nhwc<T>(xs, Tiling(N * HW, C), s1, s2);
-      else channel_moments<T>(xs, N, C, HW, s1, s2);
+      dispatch_pre(pre, [&](auto p) {
+        constexpr int64_t kPre = decltype(p)::value;
+        if (nhwc) channel_moments_nhwc<T, kPre>(xs, Tiling(N * HW, C), s1, s2);
+        else channel_moments<T, kPre>(xs, N, C, HW, s1, s2);
+      });
       const double M = double(N * HW);
       for (int64_t c = 0; c < C; ++c) {
-        const double m = s1[c] / M;  // of x − shift, the channel's first value
-        ms[c] = T(m + double(xs[nhwc ? c : c * HW]));
+        const double m = s1[c] / M;  // of v − shift, shift = v's first value in the channel
+        const T first = xs[nhwc ? c : c * HW];
+        ms[c] = T(m + double(pre == kGelu ? pre_forward<T, kGelu>(first) : first));
         vs[c] = T(std::max(0.0, s2[c] / M - m * m));
       }
     } else {
@@ -278,17 +332,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
       shift[c] = T(double(bs[c]) - double(ms[c]) * sc);
     }
     dispatch_act(act, [&](auto a) {
-      constexpr int64_t kAct = decltype(a)::value;
-      if (nhwc)
-        apply_nhwc<T, kAct>(xs, scale.data(), shift.data(), y.data_ptr<T>(), Tiling(N * HW, C), T(slope));
-      else
-        apply<T, kAct>(xs, scale.data(), shift.data(), y.data_ptr<T>(), N, C, HW, T(slope));
+      dispatch_pre(pre, [&](auto p) {
+        constexpr int64_t kAct = decltype(a)::value, kPre = decltype(p)::value;
+        if (nhwc)
+          apply_nhwc<T, kAct, kPre>(xs, scale.data(), shift.data(), y.data_ptr<T>(), Tiling(N * HW, C),
+                                    T(slope));
+        else
+          apply<T, kAct, kPre>(xs, scale.data(), shift.data(), y.data_ptr<T>(), N, C, HW, T(slope));
+      });
     });
   });
   return {y, mean, var};
 }
 
-template <typename T, int64_t A>
+template <typename T, int64_t A, int64_t P>
 void backward_kernel(const T* xs, const T* gs, const T* ms, const T* is, const T* ws, const T* bs,
                      T* gx, T* gw, T* gb, int64_t N, int64_t C, int64_t HW, bool training, T sl) {
   // pass 1: per plane Σ dz and Σ dz·x̂, dz = g · act'(z), z = x̂·w + b, x̂ = (x − mean)·invstd
@@ -304,7 +361,7 @@ void backward_kernel(const T* xs, const T* gs, const T* ms, const T* is, const T
         T c1 = 0, c2 = 0;
 #pragma omp simd reduction(+ : c1, c2)
         for (int64_t i = i0; i < i1; ++i) {
-          const T xh = (xp[i] - m) * inv;
+          const T xh = (pre_forward<T, P>(xp[i]) - m) * inv;
           const T dz = gp[i] * act_derivative<T, A>(xh * w + b, s);
           c1 += dz;
           c2 += dz * xh;
@@ -340,9 +397,11 @@ void backward_kernel(const T* xs, const T* gs, const T* ms, const T* is, const T
       T* out = gx + p * HW;
       FASTSEG_VECTOR_LOOP
       for (int64_t i = 0; i < HW; ++i) {
-        const T xh = (xp[i] - m) * inv;
+        T v, dv;
+        pre_both<T, P>(xp[i], v, dv);
+        const T xh = (v - m) * inv;
         const T dz = gp[i] * act_derivative<T, A>(xh * w + b, s);
-        out[i] = a1 * dz - a2 - a3 * xh;
+        out[i] = (a1 * dz - a2 - a3 * xh) * dv;
       }
     }
   });
@@ -350,7 +409,7 @@ void backward_kernel(const T* xs, const T* gs, const T* ms, const T* is, const T
 
 // The NHWC backward: per channel Σ dz and Σ dz·x̂ over blocks of (wide) rows, then grad_x
 // (the same two passes as backward_kernel; see Tiling).
-template <typename T, int64_t A>
+template <typename T, int64_t A, int64_t P>
 void backward_kernel_nhwc(const T* xs, const T* gs, const T* ms, const T* is, const T* ws,
                           const T* bs, T* gx, T* gw, T* gb, int64_t R, int64_t C, bool training,
                           T sl) {
@@ -371,7 +430,7 @@ void backward_kernel_nhwc(const T* xs, const T* gs, const T* ms, const T* is, co
         const T *xr = xs + offset + r * width, *gr = gs + offset + r * width;
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
-          const T xh = (xr[j] - m[j]) * inv[j];
+          const T xh = (pre_forward<T, P>(xr[j]) - m[j]) * inv[j];
           const T dz = gr[j] * act_derivative<T, A>(xh * w[j] + b[j], s);
           ap[j] += dz;
           qp[j] += dz * xh;
@@ -410,9 +469,11 @@ void backward_kernel_nhwc(const T* xs, const T* gs, const T* ms, const T* is, co
         T* out = gx + offset + r * width;
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
-          const T xh = (xr[j] - m[j]) * inv[j];
+          T v, dv;
+          pre_both<T, P>(xr[j], v, dv);
+          const T xh = (v - m[j]) * inv[j];
           const T dz = gr[j] * act_derivative<T, A>(xh * w[j] + b[j], s);
-          out[j] = a1[j] * dz - a2[j] - a3[j] * xh;
+          out[j] = (a1[j] * dz - a2[j] - a3[j] * xh) * dv;
         }
       }
     }
@@ -423,7 +484,7 @@ void backward_kernel_nhwc(const T* xs, const T* gs, const T* ms, const T* is, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight_in,
     const at::Tensor& bias_in, const at::Tensor& mean_in, const at::Tensor& var_in, bool training,
-    double eps, int64_t act, double slope) {
+    double eps, int64_t act, double slope, int64_t pre) {
   constexpr const char* op = "batch_norm_act_backward";
   TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape");
   const at::MemoryFormat format = layout(x_in);
@@ -438,18 +499,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     for (int64_t c = 0; c < C; ++c)
       invstd[c] = scalar_t(1.0 / std::sqrt(double(var.data_ptr<scalar_t>()[c]) + eps));
     dispatch_act(act, [&](auto a) {
-      constexpr int64_t kAct = decltype(a)::value;
+     dispatch_pre(pre, [&](auto p) {
+      constexpr int64_t kAct = decltype(a)::value, kPre = decltype(p)::value;
       const scalar_t *xs = x.data_ptr<scalar_t>(), *gs = g.data_ptr<scalar_t>();
       const scalar_t *ms = mean.data_ptr<scalar_t>(), *ws = weight.data_ptr<scalar_t>();
       const scalar_t* bs = bias.data_ptr<scalar_t>();
       scalar_t *gx = grad_x.data_ptr<scalar_t>(), *gw = grad_weight.data_ptr<scalar_t>();
       scalar_t* gb = grad_bias.data_ptr<scalar_t>();
       if (format == at::MemoryFormat::ChannelsLast)
-        backward_kernel_nhwc<scalar_t, kAct>(xs, gs, ms, invstd.data(), ws, bs, gx, gw, gb, N * HW,
+        backward_kernel_nhwc<scalar_t, kAct, kPre>(xs, gs, ms, invstd.data(), ws, bs, gx, gw, gb, N * HW,
                                              C, training, scalar_t(slope));
       else
-        backward_kernel<scalar_t, kAct>(xs, gs, ms, invstd.data(), ws, bs, gx, gw, gb, N, C, HW,
-                                        training, scalar_t(slope));
+        backward_kernel<scalar_t, kAct, kPre>(xs, gs, ms, invstd.data(), ws, bs, gx, gw, gb, N, C,
+                                              HW, training, scalar_t(slope));
+     });
     });
   });
   return {grad_x, grad_weight, grad_bias};

@@ -33,6 +33,12 @@ def bn_act(channels: int, act: nn.Module, eps: float = 1e-5,
     return norm, nn.Identity()
 
 
+def gelu_bn(channels: int, backend: str = "auto") -> tuple[nn.Identity, BatchNormAct2d]:
+    """GELU → BatchNorm2d as the pair ``(nn.Identity(), BatchNormAct2d(pre_activation="gelu"))``:
+    the indices and state_dict keys of ``nn.GELU(), nn.BatchNorm2d`` in a ``Sequential``."""
+    return nn.Identity(), BatchNormAct2d(channels, "identity", pre_activation="gelu", backend=backend)
+
+
 def conv_bn_act(in_channels: int, out_channels: int, kernel_size: int, act: nn.Module,
                 bias: bool = False, backend: str = "auto") -> nn.Sequential:
     """Conv (``kernel_size``, 'same' padding; a :class:`~fastseg.layers.PointwiseConv2d` for 1×1)
@@ -99,8 +105,9 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     a plain 1×1 conv is folded into that conv's input side (``W·diag(s)``, ``b + W·t``), which is
     exact because a 1×1 conv without padding sees no border. The folded BatchNorm becomes
     ``nn.Identity`` (indices and names of the other modules stay), convs without a bias gain one;
-    a folded :class:`~fastseg.layers.BatchNormAct2d` becomes its activation, and only folds into
-    the conv before it.
+    a folded :class:`~fastseg.layers.BatchNormAct2d` becomes its activations; one with an
+    activation after it folds only into the conv before it, one with a pre-activation only into
+    the 1×1 conv after it.
 
     Left unfolded, on purpose: a BatchNorm after a :class:`~fastseg.layers.DynamicConv2d`
     (LightAWNet). Its scale could go into the experts, but its shift cannot become the layer's
@@ -123,6 +130,8 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             after = seq[i + 1] if i + 1 < len(seq) else None
             if isinstance(bn, BatchNormAct2d) and bn.activation != "identity":
                 after = None  # its activation stands between it and the next module
+            if isinstance(bn, BatchNormAct2d) and bn.pre_activation != "identity":
+                before = None  # its pre-activation stands between the module before and it
             if isinstance(before, nn.Conv2d):
                 bias = before.bias if before.bias is not None else torch.zeros_like(scale)
                 before.weight.mul_(scale.view(-1, 1, 1, 1))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .._layout import output_memory_format
 from ..backend import resolve_backend
 from ..layers import MixedDepthwiseConv2d, PointwiseConv2d, SparseTransformer2d
-from ._common import bn_act, check_input, conv_bn_act, fuse_for_inference, store_arguments
+from ._common import bn_act, check_input, conv_bn_act, fuse_for_inference, gelu_bn, store_arguments
 
 __all__ = ["LGMSNet"]
 
@@ -90,16 +90,17 @@ class Up(nn.Sequential):
 
 class Fusion(nn.Sequential):
     """Conv3×3 (groups 2) → GELU → BN → PW_{a→4b} → GELU → BN → PW_{4b→b} → GELU → BN
-    (activations before the norms, as the original)."""
+    (activations before the norms, as the original; each GELU → BN pair is one
+    :class:`~fastseg.layers.BatchNormAct2d` with ``pre_activation="gelu"``, after an
+    ``nn.Identity`` that keeps the original's indices)."""
 
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
         hidden = 4 * out_channels
         super().__init__(
-            nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=2), nn.GELU(),
-            nn.BatchNorm2d(in_channels), PointwiseConv2d(in_channels, hidden, backend=backend),
-            nn.GELU(), nn.BatchNorm2d(hidden),
-            PointwiseConv2d(hidden, out_channels, backend=backend), nn.GELU(),
-            nn.BatchNorm2d(out_channels))
+            nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=2),
+            *gelu_bn(in_channels, backend), PointwiseConv2d(in_channels, hidden, backend=backend),
+            *gelu_bn(hidden, backend), PointwiseConv2d(hidden, out_channels, backend=backend),
+            *gelu_bn(out_channels, backend))
 
 
 class LGMSNet(nn.Module):

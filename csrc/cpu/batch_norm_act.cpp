@@ -62,8 +62,6 @@ inline float erf_vectorisable(float x) {
   return x < 0.0f ? -e : e;
 }
 inline double erf_vectorisable(double x) { return std::erf(x); }
-inline float exp_any(float x) { return gates::exp_vectorisable(x); }
-inline double exp_any(double x) { return std::exp(x); }
 
 // v = pre(x) and, if dv is not null, dv = pre'(x). GELU: v = x·Φ(x), v' = Φ(x) + x·φ(x), with the
 // standard normal's Φ(x) = (1 + erf(x/√2))/2 and φ(x) = exp(−x²/2)/√(2π), as ATen's gelu and
@@ -73,13 +71,30 @@ inline T pre_forward(T x) {
   if constexpr (P == kGelu) return x * (T(0.5) + T(0.5) * erf_vectorisable(x * T(0.70710678118654752)));
   else return x;
 }
-// v = pre(x) and d = pre'(x), sharing Φ(x)
+// Φ(x) and exp(−x²/2) of a float with one exp: erf(x/√2) = 1 − r(t)·exp(−x²/2) is the same
+// formula as erf_vectorisable.
+inline void normal_cdf_and_gauss(float x, float& cdf, float& gauss) {
+  const float a = (x < 0.0f ? -x : x) * 0.70710678f;
+  const float t = 1.0f / (1.0f + 0.3275911f * a);
+  const float r =
+      ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+  gauss = gates::exp_vectorisable(-a * a);
+  const float e = 1.0f - r * gauss;
+  cdf = 0.5f + 0.5f * (x < 0.0f ? -e : e);
+}
+inline void normal_cdf_and_gauss(double x, double& cdf, double& gauss) {
+  cdf = 0.5 + 0.5 * std::erf(x * 0.70710678118654752);
+  gauss = std::exp(-0.5 * x * x);
+}
+
+// v = pre(x) and d = pre'(x), sharing Φ(x) and its exp
 template <typename T, int64_t P>
 inline void pre_both(T x, T& v, T& d) {
   if constexpr (P == kGelu) {
-    const T cdf = T(0.5) + T(0.5) * erf_vectorisable(x * T(0.70710678118654752));
+    T cdf, gauss;
+    normal_cdf_and_gauss(x, cdf, gauss);
     v = x * cdf;
-    d = cdf + x * T(0.39894228040143268) * exp_any(T(-0.5) * x * x);
+    d = cdf + x * T(0.39894228040143268) * gauss;
   } else {
     v = x;
     d = T(1);

@@ -79,11 +79,22 @@ def build(name, impl, mode):
 
 
 def make_step(name, impl, mode, batch, size):
-    """A zero-argument function running one step of the case, with its inputs bound."""
+    """A zero-argument function running one step of the case, with its inputs bound.
+
+    Besides :func:`implementations`, two layout variants (``interleaved_models.py``):
+    ``reference-channels-last`` (input and, where PyTorch can convert it, the model in
+    channels-last; LightAWNet's 5-D expert weights cannot be) and ``cpu-nchw`` (LGMSNet's fused
+    model computing in the input's NCHW layout, ``cpu_channels_last = False``)."""
     model = build(name, impl, mode)
     channels = MODELS[name][1]
     g = torch.Generator().manual_seed(2)
     x = torch.randn(batch, channels, size, size, generator=g)
+    if impl == "reference-channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        if name != "lightawnet":
+            model = model.to(memory_format=torch.channels_last)
+    if impl == "cpu-nchw":
+        model.cpu_channels_last = False
     # dynamic=False: one static graph per case (with automatic dynamic shapes, the recompile
     # for a second input size fails in inductor: "Cannot convert expression to float")
     run = torch.compile(model, dynamic=False) if impl.endswith("-compiled") else model

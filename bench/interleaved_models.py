@@ -1,0 +1,57 @@
+"""Training-step or inference time of the seed models, implementations interleaved in one
+process: every round runs one step of each implementation, in an order that rotates from round to
+round, so that a slow phase of the (shared, 2-core) machine hits all of them alike. Prints each
+implementation's median and min, and the median over rounds of its per-round speedup against
+the first implementation (the reference).
+
+    .venv/bin/python bench/interleaved_models.py --model lgmsnet --size 128 --rounds 9
+    .venv/bin/python bench/interleaved_models.py --model lgmsnet --mode inference --batch 1 --size 256 \\
+        --impls reference cpu cpu-folded
+
+Implementations as in ``bench_models.py`` (the same weights, inputs and step), plus the layout
+variants of its ``make_step``: ``reference-channels-last`` and ``cpu-nchw``. Compiled ones are
+compiled before the first round. ``FASTSEG_RETAIN_FREED_MEMORY=1`` as in ``bench_models.py``.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench_models import MODELS, RETAINED, make_step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=list(MODELS), default="lgmsnet")
+    parser.add_argument("--mode", choices=["train", "inference"], default="train")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--impls", nargs="+",
+                        default=["reference", "reference-channels-last", "cpu-nchw", "cpu"])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    steps = {impl: make_step(args.model, impl, args.mode, args.batch, args.size) for impl in args.impls}
+    for step in steps.values():
+        step()  # warm-up (and compilation)
+    times = {impl: [] for impl in args.impls}
+    for r in range(args.rounds):
+        order = args.impls[r % len(args.impls):] + args.impls[:r % len(args.impls)]
+        for impl in order:
+            start = time.perf_counter()
+            steps[impl]()
+            times[impl].append(time.perf_counter() - start)
+    base = times[args.impls[0]]
+    print(f"{args.model}, {args.mode} {args.batch}×{args.size}², {args.rounds} interleaved rounds, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'freed memory retained' if RETAINED else 'default allocator settings'}\n")
+    print(f"| impl | median ms | min ms | speedup vs {args.impls[0]} (median of rounds) |")
+    print("|---|---:|---:|---:|")
+    for impl in args.impls:
+        ratio = statistics.median(b / t for b, t in zip(base, times[impl]))
+        print(f"| {impl} | {statistics.median(times[impl]) * 1e3:.1f} | {min(times[impl]) * 1e3:.1f} "
+              f"| {ratio:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()

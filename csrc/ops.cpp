@@ -36,6 +36,10 @@ TORCH_LIBRARY(fastseg, m) {
       "batch_norm_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor mean,"
       " Tensor var, bool training, float eps, int act, float slope, int pre)"
       " -> (Tensor, Tensor, Tensor)");
+  // 2×2 max pooling, stride 2, with the winning window position kept as one byte (CPU only;
+  // fastseg/ops/pool.py).
+  m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
+  m.def("max_pool2x2_backward(Tensor grad_out, Tensor index, int[] x_size) -> Tensor");
   // Attention gates (fastseg/ops/attention_gates.py holds the same schemas for the Triton ops).
   m.def("spatial_gate(Tensor x, Tensor w, Tensor b) -> Tensor");
   m.def("spatial_gate_backward(Tensor grad_out, Tensor x, Tensor w, Tensor b) -> (Tensor, Tensor, Tensor)");

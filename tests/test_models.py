@@ -13,13 +13,14 @@ LGMSNET_MODULES = {
     "stem": 480, "encoder1": 1_672, "encoder2": 1_960, "encoder3": 6_224, "encoder4": 391_424,
     "encoder5": 538_880, "up5": 147_840, "decoder5": 833_792, "up4": 73_920,
     "decoder4": 262_592, "up3": 18_528, "decoder3": 31_392, "up2": 4_656, "decoder2": 8_016,
-    "head": 17,
+    "head": 17, "pool": 0,
 }
 
 LIGHTAWNET_MODULES = {
     "encoder1": 696, "encoder2": 22_709, "encoder3": 88_421, "encoder4": 348_869, "side4": 8_320,
     "side5": 33_024, "encoder5": 1_385_861, "attention": 82_241, "skip4": 32_896, "gate": 0,
     "decoder4": 627_844, "decoder3": 157_252, "decoder2": 39_460, "decoder1": 9_940, "head": 646,
+    "pool": 0,
 }
 MODELS = {"lgmsnet": (LGMSNet, 3, 32), "lightawnet": (LightAWNet, 1, 16)}
 
@@ -115,8 +116,9 @@ def test_backends_agree_with_the_reference(name, backend, train, monkeypatch):
     fused.load_state_dict(reference.state_dict())
     reference.train(train), fused.train(train)
     y_ref, g_ref = _run(reference, x)
-    # every BatchNormAct2d takes the fused op, however small its input
+    # every BatchNormAct2d and NCHW max pooling takes the fused op, however small its input
     monkeypatch.setattr(BatchNormAct2d, "min_numel", 0)
+    monkeypatch.setattr(fastseg.ops.pool, "MIN_WIDTH", 0)
     # LGMSNet on the cpu backend computes in channels-last whatever the input's layout
     # (cpu_channels_last); both settings are checked, and which layout its stages ran in
     internal = (True, False) if hasattr(fused, "cpu_channels_last") else (None,)
@@ -154,7 +156,8 @@ def test_every_fused_layer_gets_the_backend(name, backend):
     kinds = {type(m).__name__ for m in fused}
     expected = ({"MixedDepthwiseConv2d", "SparseTransformer2d"} if name == "lgmsnet" else
                 {"DynamicConv2d", "GatedPointwise", "CrossGate", "GlobalSelfAttention2d",
-                 "SqueezeExcite", "DepthwiseConv2d"}) | {"PointwiseConv2d", "BatchNormAct2d"}
+                 "SqueezeExcite", "DepthwiseConv2d"}) | {"PointwiseConv2d", "BatchNormAct2d",
+                                                          "MaxPool2x2"}
     assert kinds == expected
     assert all(m.backend == backend for m in fused)
     # every dense 1×1 convolution the model runs as one is a PointwiseConv2d (the GEMM path on

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .._layout import output_memory_format
 from ..backend import resolve_backend
-from ..layers import MixedDepthwiseConv2d, PointwiseConv2d, SparseTransformer2d
+from ..layers import MaxPool2x2, MixedDepthwiseConv2d, PointwiseConv2d, SparseTransformer2d
 from ._common import bn_act, check_input, conv_bn_act, fuse_for_inference, gelu_bn, store_arguments
 
 __all__ = ["LGMSNet"]
@@ -140,6 +140,7 @@ class LGMSNet(nn.Module):
         self.up2 = Up(32, 16, **b)
         self.decoder2 = Fusion(32, 16, **b)
         self.head = PointwiseConv2d(16, num_classes, **b)
+        self.pool = MaxPool2x2(**b)  # 2×2 max pooling (no parameters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[N, in_channels, H, W]`` (H, W divisible by 32) → logits ``[N, num_classes, H, W]``."""
@@ -149,10 +150,10 @@ class LGMSNet(nn.Module):
                 and resolve_backend(self.backend, x.device, x.dtype) == "cpu"):
             x = x.contiguous(memory_format=torch.channels_last)
         x1 = self.encoder1(self.stem(x))
-        x2 = self.encoder2(F.max_pool2d(x1, 2))
-        x3 = self.encoder3(F.max_pool2d(x2, 2))
-        x4 = self.encoder4(F.max_pool2d(x3, 2))
-        x5 = self.encoder5(F.max_pool2d(x4, 2))
+        x2 = self.encoder2(self.pool(x1))
+        x3 = self.encoder3(self.pool(x2))
+        x4 = self.encoder4(self.pool(x3))
+        x5 = self.encoder5(self.pool(x4))
         d5 = self.decoder5(torch.cat([x4, self.up5(x5)], 1))
         d4 = self.decoder4(torch.cat([x3, self.up4(d5)], 1))
         d3 = self.decoder3(torch.cat([x2, self.up3(d4)], 1))

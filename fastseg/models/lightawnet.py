@@ -13,10 +13,9 @@ authors' model. The original applies a sigmoid to its output; this model returns
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers import (CrossGate, DepthwiseConv2d, DynamicConv2d, GatedPointwise,
+from ..layers import (CrossGate, DepthwiseConv2d, DynamicConv2d, GatedPointwise, MaxPool2x2,
                       GlobalSelfAttention2d, PointwiseConv2d, SqueezeExcite)
 from ._common import bn_act, check_input, fuse_for_inference, store_arguments
 
@@ -101,17 +100,18 @@ class LightAWNet(nn.Module):
         self.decoder2 = Decoder(64, 32, **b)
         self.decoder1 = Decoder(32, 16, **b)
         self.head = DynamicConvBN(16, num_classes, backend)
+        self.pool = MaxPool2x2(backend)  # 2×2 max pooling (no parameters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[N, in_channels, H, W]`` (H, W divisible by 16) → logits ``[N, num_classes, H, W]``."""
         check_input(x, self.in_channels, self.input_multiple, "LightAWNet")
         x1 = self.encoder1(x)
-        x2 = self.encoder2(F.max_pool2d(x1, 2))
-        x3 = self.encoder3(F.max_pool2d(x2, 2))
-        x3d = F.max_pool2d(x3, 2)
+        x2 = self.encoder2(self.pool(x1))
+        x3 = self.encoder3(self.pool(x2))
+        x3d = self.pool(x3)
         a4 = self.encoder4(x3d)
         b4 = self.side4(x3d)
-        a4g = self.gate(F.max_pool2d(a4, 2), b4)       # pool(a4) · σ(resize(b4 → 1/16))
+        a4g = self.gate(self.pool(a4), b4)             # pool(a4) · σ(resize(b4 → 1/16))
         b5 = self.side5(self.gate(b4, a4))             # PW(σ(a4) · b4)
         a5 = self.encoder5(a4g)
         c = self.attention(self.gate(a5, b5))          # a5 · σ(resize(b5 → 1/16))

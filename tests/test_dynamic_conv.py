@@ -12,10 +12,12 @@ from fastseg.backend import unavailable_reason
 from fastseg.layers import DynamicConv2d
 from fastseg.ops import dynamic_conv2d, dynamic_conv2d_reference
 
-# The cpu backend runs one of two plans (csrc/cpu/dynamic_conv.cpp), forced here through the
-# environment so that both run on every shape; "gemm-blocks" also shrinks its cache budget so
-# that small shapes cross every sample/row/channel block boundary of the gemm plan.
+# The cpu backend runs one of three plans (folded and gemm in csrc/cpu/dynamic_conv.cpp, stacked
+# in fastseg/ops/dynamic_conv.py for groups 1), forced here through the environment so that each
+# runs on every shape it applies to; "gemm-blocks" also shrinks its cache budget so that small
+# shapes cross every sample/row/channel block boundary of the gemm plan.
 VARIANTS = {
+    "cpu-stacked": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "stacked"}),
     "cpu-folded": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "folded"}),
     "cpu-gemm": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm"}),
     "cpu-gemm-blocks": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm",

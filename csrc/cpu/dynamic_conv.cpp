@@ -109,14 +109,17 @@ enum class Plan { folded, gemm };
 // The gemm plan pays an im2col (kh·kw copies of x) to avoid materialising every sample's kernel;
 // it wins when a sample's kernel is at least as large as its im2col (groups = 1: C_out ≥ H_out·W_out;
 // measured at LightAWNet's shapes: 256 channels at 8² and 16²). The environment
-// variable FASTSEG_DYNAMIC_CONV_CPU_PLAN=folded|gemm forces a plan (tests run both on any shape).
+// variable FASTSEG_DYNAMIC_CONV_CPU_PLAN=folded|gemm forces a plan (tests run both on any shape);
+// =stacked forces fastseg/ops/dynamic_conv.py's third plan where it applies (groups 1), so a call
+// that reaches this file with it picks by shape.
 Plan choose_plan(const Geometry& g) {
   if (const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_PLAN")) {
     const std::string want(env);
     if (want == "folded") return Plan::folded;
     if (want == "gemm") return Plan::gemm;
-    TORCH_CHECK_VALUE(want.empty() || want == "auto",
-                      "FASTSEG_DYNAMIC_CONV_CPU_PLAN must be folded, gemm or auto, got ", want);
+    TORCH_CHECK_VALUE(want.empty() || want == "auto" || want == "stacked",
+                      "FASTSEG_DYNAMIC_CONV_CPU_PLAN must be folded, gemm, stacked or auto, got ",
+                      want);
   }
   return g.C_out * g.R() >= g.C_in * g.taps() * g.P() ? Plan::gemm : Plan::folded;
 }

@@ -9,8 +9,9 @@ Each kernel entry point is one ``torch.library`` custom op in the ``fastseg`` na
 * the forward op gets autograd through :func:`torch.library.register_autograd`, and its backward
   is a custom op of its own.
 
-Kernels compute on NCHW-contiguous buffers. Channels-last and non-contiguous inputs are copied
-once to that layout on entry (documented per op); outputs come back in the input's memory format
+Kernels compute on NCHW-contiguous buffers (``batch_norm_act`` computes channels-last inputs in
+their own layout). Channels-last and non-contiguous inputs are copied once to that layout on entry
+(documented per op); outputs come back in the input's memory format
 (channels-last stays channels-last): :mod:`fastseg._layout` decides it, for the kernels and for
 the fake implementations alike.
 

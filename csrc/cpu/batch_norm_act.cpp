@@ -51,28 +51,9 @@ inline T act_derivative(T z, T slope) {
 // The activation before the norm (LGMSNet's Fusion blocks: GELU → BatchNorm): none or GELU.
 enum Pre : int64_t { kNone = 0, kGelu = 1 };
 
-// erf of a float, vectorisable: Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), the formula of
-// ATen's vectorised erf, with the Cephes-polynomial exp of the gates.
-inline float erf_vectorisable(float x) {
-  const float a = x < 0.0f ? -x : x;
-  const float t = 1.0f / (1.0f + 0.3275911f * a);
-  const float r =
-      ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-  const float e = 1.0f - r * gates::exp_vectorisable(-a * a);
-  return x < 0.0f ? -e : e;
-}
-inline double erf_vectorisable(double x) { return std::erf(x); }
-
-// v = pre(x) and, if dv is not null, dv = pre'(x). GELU: v = x·Φ(x), v' = Φ(x) + x·φ(x), with the
-// standard normal's Φ(x) = (1 + erf(x/√2))/2 and φ(x) = exp(−x²/2)/√(2π), as ATen's gelu and
-// gelu_backward (approximate='none') compute them.
-template <typename T, int64_t P>
-inline T pre_forward(T x) {
-  if constexpr (P == kGelu) return x * (T(0.5) + T(0.5) * erf_vectorisable(x * T(0.70710678118654752)));
-  else return x;
-}
-// Φ(x) and exp(−x²/2) of a float with one exp: erf(x/√2) = 1 − r(t)·exp(−x²/2) is the same
-// formula as erf_vectorisable.
+// The standard normal's Φ(x) = (1 + erf(x/√2))/2 and exp(−x²/2) of a float, vectorisable, with one
+// exp: erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7, the formula of ATen's vectorised erf),
+// erf(a) = 1 − r(t)·exp(−a²), with the Cephes-polynomial exp of the gates.
 inline void normal_cdf_and_gauss(float x, float& cdf, float& gauss) {
   const float a = (x < 0.0f ? -x : x) * 0.70710678f;
   const float t = 1.0f / (1.0f + 0.3275911f * a);
@@ -87,7 +68,18 @@ inline void normal_cdf_and_gauss(double x, double& cdf, double& gauss) {
   gauss = std::exp(-0.5 * x * x);
 }
 
-// v = pre(x) and d = pre'(x), sharing Φ(x) and its exp
+// v = pre(x) (GELU: x·Φ(x)), as ATen's gelu (approximate='none') computes it
+template <typename T, int64_t P>
+inline T pre_forward(T x) {
+  if constexpr (P == kGelu) {
+    T cdf, gauss;
+    normal_cdf_and_gauss(x, cdf, gauss);
+    return x * cdf;
+  } else return x;
+}
+
+// v = pre(x) and d = pre'(x) (GELU: Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π), as ATen's
+// gelu_backward), sharing Φ(x) and its exp
 template <typename T, int64_t P>
 inline void pre_both(T x, T& v, T& d) {
   if constexpr (P == kGelu) {
@@ -219,6 +211,40 @@ struct Tiling {
     for (int64_t b = 0; b < blocks; ++b)
       for (int64_t j = 0; j < L; ++j) s[j % C] += p[b * L + j];
   }
+  // Two per-channel sums over every row, blocks in parallel: rows(offset, count, width, a, q)
+  // adds a block's `count` rows of `width` values from `offset` into the zeroed per-lane
+  // accumulators a and q (L values each); s1 and s2 get the blocks' partials added per channel.
+  template <typename T, typename F>
+  void channel_sums(std::vector<double>& s1, std::vector<double>& s2, F&& rows) const {
+    std::vector<double> p1(blocks * L, 0.0), p2(blocks * L, 0.0);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> a(L), q(L);
+      for (int64_t b = begin; b < end; ++b) {
+        int64_t offset, count, width;
+        block(b, offset, count, width);
+        std::fill(a.begin(), a.end(), T(0));
+        std::fill(q.begin(), q.end(), T(0));
+        rows(offset, count, width, a.data(), q.data());
+        for (int64_t j = 0; j < width; ++j) {
+          p1[b * L + j] = a[j];
+          p2[b * L + j] = q[j];
+        }
+      }
+    });
+    fold(p1, s1);
+    fold(p2, s2);
+  }
+  // row(offset, width) for every (wide) row, blocks in parallel
+  template <typename F>
+  void for_each_row(F&& row) const {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        int64_t offset, count, width;
+        block(b, offset, count, width);
+        for (int64_t r = 0; r < count; ++r) row(offset + r * width, width);
+      }
+    });
+  }
 };
 
 template <typename T, int64_t P>
@@ -227,51 +253,29 @@ void channel_moments_nhwc(const T* x, const Tiling& t, std::vector<double>& s1,
   std::vector<T> first(x, x + t.C);  // pre(the first row): keeps the squares small
   for (T& v : first) v = pre_forward<T, P>(v);
   const std::vector<T> shift = t.tile(first.data());
-  std::vector<double> p1(t.blocks * t.L, 0.0), p2(t.blocks * t.L, 0.0);
-  at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> a(t.L), q(t.L);
-    for (int64_t b = begin; b < end; ++b) {
-      int64_t offset, count, width;
-      t.block(b, offset, count, width);
-      std::fill(a.begin(), a.end(), T(0));
-      std::fill(q.begin(), q.end(), T(0));
-      T *ap = a.data(), *qp = q.data();
-      const T* sh = shift.data();
-      for (int64_t r = 0; r < count; ++r) {
-        const T* xr = x + offset + r * width;
+  t.channel_sums<T>(s1, s2, [&](int64_t offset, int64_t count, int64_t width, T* ap, T* qp) {
+    const T* sh = shift.data();
+    for (int64_t r = 0; r < count; ++r) {
+      const T* xr = x + offset + r * width;
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const T d = pre_forward<T, P>(xr[j]) - sh[j];
-          ap[j] += d;
-          qp[j] += d * d;
-        }
-      }
       for (int64_t j = 0; j < width; ++j) {
-        p1[b * t.L + j] = ap[j];
-        p2[b * t.L + j] = qp[j];
+        const T d = pre_forward<T, P>(xr[j]) - sh[j];
+        ap[j] += d;
+        qp[j] += d * d;
       }
     }
   });
-  t.fold(p1, s1);
-  t.fold(p2, s2);
 }
 
 template <typename T, int64_t A, int64_t P>
 void apply_nhwc(const T* x, const T* scale, const T* shift, T* y, const Tiling& t, T slope) {
   const std::vector<T> sc = t.tile(scale), sh = t.tile(shift);
-  at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
-    const T *a = sc.data(), *b = sh.data();
+  t.for_each_row([&](int64_t offset, int64_t width) {
+    const T *a = sc.data(), *b = sh.data(), *xr = x + offset;
     const T s = slope;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      int64_t offset, count, width;
-      t.block(blk, offset, count, width);
-      for (int64_t r = 0; r < count; ++r) {
-        const T* xr = x + offset + r * width;
-        T* yr = y + offset + r * width;
+    T* yr = y + offset;
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) yr[j] = act_forward<T, A>(pre_forward<T, P>(xr[j]) * a[j] + b[j], s);
-      }
-    }
+    for (int64_t j = 0; j < width; ++j) yr[j] = act_forward<T, A>(pre_forward<T, P>(xr[j]) * a[j] + b[j], s);
   });
 }
 
@@ -430,36 +434,22 @@ void backward_kernel_nhwc(const T* xs, const T* gs, const T* ms, const T* is, co
                           T sl) {
   const Tiling t(R, C);
   const std::vector<T> mt = t.tile(ms), it = t.tile(is), wt = t.tile(ws), bt = t.tile(bs);
-  std::vector<double> p1(t.blocks * t.L, 0.0), p2(t.blocks * t.L, 0.0);
-  at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> a(t.L), q(t.L);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      int64_t offset, count, width;
-      t.block(blk, offset, count, width);
-      std::fill(a.begin(), a.end(), T(0));
-      std::fill(q.begin(), q.end(), T(0));
-      T *ap = a.data(), *qp = q.data();
-      const T *m = mt.data(), *inv = it.data(), *w = wt.data(), *b = bt.data();
-      const T s = sl;
-      for (int64_t r = 0; r < count; ++r) {
-        const T *xr = xs + offset + r * width, *gr = gs + offset + r * width;
+  std::vector<double> sum_dz(C), sum_dz_xhat(C);
+  t.channel_sums<T>(sum_dz, sum_dz_xhat, [&](int64_t offset, int64_t count, int64_t width, T* ap,
+                                            T* qp) {
+    const T *m = mt.data(), *inv = it.data(), *w = wt.data(), *b = bt.data();
+    const T s = sl;
+    for (int64_t r = 0; r < count; ++r) {
+      const T *xr = xs + offset + r * width, *gr = gs + offset + r * width;
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const T xh = (pre_forward<T, P>(xr[j]) - m[j]) * inv[j];
-          const T dz = gr[j] * act_derivative<T, A>(xh * w[j] + b[j], s);
-          ap[j] += dz;
-          qp[j] += dz * xh;
-        }
-      }
       for (int64_t j = 0; j < width; ++j) {
-        p1[blk * t.L + j] = ap[j];
-        p2[blk * t.L + j] = qp[j];
+        const T xh = (pre_forward<T, P>(xr[j]) - m[j]) * inv[j];
+        const T dz = gr[j] * act_derivative<T, A>(xh * w[j] + b[j], s);
+        ap[j] += dz;
+        qp[j] += dz * xh;
       }
     }
   });
-  std::vector<double> sum_dz(C), sum_dz_xhat(C);
-  t.fold(p1, sum_dz);
-  t.fold(p2, sum_dz_xhat);
   std::vector<T> k1(C), k2(C), k3(C);
   const double M = double(R);
   for (int64_t c = 0; c < C; ++c) {
@@ -472,25 +462,19 @@ void backward_kernel_nhwc(const T* xs, const T* gs, const T* ms, const T* is, co
     k3[c] = training ? T(wi * s2 / M) : T(0);
   }
   const std::vector<T> k1t = t.tile(k1.data()), k2t = t.tile(k2.data()), k3t = t.tile(k3.data());
-  at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
+  t.for_each_row([&](int64_t offset, int64_t width) {
     const T *m = mt.data(), *inv = it.data(), *w = wt.data(), *b = bt.data();
     const T *a1 = k1t.data(), *a2 = k2t.data(), *a3 = k3t.data();
     const T s = sl;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      int64_t offset, count, width;
-      t.block(blk, offset, count, width);
-      for (int64_t r = 0; r < count; ++r) {
-        const T *xr = xs + offset + r * width, *gr = gs + offset + r * width;
-        T* out = gx + offset + r * width;
+    const T *xr = xs + offset, *gr = gs + offset;
+    T* out = gx + offset;
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          T v, dv;
-          pre_both<T, P>(xr[j], v, dv);
-          const T xh = (v - m[j]) * inv[j];
-          const T dz = gr[j] * act_derivative<T, A>(xh * w[j] + b[j], s);
-          out[j] = (a1[j] * dz - a2[j] - a3[j] * xh) * dv;
-        }
-      }
+    for (int64_t j = 0; j < width; ++j) {
+      T v, dv;
+      pre_both<T, P>(xr[j], v, dv);
+      const T xh = (v - m[j]) * inv[j];
+      const T dz = gr[j] * act_derivative<T, A>(xh * w[j] + b[j], s);
+      out[j] = (a1[j] * dz - a2[j] - a3[j] * xh) * dv;
     }
   });
 }

@@ -123,26 +123,19 @@ void add_planes(const std::vector<double>& p1, const std::vector<double>& p2, in
   }
 }
 
-// Σ over a channel's N planes of (v − shift) and (v − shift)², v = pre(x), per channel, in double.
-template <typename T, int64_t P>
-void channel_moments(const T* x, int64_t N, int64_t C, int64_t HW, std::vector<double>& s1,
-                     std::vector<double>& s2) {
+// Two per-channel sums over the N·C planes of HW values, planes in parallel: chunk(p, i0, i1, a,
+// b) adds plane p's values i0 ≤ i < i1 (at most kChunk of them, summed in T) into a and b; the
+// chunks are added per plane in double, the planes per channel by add_planes.
+template <typename T, typename F>
+void plane_sums(int64_t N, int64_t C, int64_t HW, std::vector<double>& s1, std::vector<double>& s2,
+                F&& chunk) {
   std::vector<double> p1(N * C), p2(N * C);
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const T shift = pre_forward<T, P>(x[(p % C) * HW]);  // the channel's first value: keeps
-                                                            // the squares small
-      const T* xp = x + p * HW;
       double a = 0, b = 0;
       for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
-        const int64_t i1 = std::min(HW, i0 + kChunk);
         T ca = 0, cb = 0;
-#pragma omp simd reduction(+ : ca, cb)
-        for (int64_t i = i0; i < i1; ++i) {
-          const T d = pre_forward<T, P>(xp[i]) - shift;
-          ca += d;
-          cb += d * d;
-        }
+        chunk(p, i0, std::min(HW, i0 + kChunk), ca, cb);
         a += ca;
         b += cb;
       }
@@ -151,6 +144,23 @@ void channel_moments(const T* x, int64_t N, int64_t C, int64_t HW, std::vector<d
     }
   });
   add_planes(p1, p2, N, C, s1, s2);
+}
+
+// Σ over a channel's N planes of (v − shift) and (v − shift)², v = pre(x), per channel, in double.
+template <typename T, int64_t P>
+void channel_moments(const T* x, int64_t N, int64_t C, int64_t HW, std::vector<double>& s1,
+                     std::vector<double>& s2) {
+  plane_sums<T>(N, C, HW, s1, s2, [&](int64_t p, int64_t i0, int64_t i1, T& ca, T& cb) {
+    const T shift = pre_forward<T, P>(x[(p % C) * HW]);  // the channel's first value: keeps the
+                                                          // squares small
+    const T* xp = x + p * HW;
+#pragma omp simd reduction(+ : ca, cb)
+    for (int64_t i = i0; i < i1; ++i) {
+      const T d = pre_forward<T, P>(xp[i]) - shift;
+      ca += d;
+      cb += d * d;
+    }
+  });
 }
 
 template <typename T, int64_t A, int64_t P>
@@ -364,48 +374,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
   return {y, mean, var};
 }
 
-template <typename T, int64_t A, int64_t P>
-void backward_kernel(const T* xs, const T* gs, const T* ms, const T* is, const T* ws, const T* bs,
-                     T* gx, T* gw, T* gb, int64_t N, int64_t C, int64_t HW, bool training, T sl) {
-  // pass 1: per plane Σ dz and Σ dz·x̂, dz = g · act'(z), z = x̂·w + b, x̂ = (x − mean)·invstd
-  std::vector<double> p1(N * C), p2(N * C);
-  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t c = p % C;
-      const T m = ms[c], inv = is[c], w = ws[c], b = bs[c], s = sl;
-      const T *xp = xs + p * HW, *gp = gs + p * HW;
-      double s1 = 0, s2 = 0;
-      for (int64_t i0 = 0; i0 < HW; i0 += kChunk) {
-        const int64_t i1 = std::min(HW, i0 + kChunk);
-        T c1 = 0, c2 = 0;
-#pragma omp simd reduction(+ : c1, c2)
-        for (int64_t i = i0; i < i1; ++i) {
-          const T xh = (pre_forward<T, P>(xp[i]) - m) * inv;
-          const T dz = gp[i] * act_derivative<T, A>(xh * w + b, s);
-          c1 += dz;
-          c2 += dz * xh;
-        }
-        s1 += c1;
-        s2 += c2;
-      }
-      p1[p] = s1;
-      p2[p] = s2;
-    }
-  });
-  std::vector<double> sum_dz(C), sum_dz_xhat(C);
-  add_planes(p1, p2, N, C, sum_dz, sum_dz_xhat);
-  std::vector<T> k1(C), k2(C), k3(C);
-  const double M = double(N * HW);
-  for (int64_t c = 0; c < C; ++c) {
+// From the per-channel Σ dz and Σ dz·x̂ over M values per channel: grad_bias, grad_weight, and
+// the coefficients of grad_x = k1·dz − k2 − k3·x̂ in training, k1·dz in eval (the statistics are
+// constants there).
+template <typename T>
+void input_grad_coefficients(const std::vector<double>& sum_dz, const std::vector<double>& sum_dz_xhat,
+                             const T* ws, const T* is, double M, bool training, T* gw, T* gb,
+                             std::vector<T>& k1, std::vector<T>& k2, std::vector<T>& k3) {
+  for (size_t c = 0; c < k1.size(); ++c) {
     const double s1 = sum_dz[c], s2 = sum_dz_xhat[c];
     gb[c] = T(s1);
     gw[c] = T(s2);
-    // grad_x = k1·dz − k2 − k3·x̂ in training; k1·dz in eval (the statistics are constants there)
     const double wi = double(ws[c]) * double(is[c]);
     k1[c] = T(wi);
     k2[c] = training ? T(wi * s1 / M) : T(0);
     k3[c] = training ? T(wi * s2 / M) : T(0);
   }
+}
+
+template <typename T, int64_t A, int64_t P>
+void backward_kernel(const T* xs, const T* gs, const T* ms, const T* is, const T* ws, const T* bs,
+                     T* gx, T* gw, T* gb, int64_t N, int64_t C, int64_t HW, bool training, T sl) {
+  // pass 1: per channel Σ dz and Σ dz·x̂, dz = g · act'(z), z = x̂·w + b, x̂ = (x − mean)·invstd
+  std::vector<double> sum_dz(C), sum_dz_xhat(C);
+  plane_sums<T>(N, C, HW, sum_dz, sum_dz_xhat, [&](int64_t p, int64_t i0, int64_t i1, T& c1, T& c2) {
+    const int64_t c = p % C;
+    const T m = ms[c], inv = is[c], w = ws[c], b = bs[c], s = sl;
+    const T *xp = xs + p * HW, *gp = gs + p * HW;
+#pragma omp simd reduction(+ : c1, c2)
+    for (int64_t i = i0; i < i1; ++i) {
+      const T xh = (pre_forward<T, P>(xp[i]) - m) * inv;
+      const T dz = gp[i] * act_derivative<T, A>(xh * w + b, s);
+      c1 += dz;
+      c2 += dz * xh;
+    }
+  });
+  std::vector<T> k1(C), k2(C), k3(C);
+  input_grad_coefficients(sum_dz, sum_dz_xhat, ws, is, double(N * HW), training, gw, gb, k1, k2, k3);
   // pass 2: grad_x
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -451,16 +456,7 @@ void backward_kernel_nhwc(const T* xs, const T* gs, const T* ms, const T* is, co
     }
   });
   std::vector<T> k1(C), k2(C), k3(C);
-  const double M = double(R);
-  for (int64_t c = 0; c < C; ++c) {
-    const double s1 = sum_dz[c], s2 = sum_dz_xhat[c];
-    gb[c] = T(s1);
-    gw[c] = T(s2);
-    const double wi = double(ws[c]) * double(is[c]);
-    k1[c] = T(wi);
-    k2[c] = training ? T(wi * s1 / M) : T(0);
-    k3[c] = training ? T(wi * s2 / M) : T(0);
-  }
+  input_grad_coefficients(sum_dz, sum_dz_xhat, ws, is, double(R), training, gw, gb, k1, k2, k3);
   const std::vector<T> k1t = t.tile(k1.data()), k2t = t.tile(k2.data()), k3t = t.tile(k3.data());
   t.for_each_row([&](int64_t offset, int64_t width) {
     const T *m = mt.data(), *inv = it.data(), *w = wt.data(), *b = bt.data();

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/attention_gates.h"
+#include "utils.h"
 
 namespace fastseg {
 namespace bnact {
@@ -98,14 +99,6 @@ void check(const at::Tensor& x, const at::Tensor& t, const char* name, const cha
                     x.size(1), "], got ", t.sizes());
   TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype");
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on x's device");
-}
-
-// The layout the kernels compute in: channels-last for a channels-last-contiguous x that is not
-// also NCHW-contiguous (as csrc/utils.h's output rule), NCHW for everything else.
-at::MemoryFormat layout(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
 }
 
 // Per channel, the sums over its N planes of the per-plane partial sums p1, p2 ([N·C], plane
@@ -321,7 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
   check(x_in, bias_in, "bias", op);
   check(x_in, running_mean, "running_mean", op);
   check(x_in, running_var, "running_var", op);
-  const at::MemoryFormat format = layout(x_in);
+  // the kernels compute in x's output layout (csrc/utils.h): channels-last or NCHW
+  const at::MemoryFormat format = output_memory_format(x_in);
   const bool nhwc = format == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(format), weight = weight_in, bias = bias_in;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
@@ -482,7 +476,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     double eps, int64_t act, double slope, int64_t pre) {
   constexpr const char* op = "batch_norm_act_backward";
   TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape");
-  const at::MemoryFormat format = layout(x_in);
+  // the kernels compute in x's output layout (csrc/utils.h): channels-last or NCHW
+  const at::MemoryFormat format = output_memory_format(x_in);
   const at::Tensor x = x_in.contiguous(format), g = grad_in.to(x.scalar_type()).contiguous(format);
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const at::Tensor mean = mean_in.contiguous(), var = var_in.contiguous();

@@ -334,6 +334,22 @@ def test_bad_inputs_raise_clear_errors(backend, case):
         dynamic_conv2d(**args, backend=backend)
 
 
+@pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None, reason="extension not built")
+@pytest.mark.parametrize("name", ["x", "experts", "routing", "bias"])
+def test_stacked_plan_rejects_non_finite_inputs(name):
+    """The cpu backend's stacked plan (few output channels: LightAWNet's head) is ATen's
+    convolution, not a kernel that checks its inputs while reading them: it must check first."""
+    g = torch.Generator().manual_seed(0)
+    args = dict(x=torch.randn(2, 4, 6, 6, generator=g),
+                experts=torch.randn(3, 1, 4, 3, 3, generator=g),
+                routing=torch.rand(2, 3, generator=g), bias=torch.randn(3, 1, generator=g))
+    assert fastseg.ops.dynamic_conv._cpu_plan_is_stacked(args["experts"], 1)
+    args[name] = args[name].clone()
+    args[name].view(-1)[1] = float("nan")
+    with pytest.raises(ValueError, match=f"{name} contains NaN"):
+        dynamic_conv2d(**args, backend="cpu")
+
+
 def test_padding_none_needs_stride_1():
     x, experts, routing, _ = CASES[0].inputs()
     with pytest.raises(ValueError, match="stride 1"):

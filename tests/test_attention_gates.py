@@ -127,7 +127,8 @@ def test_matches_reference(backend, name, layout):
 # --- block and tile boundaries --------------------------------------------------------------
 # The cpu kernels of spatial_gate, and the gating passes around the GEMM of gated_pointwise and
 # attention_gate (≥ 8 channels on both sides of the 1×1 product), work on blocks of pixels of
-# about 512 KB over all channels (csrc/cpu/attention_gates.cpp, pixel_block), at least 256 pixels:
+# about 512 KB over all channels (csrc/cpu/attention_gates.cpp, pixel_block), at least 256 pixels
+# (attention_gate's GEMM path at least 1024, gemm_block):
 # with ~1000 channels a block is 256 pixels in both dtypes. With fewer channels, the 1×1 products
 # run on blocks of 128 bytes (32 float32 / 16 float64) in tasks of 1024 pixels. The Triton kernels work on
 # BLOCK_C × BLOCK_P slices (32 × 128 at most) and BLOCK_H × BLOCK_W tiles (16 × 64 at most), or
@@ -142,7 +143,10 @@ CPU_BLOCKS = {
     "gated-gemm": lambda dt: gated(2, 40, 16, 9, 13),
     "attention-gemm": lambda dt: attention(1, 33, 34, 32, 7, 9),
     "gated-gemm-blocks": lambda dt: gated(2, 8, 700, 17, 19),                      # 323 px
-    "attention-gemm-blocks": lambda dt: attention(2, 1024, 8, 8, 17, 19),          # 323 px
+    # attention_gate's GEMM path: tasks of ≥ 1024 pixels (≈ 512 KB of a block's rows; float32
+    # 2688 pixels with 8 channels everywhere), each sample split with a partial last block.
+    "attention-gemm-blocks": lambda dt: attention(2, 64, 40, 32, 37, 41),         # 1517 px
+    "attention-gemm-wide-blocks": lambda dt: attention(2, 8, 8, 8, 53, 61),        # 3233 px
 }
 
 

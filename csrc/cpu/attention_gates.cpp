@@ -4,10 +4,13 @@
 // intermediates in cache-sized pieces:
 // * spatial_gate: blocks of pixels of one sample, ≈ 512 KB over all channels (pixel_block); the
 //   per-pixel gate is reduced over the channels, then applied while the block is still in cache.
-// * gated_pointwise, attention_gate: one sample at a time, the 1×1 projections by ATen's GEMM
-//   into a scratch of one sample, the gating fused around them; below 8 channels on either side
-//   of the product, blocks of kProjBlock pixels with the projections in registers instead. Both
-//   backwards recompute the projections instead of storing them.
+// * gated_pointwise: one sample at a time, the 1×1 projections by ATen's GEMM into a scratch of
+//   one sample, the gating fused around them. attention_gate: tasks of one sample's block of
+//   pixels, the projections by BLAS into a per-thread scratch of one block, the gating and (in the
+//   backward) the products with the projections' gradient on the block while it is in L2. Below
+//   8 channels on either side of the product, both run on blocks of kProjBlock pixels with the
+//   projections in registers instead. Both backwards recompute the projections instead of
+//   storing them.
 // * channel_gate: one (n, c) plane at a time. The global average of the (upsampled) plane is a
 //   weighted sum of the input plane (the resize is linear), so pass 1 reads only x; pass 2
 //   writes up(x)·gate + skip once. Backward: pass A applies the resize's adjoint to grad_out
@@ -26,6 +29,7 @@
 
 #include "cpu/finite.h"
 #include "attention_gates.h"
+#include "cpu/blas.h"
 #include "common/attention_gates.h"
 #include "utils.h"
 
@@ -285,7 +289,8 @@ int64_t pixel_tasks(int64_t N, int64_t HW) { return N * ((HW + kTaskPixels - 1) 
 // BLAS wins (one thread, min of 7: gated_pointwise 8×64×128² → 16 forward 10.7 against 26.9 ms,
 // backward 42.8 against 165; attention_gate 8×16×256², C_i = 8, 37 against 62 and 101 against
 // 174): per sample, one product of the stacked weights into a scratch of one sample's rows, the
-// gating fused around it, the backward recomputing the product.
+// gating fused around it, the backward recomputing the product (gated_pointwise; attention_gate
+// runs the same products on blocks of pixels, see attention_gate_blocked).
 
 // Whether the GEMM path runs: at least kGemmChannels channels on both sides of the product.
 constexpr int64_t kGemmChannels = 8;
@@ -887,149 +892,168 @@ _Pragma("omp simd")
 
 // --- attention_gate ----------------------------------------------------------------------------
 
-at::Tensor attention_gate_gemm(const at::Tensor& x_in, const at::Tensor& g_in, const at::Tensor& w_x,
-                              const at::Tensor& w_g, const at::Tensor& b_in, const at::Tensor& psi_w_in,
-                              const at::Tensor& psi_b) {
-  constexpr const char* op = "attention_gate";
-  check_cpu(op, x_in);
-  check_attention_gate(op, x_in, g_in, w_x, w_g, b_in, psi_w_in, psi_b);
-  const at::Tensor x = x_in.contiguous(), g = g_in.contiguous(), b = b_in.contiguous(),
-                   psi_w = psi_w_in.contiguous();
-  const int64_t N = x.size(0), C_x = x.size(1), C_i = w_x.size(0), HW = x.size(2) * x.size(3);
+// The backward's outputs from grad_x, grad_g and `total`, the summed per-task partials
+// [d W_x (C_i·C_x), d W_g (C_i·C_g), d b (C_i), d psi_w (C_i), d psi_b].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+attention_gate_grads(const at::Tensor& total, const at::Tensor& gx, const at::Tensor& gg,
+                     const at::Tensor& x_in, const at::Tensor& g_in, int64_t C_x, int64_t C_g,
+                     int64_t C_i) {
+  int64_t offset = 0;
+  auto take = [&](int64_t count) {
+    const at::Tensor t = total.narrow(0, offset, count).clone();
+    offset += count;
+    return t;
+  };
+  const at::Tensor gw_x = take(C_i * C_x).view({C_i, C_x}), gw_g = take(C_i * C_g).view({C_i, C_g}),
+                   gb = take(C_i), gpsi_w = take(C_i).view({1, C_i}), gpsi_b = take(1);
+  return {to_output_layout(gx, x_in), to_output_layout(gg, g_in), gw_x, gw_g, gb, gpsi_w, gpsi_b};
+}
+
+// The GEMM path by tasks of one sample's block of pixels, in parallel: the block's projection
+// W_x·x + W_g·g into a per-thread scratch [C_i, BW] by BLAS on the strided rows of x and g, the
+// gating around it, and in the backward the block's four products with the projection's
+// gradient. A block of every tensor stays in L2 between its passes, so x, g and grad_out are read
+// from memory once and grad_x, grad_g written once (whole-sample products streamed each of them
+// through memory two or three times). Per-task partial weight gradients are summed in task order.
+
+// Pixels per task: `rows` rows of the block within kBlockBytes, at least kMinGemmPixels (a BLAS
+// call on fewer pixels is mostly overhead).
+constexpr int64_t kMinGemmPixels = 1024;
+int64_t gemm_block(int64_t rows, int64_t HW, int64_t bytes_per_value) {
+  return std::min(HW, std::max(kMinGemmPixels, pixel_block(rows, HW, 1, bytes_per_value)));
+}
+
+// alpha[t] = σ(psi_b + Σ_i psi[i]·ReLU(proj[i][t] + b[i])), t < m; proj rows at a stride of ld.
+template <typename T>
+void attention_alpha(const T* proj, int64_t ld, int64_t C_i, const T* b, const T* psi, T psi_b,
+                     int m, T* alpha) {
+  for (int t = 0; t < m; ++t) alpha[t] = psi_b;
+  for (int64_t i = 0; i < C_i; ++i) {
+    const T* pi = proj + i * ld;
+    const T bi = b[i], wi = psi[i];
+_Pragma("omp simd")
+    for (int t = 0; t < m; ++t) alpha[t] += wi * std::max(pi[t] + bi, T(0));
+  }
+_Pragma("omp simd")
+  for (int t = 0; t < m; ++t) alpha[t] = sigmoid(alpha[t]);
+}
+
+at::Tensor attention_gate_blocked(const at::Tensor& x_in, const at::Tensor& g_in,
+                                  const at::Tensor& w_x_in, const at::Tensor& w_g_in,
+                                  const at::Tensor& b_in, const at::Tensor& psi_w_in,
+                                  const at::Tensor& psi_b) {
+  const at::Tensor x = x_in.contiguous(), g = g_in.contiguous(), w_x = w_x_in.contiguous(),
+                   w_g = w_g_in.contiguous(), b = b_in.contiguous(), psi_w = psi_w_in.contiguous();
+  const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
+                HW = x.size(2) * x.size(3);
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_cpu", [&] {
     using T = scalar_t;
-    const int64_t BW = pixel_block(C_x, HW, 2, sizeof(T));  // x and y rows
-    at::Tensor scratch = at::empty({C_i * HW}, x.options());
-    const T *bp = b.data_ptr<T>(), *psi = psi_w.data_ptr<T>(), psi_bias = psi_b.item<T>();
-    for (int64_t n = 0; n < N; ++n) {
-      at::Tensor proj = scratch.narrow(0, 0, C_i * HW).view({C_i, HW});
-      at::mm_out(proj, w_x, sample_matrix(x, n));
-      proj.addmm_(w_g, sample_matrix(g, n));
-      const T* pp = proj.data_ptr<T>();
-      const T* xs = x.data_ptr<T>() + n * C_x * HW;
-      T* ys = y.data_ptr<T>() + n * C_x * HW;
-      at::parallel_for(0, (HW + BW - 1) / BW, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> gate(BW);
-        T* alpha = gate.data();
-        for (int64_t blk = begin; blk < end; ++blk) {
-          const int64_t q0 = blk * BW;
-          const int m = static_cast<int>(std::min<int64_t>(BW, HW - q0));
-          for (int t = 0; t < m; ++t) alpha[t] = psi_bias;
-          for (int64_t i = 0; i < C_i; ++i) {
-            const T* pi = pp + i * HW + q0;
-            const T bi = bp[i], wi = psi[i];
+    const int64_t BW = gemm_block(2 * C_x + C_g + C_i, HW, sizeof(T));  // x, y, g, projection
+    const int64_t blocks = (HW + BW - 1) / BW;
+    const T *xp = x.data_ptr<T>(), *gp = g.data_ptr<T>(), *wxp = w_x.data_ptr<T>(),
+            *wgp = w_g.data_ptr<T>(), *bp = b.data_ptr<T>(), *psi = psi_w.data_ptr<T>();
+    const T psi_bias = psi_b.item<T>();
+    T* yp = y.data_ptr<T>();
+    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch((C_i + 1) * BW);
+      T *proj = scratch.data(), *alpha = proj + C_i * BW;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks, q0 = task % blocks * BW;
+        const int m = static_cast<int>(std::min(BW, HW - q0));
+        const T *xs = xp + n * C_x * HW + q0, *gs = gp + n * C_g * HW + q0;
+        gemm<T>(false, false, C_i, m, C_x, wxp, C_x, xs, HW, false, proj, BW);
+        gemm<T>(false, false, C_i, m, C_g, wgp, C_g, gs, HW, true, proj, BW);
+        attention_alpha(proj, BW, C_i, bp, psi, psi_bias, m, alpha);
+        for (int64_t c = 0; c < C_x; ++c) {
+          const T* xc = xs + c * HW;
+          T* yc = yp + (n * C_x + c) * HW + q0;
 _Pragma("omp simd")
-            for (int t = 0; t < m; ++t) alpha[t] += wi * std::max(pi[t] + bi, T(0));
-          }
-_Pragma("omp simd")
-          for (int t = 0; t < m; ++t) alpha[t] = sigmoid(alpha[t]);
-          for (int64_t c = 0; c < C_x; ++c) {
-            const T* xc = xs + c * HW + q0;
-            T* yc = ys + c * HW + q0;
-_Pragma("omp simd")
-            for (int t = 0; t < m; ++t) yc[t] = xc[t] * alpha[t];
-          }
+          for (int t = 0; t < m; ++t) yc[t] = xc[t] * alpha[t];
         }
-      });
-    }
+      }
+    });
   });
   return to_output_layout(y, x_in);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-attention_gate_backward_gemm(const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& g_in,
-                            const at::Tensor& w_x, const at::Tensor& w_g, const at::Tensor& b_in,
-                            const at::Tensor& psi_w_in, const at::Tensor& psi_b) {
-  constexpr const char* op = "attention_gate_backward";
-  check_cpu(op, x_in);
-  check_attention_gate(op, x_in, g_in, w_x, w_g, b_in, psi_w_in, psi_b);
-  check_feature(op, "grad_out", gy_in, x_in);
-  TORCH_CHECK(gy_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape");
+attention_gate_backward_blocked(const at::Tensor& gy_in, const at::Tensor& x_in,
+                                const at::Tensor& g_in, const at::Tensor& w_x_in,
+                                const at::Tensor& w_g_in, const at::Tensor& b_in,
+                                const at::Tensor& psi_w_in, const at::Tensor& psi_b) {
   const at::Tensor x = x_in.contiguous(), g = g_in.contiguous(), gy = gy_in.contiguous(),
-                   b = b_in.contiguous(), psi_w = psi_w_in.contiguous();
-  const int64_t N = x.size(0), C_x = x.size(1), C_i = w_x.size(0), HW = x.size(2) * x.size(3);
+                   w_x = w_x_in.contiguous(), w_g = w_g_in.contiguous(), b = b_in.contiguous(),
+                   psi_w = psi_w_in.contiguous();
+  const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
+                HW = x.size(2) * x.size(3);
   at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor gg = at::empty_like(g, at::MemoryFormat::Contiguous);
-  at::Tensor gw_x = at::zeros_like(w_x, at::MemoryFormat::Contiguous);
-  at::Tensor gw_g = at::zeros_like(w_g, at::MemoryFormat::Contiguous);
-  at::Tensor gb = at::zeros({C_i}, x.options());
-  at::Tensor gpsi = at::zeros({C_i + 1}, x.options());  // d psi_w, then d psi_b
+  // Per task: d W_x [C_i, C_x], d W_g [C_i, C_g], d b [C_i], d psi_w [C_i], d psi_b.
+  const int64_t width = C_i * (C_x + C_g + 2) + 1;
+  at::Tensor partial;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_backward_cpu", [&] {
     using T = scalar_t;
-    const int64_t BW = pixel_block(C_x, HW, 3, sizeof(T));  // x, grad_y and grad_x rows
+    // x, grad_out, grad_x, g, grad_g and the projection
+    const int64_t BW = gemm_block(3 * C_x + 2 * C_g + C_i, HW, sizeof(T));
     const int64_t blocks = (HW + BW - 1) / BW;
-    at::Tensor scratch = at::empty({C_i * HW}, x.options());
-    at::Tensor partial = at::empty({blocks, C_i + 1}, x.options());
-    const T *bp = b.data_ptr<T>(), *psi = psi_w.data_ptr<T>(), psi_bias = psi_b.item<T>();
-    for (int64_t n = 0; n < N; ++n) {
-      const at::Tensor x_cols = sample_matrix(x, n), g_cols = sample_matrix(g, n);
-      at::Tensor proj = scratch.narrow(0, 0, C_i * HW).view({C_i, HW});
-      at::mm_out(proj, w_x, x_cols);
-      proj.addmm_(w_g, g_cols);
-      T* pp = proj.data_ptr<T>();
-      T* part = partial.data_ptr<T>();
-      const int64_t base = n * C_x * HW;
-      const T *xs = x.data_ptr<T>() + base, *gys = gy.data_ptr<T>() + base;
-      T* gxs = gx.data_ptr<T>() + base;
-      // proj becomes d(W_x·x + W_g·g) in place; grad_x gets its gating term here and its
-      // projection term from the GEMM below.
-      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> buffers(2 * BW);
-        T *alpha = buffers.data(), *gt = alpha + BW;
-        for (int64_t blk = begin; blk < end; ++blk) {
-          const int64_t q0 = blk * BW;
-          const int m = static_cast<int>(std::min<int64_t>(BW, HW - q0));
-          for (int t = 0; t < m; ++t) alpha[t] = psi_bias, gt[t] = 0;
-          for (int64_t i = 0; i < C_i; ++i) {
-            const T* pi = pp + i * HW + q0;
-            const T bi = bp[i], wi = psi[i];
+    partial = at::empty({N * blocks, width}, x.options());
+    const T *xp = x.data_ptr<T>(), *gp = g.data_ptr<T>(), *gyp = gy.data_ptr<T>(),
+            *wxp = w_x.data_ptr<T>(), *wgp = w_g.data_ptr<T>(), *bp = b.data_ptr<T>(),
+            *psi = psi_w.data_ptr<T>();
+    const T psi_bias = psi_b.item<T>();
+    T *gxp = gx.data_ptr<T>(), *ggp = gg.data_ptr<T>(), *pp = partial.data_ptr<T>();
+    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch((C_i + 2) * BW);
+      T *proj = scratch.data(), *alpha = proj + C_i * BW, *gt = alpha + BW;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks, q0 = task % blocks * BW;
+        const int m = static_cast<int>(std::min(BW, HW - q0));
+        const T *xs = xp + n * C_x * HW + q0, *gs = gp + n * C_g * HW + q0,
+                *gys = gyp + n * C_x * HW + q0;
+        T *gxs = gxp + n * C_x * HW + q0, *ggs = ggp + n * C_g * HW + q0;
+        gemm<T>(false, false, C_i, m, C_x, wxp, C_x, xs, HW, false, proj, BW);
+        gemm<T>(false, false, C_i, m, C_g, wgp, C_g, gs, HW, true, proj, BW);
+        attention_alpha(proj, BW, C_i, bp, psi, psi_bias, m, alpha);
+        // grad_x's gating term, and Σ_c grad_out·x → the gradient of the psi logit
+        std::fill(gt, gt + m, T(0));
+        for (int64_t c = 0; c < C_x; ++c) {
+          const T *xc = xs + c * HW, *gc = gys + c * HW;
+          T* gxc = gxs + c * HW;
 _Pragma("omp simd")
-            for (int t = 0; t < m; ++t) alpha[t] += wi * std::max(pi[t] + bi, T(0));
-          }
-_Pragma("omp simd")
-          for (int t = 0; t < m; ++t) alpha[t] = sigmoid(alpha[t]);
-          for (int64_t c = 0; c < C_x; ++c) {
-            const T *xc = xs + c * HW + q0, *gc = gys + c * HW + q0;
-            T* gxc = gxs + c * HW + q0;
-_Pragma("omp simd")
-            for (int t = 0; t < m; ++t) {
-              gt[t] += gc[t] * xc[t];
-              gxc[t] = gc[t] * alpha[t];
-            }
-          }
-          T* pb = part + blk * (C_i + 1);
-          T sum_gt = 0;
           for (int t = 0; t < m; ++t) {
-            gt[t] *= alpha[t] * (T(1) - alpha[t]);  // d psi logit
-            sum_gt += gt[t];
-          }
-          pb[C_i] = sum_gt;
-          for (int64_t i = 0; i < C_i; ++i) {
-            T* pi = pp + i * HW + q0;
-            const T bi = bp[i], wi = psi[i];
-            T gpsi_i = 0;
-_Pragma("omp simd reduction(+ : gpsi_i)")
-            for (int t = 0; t < m; ++t) {
-              const T q = pi[t] + bi;
-              gpsi_i += gt[t] * std::max(q, T(0));
-              pi[t] = q > T(0) ? wi * gt[t] : T(0);
-            }
-            pb[i] = gpsi_i;
+            gt[t] += gc[t] * xc[t];
+            gxc[t] = gc[t] * alpha[t];
           }
         }
-      });
-      gpsi.add_(partial.narrow(0, 0, blocks).sum(0));
-      gb.add_(proj.sum(1));
-      sample_matrix(gx, n).addmm_(w_x.t(), proj);
-      at::Tensor gg_cols = sample_matrix(gg, n);
-      at::mm_out(gg_cols, w_g.t(), proj);
-      gw_x.addmm_(proj, x_cols.t());
-      gw_g.addmm_(proj, g_cols.t());
-    }
+_Pragma("omp simd")
+        for (int t = 0; t < m; ++t) gt[t] *= alpha[t] * (T(1) - alpha[t]);
+        T* part = pp + task * width;
+        T *gw_x = part, *gw_g = part + C_i * C_x, *gb_part = gw_g + C_i * C_g,
+          *gpsi_part = gb_part + C_i;
+        gpsi_part[C_i] = block_sum(gt, m);
+        // the projection becomes its gradient, in place
+        for (int64_t i = 0; i < C_i; ++i) {
+          T* pi = proj + i * BW;
+          const T bi = bp[i], wi = psi[i];
+          T gpsi = 0;
+_Pragma("omp simd reduction(+ : gpsi)")
+          for (int t = 0; t < m; ++t) {
+            const T q = pi[t] + bi;
+            gpsi += gt[t] * std::max(q, T(0));
+            pi[t] = q > T(0) ? wi * gt[t] : T(0);
+          }
+          gpsi_part[i] = gpsi;
+          gb_part[i] = block_sum(pi, m);
+        }
+        gemm<T>(true, false, C_x, m, C_i, wxp, C_x, proj, BW, true, gxs, HW);
+        gemm<T>(true, false, C_g, m, C_i, wgp, C_g, proj, BW, false, ggs, HW);
+        gemm<T>(false, true, C_i, C_x, m, proj, BW, xs, HW, false, gw_x, C_x);
+        gemm<T>(false, true, C_i, C_g, m, proj, BW, gs, HW, false, gw_g, C_g);
+      }
+    });
   });
-  return {to_output_layout(gx, x_in), to_output_layout(gg, g_in), gw_x, gw_g, gb,
-          gpsi.narrow(0, 0, C_i).view({1, C_i}).clone(), gpsi.narrow(0, C_i, 1).clone()};
+  return attention_gate_grads(partial.sum(0), gx, gg, x_in, g_in, C_x, C_g, C_i);
 }
 
 at::Tensor attention_gate_cpu(const at::Tensor& x_in, const at::Tensor& g_in, const at::Tensor& w_x_in,
@@ -1042,8 +1066,9 @@ at::Tensor attention_gate_cpu(const at::Tensor& x_in, const at::Tensor& g_in, co
                    w_g = w_g_in.contiguous(), b = b_in.contiguous(), psi_w = psi_w_in.contiguous();
   const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
                 HW = x.size(2) * x.size(3);
-  if (use_gemm(std::min(C_x, C_g), C_i))
-    return attention_gate_gemm(x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
+  if (use_gemm(std::min(C_x, C_g), C_i)) {
+    return attention_gate_blocked(x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
+  }
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_cpu", [&] {
     using T = scalar_t;
@@ -1093,8 +1118,9 @@ attention_gate_backward_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, con
   const at::Tensor w_x_t = w_x.t().contiguous(), w_g_t = w_g.t().contiguous();
   const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
                 HW = x.size(2) * x.size(3);
-  if (use_gemm(std::min(C_x, C_g), C_i))
-    return attention_gate_backward_gemm(gy_in, x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
+  if (use_gemm(std::min(C_x, C_g), C_i)) {
+    return attention_gate_backward_blocked(gy_in, x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
+  }
   at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor gg = at::empty_like(g, at::MemoryFormat::Contiguous);
   // Per task: d W_x [C_i, C_x], d W_g [C_i, C_g], d b [C_i], d psi_w [C_i], d psi_b.
@@ -1167,12 +1193,7 @@ _Pragma("omp simd")
       }
     });
   });
-  const at::Tensor total = partial.sum(0);
-  int64_t at_ = 0;
-  auto take = [&](int64_t count) { const at::Tensor t = total.narrow(0, at_, count).clone(); at_ += count; return t; };
-  const at::Tensor gw_x = take(C_i * C_x).view({C_i, C_x}), gw_g = take(C_i * C_g).view({C_i, C_g}),
-                   gb = take(C_i), gpsi_w = take(C_i).view({1, C_i}), gpsi_b = take(1);
-  return {to_output_layout(gx, x_in), to_output_layout(gg, g_in), gw_x, gw_g, gb, gpsi_w, gpsi_b};
+  return attention_gate_grads(partial.sum(0), gx, gg, x_in, g_in, C_x, C_g, C_i);
 }
 
 }  // namespace

@@ -60,6 +60,11 @@ CASES = {
     "channel-2x3x5x7-skip-up": channel(2, 3, 2, 5, 7, True, True),
     "channel-1x4x1x1-up": channel(1, 4, 1, 1, 1, False, True),
     "channel-2x5x3x6-skip": channel(2, 5, 3, 3, 6, True, False),
+    # ×2 upsample: rows that do not double (3 < 4 rows: the taps row by row), and rows that do
+    # with several interior rows (9: the four-row sums of the plane adjoint) and a plane wider
+    # than tall
+    "channel-1x2x3x9-skip-up": channel(1, 2, 1, 3, 9, True, True),
+    "channel-2x3x9x4-up": channel(2, 3, 2, 9, 4, False, True),
     "cross-2x3x7x9-from-4x5-ac": cross(2, 3, 7, 9, 4, 5, True),
     "cross-1x2x5x4-from-11x9": cross(1, 2, 5, 4, 11, 9, False),
     "cross-2x2x6x5-same": cross(2, 2, 6, 5, 6, 5, True),

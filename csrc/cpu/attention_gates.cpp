@@ -13,8 +13,11 @@
 //   storing them.
 // * channel_gate: one (n, c) plane at a time. The global average of the (upsampled) plane is a
 //   weighted sum of the input plane (the resize is linear), so pass 1 reads only x; pass 2
-//   writes up(x)·gate + skip once. Backward: pass A applies the resize's adjoint to grad_out
-//   (into grad_x) and dots it with x; pass B rescales grad_x in place.
+//   writes up(x)·gate + skip once (an ×2 upsample resizes each input row horizontally once and
+//   blends two such rows per output row). Backward: pass A applies the resize's adjoint to
+//   grad_out (into grad_x; an ×2 upsample sums four output rows per input row first, then runs
+//   the horizontal adjoint once per input row) and dots it with x; pass B rescales grad_x in
+//   place.
 // * cross_gate: one plane at a time, resizing b row by row on the fly.
 // Per-block (or per-task) partial sums of the weight gradients are reduced afterwards in a fixed
 // order, so the results do not depend on the thread count.
@@ -599,6 +602,20 @@ _Pragma("omp simd")
   }
 }
 
+// out[c] for c < cols.i0.size(): the horizontal resize of one row of in_w values.
+template <typename T>
+void resize_columns(const AxisTaps<T>& cols, const T* in, int in_w, T* out) {
+  const int W = static_cast<int>(cols.i0.size());
+  if (!cols.doubling) return gather_taps(cols, in, 0, W, out);
+  gather_taps(cols, in, 0, 2, out);
+  _Pragma("omp simd")
+  for (int i = 1; i < in_w - 1; ++i) {  // contiguous loads instead of gathers
+    out[2 * i] = T(0.25) * in[i - 1] + T(0.75) * in[i];
+    out[2 * i + 1] = T(0.75) * in[i] + T(0.25) * in[i + 1];
+  }
+  gather_taps(cols, in, W - 2, W, out);
+}
+
 // row[c] = resized plane at output row r, c < cols.i0.size(): the two input rows are blended
 // first (contiguous, vectorised) into `tmp` (in_w values), then each output gathers two taps.
 template <typename T>
@@ -609,31 +626,26 @@ void resize_row(const T* plane, int in_w, const AxisTaps<T>& rows, const AxisTap
   const T wt = rows.l0[r], wb = rows.l1[r];
   _Pragma("omp simd")
   for (int c = 0; c < in_w; ++c) tmp[c] = wt * top[c] + wb * bottom[c];
-  const int W = static_cast<int>(cols.i0.size());
-  if (!cols.doubling) return gather_taps(cols, tmp, 0, W, row);
-  gather_taps(cols, tmp, 0, 2, row);
+  resize_columns(cols, tmp, in_w, row);
+}
+
+// out[i] for i < in_w: the adjoint of the horizontal resize applied to one output row.
+template <typename T>
+void resize_columns_adjoint(const AxisTaps<T>& cols, const T* row, int in_w, T* out) {
+  if (!cols.doubling) return gather_adjoint(cols, row, in_w, 0, in_w, out);
+  gather_adjoint(cols, row, in_w, 0, 2, out);
   _Pragma("omp simd")
-  for (int i = 1; i < in_w - 1; ++i) {  // contiguous loads instead of gathers
-    row[2 * i] = T(0.25) * tmp[i - 1] + T(0.75) * tmp[i];
-    row[2 * i + 1] = T(0.75) * tmp[i] + T(0.25) * tmp[i + 1];
-  }
-  gather_taps(cols, tmp, W - 2, W, row);
+  for (int i = 2; i < in_w - 2; ++i)  // the taps' sum in the same order, contiguous loads
+    out[i] = T(0) + T(0.25) * row[2 * i - 1] + T(0.75) * row[2 * i] + T(0.75) * row[2 * i + 1] +
+             T(0.25) * row[2 * i + 2];
+  gather_adjoint(cols, row, in_w, in_w - 2, in_w, out);
 }
 
 // plane += the resize's adjoint applied to output row r (`row`); `tmp` holds in_w values.
 template <typename T>
 void resize_row_adjoint(const T* row, const AxisTaps<T>& rows, const AxisTaps<T>& cols, int r,
                         int in_w, T* tmp, T* plane) {
-  if (cols.doubling) {
-    gather_adjoint(cols, row, in_w, 0, 2, tmp);
-    _Pragma("omp simd")
-    for (int i = 2; i < in_w - 2; ++i)  // the taps' sum in the same order, contiguous loads
-      tmp[i] = T(0) + T(0.25) * row[2 * i - 1] + T(0.75) * row[2 * i] + T(0.75) * row[2 * i + 1] +
-               T(0.25) * row[2 * i + 2];
-    gather_adjoint(cols, row, in_w, in_w - 2, in_w, tmp);
-  } else {
-    gather_adjoint(cols, row, in_w, 0, in_w, tmp);
-  }
+  resize_columns_adjoint(cols, row, in_w, tmp);
   T *top = plane + static_cast<int64_t>(rows.i0[r]) * in_w,
     *bottom = plane + static_cast<int64_t>(rows.i1[r]) * in_w;
   const T wt = rows.l0[r], wb = rows.l1[r];
@@ -641,6 +653,42 @@ _Pragma("omp simd")
   for (int c = 0; c < in_w; ++c) top[c] += wt * tmp[c];
 _Pragma("omp simd")
   for (int c = 0; c < in_w; ++c) bottom[c] += wb * tmp[c];
+}
+
+// The whole resize's adjoint of one plane, rows first where the rows double (an ×2 upsample
+// without align_corners): input row i, 2 ≤ i < in_h - 2, is the sum of output rows 2i - 1 …
+// 2i + 2 with weights 1/4, 3/4, 3/4, 1/4 (contiguous rows of out_w values), and the horizontal
+// adjoint then runs once per input row, written once, instead of once per output row into two
+// input rows. `tmp` holds out_w values. Other resizes go row by row (resize_row_adjoint).
+template <typename T>
+void resize_plane_adjoint(const T* grad, int in_h, int in_w, const AxisTaps<T>& rows,
+                          const AxisTaps<T>& cols, T* tmp, T* plane) {
+  const int out_h = static_cast<int>(rows.i0.size()), out_w = static_cast<int>(cols.i0.size());
+  if (!rows.doubling) {
+    std::fill(plane, plane + static_cast<int64_t>(in_h) * in_w, T(0));
+    for (int r = 0; r < out_h; ++r)
+      resize_row_adjoint(grad + static_cast<int64_t>(r) * out_w, rows, cols, r, in_w, tmp, plane);
+    return;
+  }
+  for (int i = 0; i < in_h; ++i) {
+    if (i >= 2 && i < in_h - 2) {
+      const T* a = grad + static_cast<int64_t>(2 * i - 1) * out_w;
+      const T *b = a + out_w, *c = b + out_w, *d = c + out_w;
+_Pragma("omp simd")
+      for (int j = 0; j < out_w; ++j)
+        tmp[j] = T(0) + T(0.25) * a[j] + T(0.75) * b[j] + T(0.75) * c[j] + T(0.25) * d[j];
+    } else {  // the rows reading input row i, from the taps
+      std::fill(tmp, tmp + out_w, T(0));
+      for (int k = 0; k < rows.reads; ++k) {
+        const T l = rows.from_l[k * in_h + i];
+        if (l == T(0)) continue;  // padding of the gather lists
+        const T* g = grad + static_cast<int64_t>(rows.from_o[k * in_h + i]) * out_w;
+_Pragma("omp simd")
+        for (int j = 0; j < out_w; ++j) tmp[j] += l * g[j];
+      }
+    }
+    resize_columns_adjoint(cols, tmp, in_w, plane + static_cast<int64_t>(i) * in_w);
+  }
 }
 
 // --- channel_gate ------------------------------------------------------------------------------
@@ -704,9 +752,32 @@ at::Tensor channel_gate_cpu(const at::Tensor& x_in, const at::Tensor& w1, const 
     const int64_t out_plane = s.H * s.W;
     at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> tmp(s.w);
+      // Where the rows double, each input row is resized horizontally once (into `wide`, in_h
+      // rows of out_w values) and every output row blends two of them.
+      const bool by_plane = rows.doubling;
+      std::vector<T> wide(by_plane ? s.h * s.W : 0);
       for (int64_t nc = begin; nc < end; ++nc) {
         const T g = gp[nc];
         if (sp && !all_finite(sp + nc * out_plane, out_plane)) skip_non_finite = true;
+        if (by_plane) {
+          for (int64_t i = 0; i < s.h; ++i)
+            resize_columns(cols, xp + (nc * s.h + i) * s.w, static_cast<int>(s.w),
+                           wide.data() + i * s.W);
+          for (int r = 0; r < s.H; ++r) {
+            const T *top = wide.data() + rows.i0[r] * s.W, *bottom = wide.data() + rows.i1[r] * s.W;
+            const T wt = rows.l0[r] * g, wb = rows.l1[r] * g;
+            T* row = yp + nc * out_plane + r * s.W;
+            if (sp) {
+              const T* add = sp + nc * out_plane + r * s.W;
+_Pragma("omp simd")
+              for (int64_t c = 0; c < s.W; ++c) row[c] = wt * top[c] + wb * bottom[c] + add[c];
+            } else {
+_Pragma("omp simd")
+              for (int64_t c = 0; c < s.W; ++c) row[c] = wt * top[c] + wb * bottom[c];
+            }
+          }
+          continue;
+        }
         for (int r = 0; r < s.H; ++r) {
           T* row = yp + nc * out_plane + r * s.W;
           resize_row(xp + nc * s.h * s.w, static_cast<int>(s.w), rows, cols, r, tmp.data(), row);
@@ -751,13 +822,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_gate_backward_cpu(
     const int64_t in_plane = s.h * s.w, out_plane = s.H * s.W;
     // Pass A: grad_x ← up^T(grad_y) per plane; d gate = Σ grad_y·up(x) = Σ x·up^T(grad_y).
     at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> tmp(s.w);
+      std::vector<T> tmp(s.W);
       for (int64_t nc = begin; nc < end; ++nc) {
         T* u = gxp + nc * in_plane;
-        std::fill(u, u + in_plane, T(0));
-        for (int r = 0; r < s.H; ++r)
-          resize_row_adjoint(gyp + nc * out_plane + r * s.W, rows, cols, r, static_cast<int>(s.w),
-                             tmp.data(), u);
+        resize_plane_adjoint(gyp + nc * out_plane, static_cast<int>(s.h), static_cast<int>(s.w),
+                             rows, cols, tmp.data(), u);
         const T* xc = xp + nc * in_plane;
         T dot = 0;
 _Pragma("omp simd reduction(+ : dot)")

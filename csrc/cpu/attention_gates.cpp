@@ -1131,13 +1131,14 @@ at::Tensor attention_gate_cpu(const at::Tensor& x_in, const at::Tensor& g_in, co
   constexpr const char* op = "attention_gate";
   check_cpu(op, x_in);
   check_attention_gate(op, x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
+  // The path from the shapes, before any copy (the GEMM path makes its own).
+  if (use_gemm(std::min(x_in.size(1), g_in.size(1)), w_x_in.size(0))) {
+    return attention_gate_blocked(x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
+  }
   const at::Tensor x = x_in.contiguous(), g = g_in.contiguous(), w_x = w_x_in.contiguous(),
                    w_g = w_g_in.contiguous(), b = b_in.contiguous(), psi_w = psi_w_in.contiguous();
   const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
                 HW = x.size(2) * x.size(3);
-  if (use_gemm(std::min(C_x, C_g), C_i)) {
-    return attention_gate_blocked(x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
-  }
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_cpu", [&] {
     using T = scalar_t;
@@ -1180,6 +1181,10 @@ attention_gate_backward_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, con
   check_attention_gate(op, x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
   check_feature(op, "grad_out", gy_in, x_in);
   TORCH_CHECK(gy_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape");
+  // The path from the shapes, before any copy (the GEMM path makes its own).
+  if (use_gemm(std::min(x_in.size(1), g_in.size(1)), w_x_in.size(0))) {
+    return attention_gate_backward_blocked(gy_in, x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
+  }
   const at::Tensor x = x_in.contiguous(), g = g_in.contiguous(), gy = gy_in.contiguous(),
                    w_x = w_x_in.contiguous(), w_g = w_g_in.contiguous(), b = b_in.contiguous(),
                    psi_w = psi_w_in.contiguous();
@@ -1187,9 +1192,6 @@ attention_gate_backward_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, con
   const at::Tensor w_x_t = w_x.t().contiguous(), w_g_t = w_g.t().contiguous();
   const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
                 HW = x.size(2) * x.size(3);
-  if (use_gemm(std::min(C_x, C_g), C_i)) {
-    return attention_gate_backward_blocked(gy_in, x_in, g_in, w_x_in, w_g_in, b_in, psi_w_in, psi_b);
-  }
   at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor gg = at::empty_like(g, at::MemoryFormat::Contiguous);
   // Per task: d W_x [C_i, C_x], d W_g [C_i, C_g], d b [C_i], d psi_w [C_i], d psi_b.

@@ -43,7 +43,6 @@
 #include "dynamic_conv.h"
 #include "utils.h"
 
-
 namespace fastseg {
 namespace dyconv {
 namespace {

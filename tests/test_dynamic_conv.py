@@ -19,6 +19,9 @@ from fastseg.ops import dynamic_conv2d, dynamic_conv2d_reference
 VARIANTS = {
     "cpu-stacked": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "stacked"}),
     "cpu-folded": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "folded"}),
+    # a budget below one padded row: the direct convolution's tasks hold one output row each
+    "cpu-folded-rows": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "folded",
+                                "FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES": "2500"}),
     "cpu-gemm": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm"}),
     "cpu-gemm-blocks": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm",
                                 "FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES": "2500"}),
@@ -193,6 +196,40 @@ def test_block_boundaries(variant, case, threads, dtype):
         torch.set_num_threads(previous)
 
 
+# Shapes for the folded plan's direct 3×3 convolution (csrc/cpu/direct_conv.h): output channels
+# in blocks of 8 (AVX-512) or 4 (AVX2) plus single ones (19 = 2·8 + 3 = 4·4 + 3; 3 < any block);
+# rows cut into vectors of 16 (float32) or 8 (float64) pixels with a partial last one (37 =
+# 2·16 + 5 = 4·8 + 5); tiles of 3 (4 for single channels) vectors with a partial last tile and,
+# on rows narrower than a vector (5), tiles spanning rows. "cpu-folded-rows" gives every task
+# one output row (a budget below one padded row); at the default budget the 70 rows of 21
+# channels × 37 (float32) come in 2 tasks of 35 rows.
+DIRECT_CASES = [
+    Case("direct-19ch-37wide", 2, 21, 19, 13, 37, 3, (3, 3)),
+    Case("direct-3ch-narrow", 3, 6, 3, 11, 5, 2, (3, 3), bias=False),
+    Case("direct-1ch-70rows", 1, 21, 1, 70, 37, 4, (3, 3)),
+    Case("direct-8ch-single-pixel", 2, 2, 8, 1, 1, 2, (3, 3)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=repr)
+@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-folded-rows"], indirect=True)
+def test_direct_conv_boundaries(variant, case, threads, dtype):
+    """Forward without autograd (as inference runs it), then with every gradient."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, experts, routing, bias = case.inputs(dtype)
+        expected = one_conv_per_sample(x, experts, routing, bias, **case.conv())
+        with torch.no_grad():
+            y = dynamic_conv2d(x, experts, routing, bias, **case.conv(), backend=variant)
+        assert_close(y, expected, 1e-5 if dtype == torch.float32 else 1e-12, "no-grad output")
+        check_against_reference(case, variant, dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("variant", ["cpu-folded", "cpu-gemm", "triton"], indirect=True)
 def test_single_expert_is_a_plain_conv2d(variant):
     g = torch.Generator().manual_seed(0)
@@ -343,11 +380,27 @@ def test_stacked_plan_rejects_non_finite_inputs(name):
     args = dict(x=torch.randn(2, 4, 6, 6, generator=g),
                 experts=torch.randn(3, 1, 4, 3, 3, generator=g),
                 routing=torch.rand(2, 3, generator=g), bias=torch.randn(3, 1, generator=g))
-    assert fastseg.ops.dynamic_conv._cpu_plan_is_stacked(args["experts"], 1)
-    args[name] = args[name].clone()
+    assert fastseg.ops.dynamic_conv._cpu_plan_is_stacked(args["experts"], 1, needs_grad=True)
     args[name].view(-1)[1] = float("nan")
+    args = {key: value.requires_grad_() for key, value in args.items()}  # the plan of a training step
     with pytest.raises(ValueError, match=f"{name} contains NaN"):
         dynamic_conv2d(**args, backend="cpu")
+
+
+@pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None, reason="extension not built")
+def test_few_output_channels_without_grad_take_the_folded_plan():
+    """Inference (no gradient asked for) skips the stacked plan: LightAWNet's head, 16 → 1
+    channel with 4 experts, runs the folded plan's direct convolution; both plans compute the same."""
+    experts = torch.randn(4, 1, 16, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert not fastseg.ops.dynamic_conv._cpu_plan_is_stacked(experts, 1, needs_grad=False)
+    x, _, routing, bias = Case("head", 2, 16, 1, 12, 21, 4, (3, 3)).inputs()
+    expected = dynamic_conv2d_reference(x, experts, routing, bias)
+    with torch.no_grad():
+        assert_close(dynamic_conv2d(x, experts, routing, bias, backend="cpu"), expected, 1e-5,
+                     "no-grad output")
+    y, = torch.autograd.grad(dynamic_conv2d(x, experts.requires_grad_(), routing, bias,
+                                            backend="cpu").sum(), experts)
+    assert y.shape == experts.shape  # the stacked plan, differentiated by ATen
 
 
 def test_padding_none_needs_stride_1():

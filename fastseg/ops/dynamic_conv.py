@@ -206,14 +206,17 @@ def _stacked(x, experts, routing, bias, stride, padding, dilation):
     return y.contiguous(memory_format=output_memory_format(x))
 
 
-def _cpu_plan_is_stacked(experts, groups) -> bool:
-    """Whether the cpu backend takes :func:`_stacked`; FASTSEG_DYNAMIC_CONV_CPU_PLAN=stacked forces
-    it wherever it applies (groups 1), =folded or =gemm a C++ plan (csrc/cpu/dynamic_conv.cpp)."""
+def _cpu_plan_is_stacked(experts, groups, needs_grad: bool) -> bool:
+    """Whether the cpu backend takes :func:`_stacked`: for few output channels, when a gradient
+    will be asked for (its backward is the reason for it; without one, the C++ folded plan's
+    direct 3×3 convolution is faster still: LightAWNet's head at 1×256², 16 → 1 channel, 4
+    experts, ≈ 0.7 ms against 4.4 ms). FASTSEG_DYNAMIC_CONV_CPU_PLAN=stacked forces it wherever it
+    applies (groups 1), =folded or =gemm a C++ plan (csrc/cpu/dynamic_conv.cpp)."""
     if groups != 1:
         return False
     forced = os.environ.get("FASTSEG_DYNAMIC_CONV_CPU_PLAN", "").strip()
     if forced in ("", "auto"):
-        return experts.shape[0] * experts.shape[1] <= STACKED_MAX_CHANNELS
+        return needs_grad and experts.shape[0] * experts.shape[1] <= STACKED_MAX_CHANNELS
     return forced == "stacked"
 
 
@@ -256,7 +259,9 @@ def dynamic_conv2d(x: torch.Tensor, experts: torch.Tensor, routing: torch.Tensor
     stride, padding, dilation = _conv_params(experts, stride, padding, dilation)
     _check_geometry(x, experts, stride, padding, dilation)
     chosen = resolve_backend(backend, x.device, x.dtype)
-    stacked = chosen == "cpu" and _cpu_plan_is_stacked(experts, groups)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, experts, routing, bias))
+    stacked = chosen == "cpu" and _cpu_plan_is_stacked(experts, groups, needs_grad)
     # NaN/inf: the C++ cpu plans check their inputs themselves while they first read them (a
     # separate pass over x would cost a noticeable part of the op); the stacked plan is ATen's.
     if chosen != "cpu" or stacked:

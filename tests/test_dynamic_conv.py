@@ -466,6 +466,26 @@ def test_layer_routing(activation, temperature):
         assert_close(layer(x).detach(), expected.detach(), 1e-5, f"layer output ({backend})")
 
 
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_layer_output_shift_is_added_and_differentiable(backend):
+    """``output_shift`` (a folded BatchNorm's shift) is added to the output in place; gradients
+    still flow to x and the experts."""
+    skip_unless(backend)
+    torch.manual_seed(0)
+    layer = DynamicConv2d(4, 5, 3, bias=True, backend=backend)
+    x = torch.randn(2, 4, 6, 7, requires_grad=True)
+    plain = layer(x)
+    expected_grads = torch.autograd.grad((plain * plain).sum(), [x, layer.weight])
+    shift = torch.randn(5)
+    layer.output_shift = shift
+    shifted = layer(x)
+    torch.testing.assert_close(shifted, plain + shift.view(1, -1, 1, 1))
+    grads = torch.autograd.grad(((shifted - shift.view(1, -1, 1, 1)) ** 2).sum(), [x, layer.weight])
+    for actual, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(actual, expected)
+    assert "output_shift" in layer.state_dict()
+
+
 def test_layer_inits():
     torch.manual_seed(0)
     kaiming = DynamicConv2d(64, 32, 3, num_experts=4, bias=True, init="kaiming")

@@ -52,17 +52,20 @@ def test_fuse_for_inference_keeps_the_outputs(name, backend):
     left = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     modules = dict(model.named_modules())
     if name == "lightawnet":
-        # Only the norms after dynamic convs stay (see fuse_for_inference: not exact as a bias).
-        parents = {n.rsplit(".", 1)[0] for n in left}
-        assert all(isinstance(modules[p][0], DynamicConv2d) for p in parents)
-        assert len(left) == sum(isinstance(m, DynamicConv2d) for m in model.modules())
+        # Every norm folds; those after dynamic convs leave their shift as the layer's output_shift.
+        assert not left
+        dynamic = [m for m in model.modules() if isinstance(m, DynamicConv2d)]
+        assert len(dynamic) == 10 and all(m.output_shift is not None for m in dynamic)
+        shifts = sum(m.out_channels for m in dynamic)
     else:
         # Only the last norm of each Fusion block (after a GELU, before the next block's
         # upsample and 3×3 conv) stays.
         assert sorted(left) == ["decoder2.8", "decoder3.8", "decoder4.0.8"]
+        shifts = 0
     gained_bias = sum(c for n, c in no_bias.items() if modules[n].bias is not None)
     removed = sum(2 * c for n, c in norms.items() if n not in left)
     assert parameter_count(model) == before - removed + gained_bias < before
+    assert sum(b.numel() for n, b in model.named_buffers() if n.endswith("output_shift")) == shifts
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -71,6 +71,9 @@ class DynamicConv2d(nn.Module):
         self.register_parameter(
             "bias", nn.Parameter(torch.empty(num_experts, out_channels)) if bias else None)
         self.backend = _check_name(backend)
+        # [out_channels] added to the output, in place: a BatchNorm's shift folded in for
+        # inference (fastseg.models's fuse_for_inference); None otherwise (not in the state_dict).
+        self.register_buffer("output_shift", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,8 +98,11 @@ class DynamicConv2d(nn.Module):
         """x ``[N, in_channels, H, W]`` → ``[N, out_channels, H_out, W_out]``."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        return dynamic_conv2d(x, self.weight, self.routing_weights(x), self.bias, self.stride,
-                              self.padding, self.dilation, self.groups, backend=self.backend)
+        y = dynamic_conv2d(x, self.weight, self.routing_weights(x), self.bias, self.stride,
+                           self.padding, self.dilation, self.groups, backend=self.backend)
+        if self.output_shift is not None:
+            y = y.add_(self.output_shift.view(1, -1, 1, 1))
+        return y
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

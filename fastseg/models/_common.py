@@ -7,7 +7,7 @@ from torch import nn
 
 from .._validation import check_positive_int
 from ..backend import _check_name
-from ..layers import BatchNormAct2d, PointwiseConv2d
+from ..layers import BatchNormAct2d, DynamicConv2d, PointwiseConv2d
 
 
 def store_arguments(model: nn.Module, in_channels: int, num_classes: int, backend: str) -> dict:
@@ -109,11 +109,12 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     activation after it folds only into the conv before it, one with a pre-activation only into
     the 1×1 conv after it.
 
-    Left unfolded, on purpose: a BatchNorm after a :class:`~fastseg.layers.DynamicConv2d`
-    (LightAWNet). Its scale could go into the experts, but its shift cannot become the layer's
-    per-expert bias: the mixed bias ``Σ_k α_k b_k`` equals a constant shift for every input only if
-    the routing weights sum to 1, and LightAWNet's sigmoid routing does not. Folding only the scale
-    would keep a per-channel shift pass, which costs what the eval BatchNorm costs.
+    A BatchNorm right after a :class:`~fastseg.layers.DynamicConv2d` (LightAWNet) folds its scale
+    into the experts (and expert biases), exact because the scale is per output channel; its
+    shift cannot become the per-expert bias (the mixed bias ``Σ_k α_k b_k`` is a constant shift
+    for every input only if the routing weights sum to 1, and LightAWNet's sigmoid routing does
+    not), so it becomes the layer's ``output_shift``, added to the output in place: no norm pass
+    and no second output tensor.
 
     Raises ``RuntimeError`` in training mode. The result is for inference: the removed norms do
     not come back with ``.train()``.
@@ -132,7 +133,13 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
                 after = None  # its activation stands between it and the next module
             if isinstance(bn, BatchNormAct2d) and bn.pre_activation != "identity":
                 before = None  # its pre-activation stands between the module before and it
-            if isinstance(before, nn.Conv2d):
+            if isinstance(before, DynamicConv2d):
+                before.weight.mul_(scale.view(1, -1, 1, 1, 1))
+                if before.bias is not None:
+                    before.bias.mul_(scale)
+                previous = before.output_shift
+                before.output_shift = shift if previous is None else previous * scale + shift
+            elif isinstance(before, nn.Conv2d):
                 bias = before.bias if before.bias is not None else torch.zeros_like(scale)
                 before.weight.mul_(scale.view(-1, 1, 1, 1))
                 _set_bias(before, bias * scale + shift)

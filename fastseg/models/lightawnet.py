@@ -126,5 +126,6 @@ class LightAWNet(nn.Module):
         """Fold the BatchNorms the preceding (or a following 1×1) conv can absorb exactly into it,
         in place; eval mode only (``RuntimeError`` otherwise). Outputs are unchanged up to
         float rounding; returns the model. See :func:`fastseg.models._common.fuse_for_inference`
-        for which norms fold (the ones after the dynamic convs do not)."""
+        for how the norms fold (those after the dynamic convs into their experts and an
+        in-place output shift)."""
         return fuse_for_inference(self)

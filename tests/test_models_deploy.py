@@ -68,6 +68,22 @@ def test_fuse_for_inference_keeps_the_outputs(name, backend):
     assert sum(b.numel() for n, b in model.named_buffers() if n.endswith("output_shift")) == shifts
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_model_keeps_the_input_gradient(name, backend):
+    """The eval-mode input gradient (saliency maps) survives the folding: the activations it
+    leaves in place and the dynamic convs' in-place output shifts keep autograd valid. float64,
+    so that no value crosses an activation's kink through the folding's rounding."""
+    _, channels, multiple = MODELS[name]
+    x = torch.randn(2, channels, multiple, multiple, generator=torch.Generator().manual_seed(1))
+    model = calibrated(name, backend, x).double()
+    x = x.double().requires_grad_()
+    expected, = torch.autograd.grad(model(x).square().sum(), x)
+    model.fuse_for_inference()
+    actual, = torch.autograd.grad(model(x).square().sum(), x)
+    torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-9 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fuse_for_inference_needs_eval_mode(name):
     model = MODELS[name][0](backend="reference")

@@ -64,11 +64,12 @@ class BatchNormAct2d(nn.BatchNorm2d):
                               self.activation, self.negative_slope,
                               pre_activation=self.pre_activation, backend=self.backend)
 
-    def activation_module(self) -> nn.Module:
+    def activation_module(self, inplace: bool = False) -> nn.Module:
         """The activations as a plain module (what stays when the norm is folded away): the
-        pre-activation, then the activation, each left out if it is ``"identity"``."""
-        modules = {"gelu": nn.GELU(), "relu": nn.ReLU(),
-                   "leaky_relu": nn.LeakyReLU(self.negative_slope), "silu": nn.SiLU()}
+        pre-activation, then the activation, each left out if it is ``"identity"``. ``inplace``:
+        ReLU, LeakyReLU and SiLU overwrite their input (for an input nothing else reads)."""
+        modules = {"gelu": nn.GELU(), "relu": nn.ReLU(inplace),
+                   "leaky_relu": nn.LeakyReLU(self.negative_slope, inplace), "silu": nn.SiLU(inplace)}
         chain = [modules[a] for a in (self.pre_activation, self.activation) if a != "identity"]
         return chain[0] if len(chain) == 1 else nn.Sequential(*chain) if chain else nn.Identity()
 

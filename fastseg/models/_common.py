@@ -105,7 +105,8 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     a plain 1×1 conv is folded into that conv's input side (``W·diag(s)``, ``b + W·t``), which is
     exact because a 1×1 conv without padding sees no border. The folded BatchNorm becomes
     ``nn.Identity`` (indices and names of the other modules stay), convs without a bias gain one;
-    a folded :class:`~fastseg.layers.BatchNormAct2d` becomes its activations; one with an
+    a folded :class:`~fastseg.layers.BatchNormAct2d` becomes its activations (in place where it
+    folded into the conv before it, whose output nothing else reads); one with an
     activation after it folds only into the conv before it, one with a pre-activation only into
     the 1×1 conv after it.
 
@@ -150,5 +151,8 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
                 after.weight.mul_(scale.view(1, -1, 1, 1))
             else:
                 continue
-            seq[i] = bn.activation_module() if isinstance(bn, BatchNormAct2d) else nn.Identity()
+            # Folded into the conv before it, the norm's activation reads that conv's fresh output,
+            # which nothing else reads: it may overwrite it (no second tensor of that size).
+            inplace = isinstance(before, (nn.Conv2d, DynamicConv2d))
+            seq[i] = bn.activation_module(inplace) if isinstance(bn, BatchNormAct2d) else nn.Identity()
     return model

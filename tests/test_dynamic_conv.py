@@ -230,6 +230,16 @@ def test_direct_conv_boundaries(variant, case, threads, dtype):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("where", [0, 36, -1])  # first value, a middle row's first, last value
+@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-folded-rows"], indirect=True)
+def test_direct_conv_checks_every_row_of_x(variant, where):
+    """The direct convolution checks x for NaN while it copies x's rows: every row, every task."""
+    x, experts, routing, bias = DIRECT_CASES[0].inputs()
+    x.view(-1)[where] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        dynamic_conv2d(x, experts, routing, bias, backend=variant)
+
+
 @pytest.mark.parametrize("variant", ["cpu-folded", "cpu-gemm", "triton"], indirect=True)
 def test_single_expert_is_a_plain_conv2d(variant):
     g = torch.Generator().manual_seed(0)

@@ -17,9 +17,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "cpu/finite.h"
 
 namespace fastseg {
 namespace direct_conv {
@@ -110,8 +113,9 @@ inline int64_t rows_per_task(int64_t C_in, int64_t H, int64_t Wp, int64_t item, 
 // y [N, C_out, H, W] = conv3x3(x [N, C_in, H, W], w_n) + b_n: w_n = w + n·w_stride, a
 // [C_out, C_in, 3, 3] kernel (w_stride 0: one kernel for all samples), b_n = bias + n·b_stride
 // ([C_out], or bias null). `budget`: bytes of padded input rows per task (see rows_per_task).
+// Returns whether every value of x is finite (checked while its rows are copied, in cache).
 template <typename T>
-void conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_stride, T* y,
+bool conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_stride, T* y,
              int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64_t budget) {
   constexpr int L = kLanes<T>, CB = kChannelBlock;
   const int64_t HW = H * W, kernel = C_out * C_in * kTaps;
@@ -139,6 +143,7 @@ void conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_
   // A task: one block of CB output channels (or all C_out mod CB remaining ones) of one block of
   // rows of one sample. A thread's consecutive tasks share their input rows, copied once.
   const int64_t units = full_blocks + (full_blocks * CB < C_out ? 1 : 0);
+  std::atomic<bool> finite{true};
   at::parallel_for(0, N * row_blocks * units, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> rows;
     std::vector<Slot> slots;
@@ -155,9 +160,10 @@ void conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_
         for (int64_t ci = 0; ci < C_in; ++ci)
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t h = h0 - 1 + r;
-            if (h >= 0 && h < H)
-              std::memcpy(rows.data() + ci * plane + r * Wp + 1, xn + ci * HW + h * W,
-                          W * sizeof(T));
+            if (h < 0 || h >= H) continue;
+            const T* src = xn + ci * HW + h * W;
+            if (!all_finite(src, W)) finite = false;
+            std::memcpy(rows.data() + ci * plane + r * Wp + 1, src, W * sizeof(T));
           }
         slots.clear();
         for (int64_t h = h0; h < h1; ++h)
@@ -185,6 +191,7 @@ void conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_
       }
     }
   });
+  return finite;
 }
 
 }  // namespace direct_conv

@@ -24,8 +24,9 @@
 // Layouts: x and grad_out are used NCHW-contiguous (a channels-last or strided input is copied
 // once); outputs come back in x's memory format. The forward checks its inputs for NaN/inf: the
 // gemm plan checks x and the experts while it first reads them (im2col, mixing), the folded plan
-// in a parallel pass of its own (one read of x, where torch.isfinite in Python would also write
-// a mask), routing and bias always in a pass (they are small).
+// x while the direct convolution copies its rows, or else in a parallel pass of its own (one read
+// of x, where torch.isfinite in Python would also write a mask); routing, bias and the folded
+// plan's experts always in a pass (they are small).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -391,13 +392,17 @@ at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tens
   if (direct(g)) {
     at::Tensor y = at::empty({g.N, g.C_out, g.Ho, g.Wo}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct", [&] {
-      direct_conv::conv3x3<scalar_t>(
+      const bool finite = direct_conv::conv3x3<scalar_t>(
           x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), g.C_out * g.R(),
           folded_bias ? folded_bias->data_ptr<scalar_t>() : nullptr, g.C_out,
           y.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W, block_bytes() / 4);
+      TORCH_CHECK_VALUE(finite, "dynamic_conv2d: x contains NaN or inf");
     });
     return y;
   }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_check", [&] {
+    TORCH_CHECK_VALUE(tensor_finite<scalar_t>(x), "dynamic_conv2d: x contains NaN or inf");
+  });
   return at::convolution(x.view({1, g.N * g.C_in, g.H, g.W}), w, folded_bias, {g.sh, g.sw},
                          {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, g.groups * g.N)
       .view({g.N, g.C_out, g.Ho, g.Wo});
@@ -652,11 +657,10 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& experts_in,
     y = forward_gemm(g, x, experts, routing, bias);
   } else {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_check", [&] {
-      TORCH_CHECK_VALUE(tensor_finite<scalar_t>(x), "dynamic_conv2d: x contains NaN or inf");
       TORCH_CHECK_VALUE(tensor_finite<scalar_t>(experts),
                         "dynamic_conv2d: experts contains NaN or inf");
     });
-    y = forward_folded(g, x, experts, routing, bias);
+    y = forward_folded(g, x, experts, routing, bias);  // checks x
   }
   return to_output_layout(y, x_in);
 }

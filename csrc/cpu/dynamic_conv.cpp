@@ -7,10 +7,11 @@
 // * folded (small kernels, large images): every W_n is mixed into one [N·C_out, C_in/groups, kh, kw]
 //   tensor and the batch runs as one grouped convolution with groups·N groups (the batch folded
 //   into the groups); 3×3 kernels at stride 1, padding 1, groups 1 (every LightAWNet dynamic
-//   conv) run the forward as csrc/cpu/direct_conv.h's direct convolution instead (1.1–1.5× oneDNN
-//   at 64² – 128², 3.5× at 16 → 16 channels × 256², 8× at 16 → 1). The backward mixes again and
-//   reduces the per-sample weight gradients into the expert and routing gradients. All
-//   per-sample kernels together are small here.
+//   conv) run the forward and the backward's input gradient as csrc/cpu/direct_conv.h's direct
+//   convolution instead (forward 1.1–1.5× oneDNN at 64² – 128², 3.5× at 16 → 16 channels × 256²,
+//   8× at 16 → 1; forward + backward at batch 8: 1.0–1.6×). The backward mixes again and reduces
+//   the per-sample weight gradients into the expert and routing gradients. All per-sample
+//   kernels together are small here.
 // * gemm (large kernels, small images), where all per-sample kernels together are as large as the
 //   rest of the work: im2col + GEMM with the reduction split into blocks of input channels.
 //   A block of W_n (some output rows × some input channels' taps) is mixed for a block of samples
@@ -414,10 +415,23 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
                       const at::Tensor& experts, const at::Tensor& routing) {
   const at::Tensor w = mix_all(g, experts, routing);
+  const bool direct_grad_x = direct(g);
   auto [grad_x, grad_w, unused] = at::convolution_backward(
       grad_out.view({1, g.N * g.C_out, g.Ho, g.Wo}), x.view({1, g.N * g.C_in, g.H, g.W}), w,
       std::nullopt, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, g.groups * g.N,
-      {true, true, false});
+      {!direct_grad_x, true, false});
+  if (direct_grad_x) {
+    // The input gradient of a 3×3 convolution at stride 1, padding 1 is the 3×3 convolution of
+    // grad_out with every kernel transposed (C_in ↔ C_out) and turned by 180°.
+    const at::Tensor wt = w.view({g.N, g.C_out, g.C_in, 3, 3}).transpose(1, 2).flip({3, 4})
+                              .contiguous();
+    grad_x = at::empty({g.N, g.C_in, g.H, g.W}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct_grad_x", [&] {
+      direct_conv::conv3x3<scalar_t>(grad_out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                                     g.C_in * g.C_out * 9, nullptr, 0, grad_x.data_ptr<scalar_t>(),
+                                     g.N, g.C_out, g.C_in, g.H, g.W, block_bytes() / 4);
+    });
+  }
   // The reduction in segments of the kernel, in parallel: a segment's gradients of all samples
   // and its expert values stay in cache across the reduction's passes. Per-segment partial
   // routing gradients, summed in segment order afterwards: deterministic.

@@ -8,10 +8,12 @@
 // tile and tap is used CB times, every broadcast weight PV times), from a zero-padded copy of the
 // task's input rows that stays in L2; no reorder, no im2col.
 //
-// Tasks are (sample, block of output rows); a task's rows are cut into vector-wide slots (a row's
-// last slot may be partial) and consecutive slots form a tile, across rows when rows are narrower
-// than a tile (LightAWNet's 16² stages), so no lane is spent on a short row's padding. Output
-// channels come in blocks of CB; the remaining C_out mod CB channels one at a time.
+// Tasks are (sample, block of output rows, block of CB output channels; the last block takes the
+// C_out mod CB remaining channels, one at a time). A task's rows are cut into vector-wide slots
+// (a row's last slot may be partial) and consecutive slots form a tile, across rows when rows are
+// narrower than a tile (LightAWNet's 16² stages), so no lane is spent on a short row's padding.
+// Used for dynamic_conv2d's forward and for its input gradient (the same convolution of grad_out
+// with the kernels transposed and turned by 180°).
 #pragma once
 
 #include <ATen/Parallel.h>

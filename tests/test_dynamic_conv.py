@@ -240,6 +240,22 @@ def test_direct_conv_checks_every_row_of_x(variant, where):
         dynamic_conv2d(x, experts, routing, bias, backend=variant)
 
 
+@pytest.mark.parametrize("where", [0, -1])  # the first and the last value of all the experts
+@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-folded-rows"], indirect=True)
+def test_direct_conv_checks_the_experts(variant, where):
+    """The direct convolution checks the mixed kernels while it packs them: a NaN in any expert
+    makes them non-finite. A mix that overflows from finite experts is not an error."""
+    x, experts, routing, bias = DIRECT_CASES[0].inputs()
+    bad = experts.clone()
+    bad.view(-1)[where] = float("nan")
+    with pytest.raises(ValueError, match="experts contains NaN"):
+        dynamic_conv2d(x, bad, routing, bias, backend=variant)
+    huge = experts.clone()
+    huge[:, 0, 0, 1, 1] = 3e38  # every expert: their mix overflows to inf, the experts are finite
+    y = dynamic_conv2d(x, huge, routing.clamp(min=0.5), bias, backend=variant)
+    assert not torch.isfinite(y[:, 0]).all() and torch.isfinite(y[:, 1:]).all()
+
+
 @pytest.mark.parametrize("variant", ["cpu-folded", "cpu-gemm", "triton"], indirect=True)
 def test_single_expert_is_a_plain_conv2d(variant):
     g = torch.Generator().manual_seed(0)

@@ -115,9 +115,14 @@ inline int64_t rows_per_task(int64_t C_in, int64_t H, int64_t Wp, int64_t item, 
 // y [N, C_out, H, W] = conv3x3(x [N, C_in, H, W], w_n) + b_n: w_n = w + n·w_stride, a
 // [C_out, C_in, 3, 3] kernel (w_stride 0: one kernel for all samples), b_n = bias + n·b_stride
 // ([C_out], or bias null). `budget`: bytes of padded input rows per task (see rows_per_task).
-// Returns whether every value of x is finite (checked while its rows are copied, in cache).
+// Whether every value of x, and of the kernels, is finite: checked while x's rows are copied and
+// while the kernels are packed, in cache.
+struct Finite {
+  bool x, w;
+};
+
 template <typename T>
-bool conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_stride, T* y,
+Finite conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_stride, T* y,
              int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64_t budget) {
   constexpr int L = kLanes<T>, CB = kChannelBlock;
   const int64_t HW = H * W, kernel = C_out * C_in * kTaps;
@@ -126,10 +131,12 @@ bool conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_
   // channels [C_in][9] each (their original layout).
   const int64_t samples_w = w_stride == 0 ? 1 : N;
   std::vector<T> packed(samples_w * kernel);
+  std::atomic<bool> w_finite{true};
   at::parallel_for(0, samples_w * C_out, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / C_out, co = i % C_out;
       const T* src = w + n * w_stride + co * C_in * kTaps;
+      if (!all_finite(src, C_in * kTaps)) w_finite = false;
       T* dst = packed.data() + n * kernel;
       if (co < full_blocks * CB) {
         T* blk = dst + (co / CB) * CB * C_in * kTaps;
@@ -193,7 +200,7 @@ bool conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_
       }
     }
   });
-  return finite;
+  return {finite, w_finite};
 }
 
 }  // namespace direct_conv

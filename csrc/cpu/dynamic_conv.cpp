@@ -25,9 +25,9 @@
 // Layouts: x and grad_out are used NCHW-contiguous (a channels-last or strided input is copied
 // once); outputs come back in x's memory format. The forward checks its inputs for NaN/inf: the
 // gemm plan checks x and the experts while it first reads them (im2col, mixing), the folded plan
-// x while the direct convolution copies its rows, or else in a parallel pass of its own (one read
-// of x, where torch.isfinite in Python would also write a mask); routing, bias and the folded
-// plan's experts always in a pass (they are small).
+// x and the mixed kernels while the direct convolution copies them, or else x and the experts in
+// parallel passes of their own (one read, where torch.isfinite in Python would also write a
+// mask); routing and bias always in a pass (they are small).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -393,15 +393,20 @@ at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tens
   if (direct(g)) {
     at::Tensor y = at::empty({g.N, g.C_out, g.Ho, g.Wo}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct", [&] {
-      const bool finite = direct_conv::conv3x3<scalar_t>(
+      const direct_conv::Finite finite = direct_conv::conv3x3<scalar_t>(
           x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), g.C_out * g.R(),
           folded_bias ? folded_bias->data_ptr<scalar_t>() : nullptr, g.C_out,
           y.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W, block_bytes() / 4);
-      TORCH_CHECK_VALUE(finite, "dynamic_conv2d: x contains NaN or inf");
+      // A NaN or inf expert value makes every mixed kernel non-finite (finite routing weights:
+      // NaN·α and ∞·0 are NaN); a non-finite mix of finite experts (overflow) is not an error.
+      TORCH_CHECK_VALUE(finite.w || tensor_finite<scalar_t>(experts),
+                        "dynamic_conv2d: experts contains NaN or inf");
+      TORCH_CHECK_VALUE(finite.x, "dynamic_conv2d: x contains NaN or inf");
     });
     return y;
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_check", [&] {
+    TORCH_CHECK_VALUE(tensor_finite<scalar_t>(experts), "dynamic_conv2d: experts contains NaN or inf");
     TORCH_CHECK_VALUE(tensor_finite<scalar_t>(x), "dynamic_conv2d: x contains NaN or inf");
   });
   return at::convolution(x.view({1, g.N * g.C_in, g.H, g.W}), w, folded_bias, {g.sh, g.sw},
@@ -670,11 +675,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& experts_in,
   if (choose_plan(g) == Plan::gemm) {
     y = forward_gemm(g, x, experts, routing, bias);
   } else {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_check", [&] {
-      TORCH_CHECK_VALUE(tensor_finite<scalar_t>(experts),
-                        "dynamic_conv2d: experts contains NaN or inf");
-    });
-    y = forward_folded(g, x, experts, routing, bias);  // checks x
+    y = forward_folded(g, x, experts, routing, bias);  // checks x and the experts
   }
   return to_output_layout(y, x_in);
 }

@@ -32,11 +32,12 @@ namespace direct_conv {
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;  // 32 registers: 8 channels × 3 vectors of accumulators
 constexpr int kChannelBlock = 8;
-#else
-constexpr int kVectorBytes = 32;  // 16 registers: 4 channels × 3 vectors of accumulators
-constexpr int kChannelBlock = 4;
-#endif
 constexpr int kTileVectors = 3;
+#else
+constexpr int kVectorBytes = 32;  // 16 registers: 4 channels × 2 vectors of accumulators
+constexpr int kChannelBlock = 4;  // (4 × 3 spilled accumulators to the stack with GCC 13)
+constexpr int kTileVectors = 2;
+#endif
 // A single output channel: more vectors in flight instead of more channels.
 constexpr int kSingleTileVectors = 4;
 constexpr int kTaps = 9;

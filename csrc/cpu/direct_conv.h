@@ -35,7 +35,7 @@ constexpr int kChannelBlock = 8;
 constexpr int kTileVectors = 3;
 #else
 constexpr int kVectorBytes = 32;  // 16 registers: 4 channels × 2 vectors of accumulators
-constexpr int kChannelBlock = 4;  // (4 × 3 spilled accumulators to the stack with GCC 13)
+constexpr int kChannelBlock = 4;  // (4 × 3 spilled accumulators to the stack with GCC 12)
 constexpr int kTileVectors = 2;
 #endif
 // A single output channel: more vectors in flight instead of more channels.
@@ -113,18 +113,18 @@ inline int64_t rows_per_task(int64_t C_in, int64_t H, int64_t Wp, int64_t item, 
   return (H + blocks - 1) / blocks;
 }
 
-// y [N, C_out, H, W] = conv3x3(x [N, C_in, H, W], w_n) + b_n: w_n = w + n·w_stride, a
-// [C_out, C_in, 3, 3] kernel (w_stride 0: one kernel for all samples), b_n = bias + n·b_stride
-// ([C_out], or bias null). `budget`: bytes of padded input rows per task (see rows_per_task).
 // Whether every value of x, and of the kernels, is finite: checked while x's rows are copied and
 // while the kernels are packed, in cache.
 struct Finite {
   bool x, w;
 };
 
+// y [N, C_out, H, W] = conv3x3(x [N, C_in, H, W], w_n) + b_n: w_n = w + n·w_stride, a
+// [C_out, C_in, 3, 3] kernel (w_stride 0: one kernel for all samples), b_n = bias + n·b_stride
+// ([C_out], or bias null). `budget`: bytes of padded input rows per task (see rows_per_task).
 template <typename T>
 Finite conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_stride, T* y,
-             int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64_t budget) {
+               int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64_t budget) {
   constexpr int L = kLanes<T>, CB = kChannelBlock;
   const int64_t HW = H * W, kernel = C_out * C_in * kTaps;
   const int64_t full_blocks = C_out / CB;

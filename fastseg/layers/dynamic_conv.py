@@ -31,7 +31,9 @@ class DynamicConv2d(nn.Module):
     ``routing`` an ``nn.Conv2d(in_channels, K, 1)`` (``routing.weight`` ``[K, in_channels, 1, 1]``,
     ``routing.bias`` ``[K]``) and, with ``bias=True``, ``bias`` ``[K, out_channels]``. The original
     LightAWNet's ``weight.weight`` and ``weight.attention.net.{weight,bias}`` map onto ``weight`` and
-    ``routing.{weight,bias}`` one to one.
+    ``routing.{weight,bias}`` one to one. Buffer ``output_shift`` ``[out_channels]``, None unless
+    set (then added to the output in place): where ``fuse_for_inference`` of
+    :mod:`fastseg.models` puts the shift of a BatchNorm it folds into the layer.
 
     ``init="normal"`` draws the experts from a standard normal, unscaled (LightAWNet's init);
     ``"kaiming"`` initialises each expert like ``nn.Conv2d`` (kaiming-uniform, a=√5, and

@@ -53,6 +53,29 @@ def test_matches_nn_conv2d(monkeypatch, dtype, rtol, bias, layout):
         assert (a - b).abs().max() <= rtol * b.abs().max()
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_matmul_matches_nn_conv2d(bias):
+    """``compiled_matmul``: under torch.compile the layer is one matrix product; outputs and
+    gradients equal nn.Conv2d's, and the compiled graph holds no convolution."""
+    layer, plain = pair(3, 5, bias)
+    layer.compiled_matmul = True
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 7, 9, generator=g)
+    grad_y = torch.randn(2, 5, 7, 9, generator=g)
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    y, grads = outputs_and_grads(compiled, x, grad_y)
+    y_ref, grads_ref = outputs_and_grads(plain, x, grad_y)
+    assert ops and not any("conv" in op for op in ops), ops
+    for a, b in zip((y,) + grads, (y_ref,) + grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
 def test_reference_backend_is_nn_conv2d(monkeypatch):
     gemm = CountGemm(monkeypatch)
     layer, plain = pair(4, 5, True, backend="reference")

@@ -198,11 +198,11 @@ def test_block_boundaries(variant, case, threads, dtype):
 
 # Shapes for the folded plan's direct 3×3 convolution (csrc/cpu/direct_conv.h): output channels
 # in blocks of 8 (AVX-512) or 4 (AVX2) plus single ones (19 = 2·8 + 3 = 4·4 + 3; 3 < any block);
-# rows cut into vectors of 16 (float32) or 8 (float64) pixels with a partial last one (37 =
-# 2·16 + 5 = 4·8 + 5); tiles of 3 (4 for single channels) vectors with a partial last tile and,
-# on rows narrower than a vector (5), tiles spanning rows. "cpu-folded-rows" gives every task
-# one output row (a budget below one padded row); at the default budget the 70 rows of 21
-# channels × 37 (float32) come in 2 tasks of 35 rows.
+# rows cut into vectors of 16 or 8 float32 (AVX-512, AVX2) and 8 or 4 float64 pixels with a
+# partial last one (37 = 2·16 + 5 = 4·8 + 5 = 9·4 + 1); tiles of 3 or 2 vectors (4 for single
+# channels) with a partial last tile and, on rows narrower than a vector (5), tiles spanning
+# rows. "cpu-folded-rows" gives every task one output row (a budget below one padded row); at
+# the default budget the 70 rows of 21 channels × 37 (float32, AVX-512) come in 2 tasks of 35.
 DIRECT_CASES = [
     Case("direct-19ch-37wide", 2, 21, 19, 13, 37, 3, (3, 3)),
     Case("direct-3ch-narrow", 3, 6, 3, 11, 5, 2, (3, 3), bias=False),

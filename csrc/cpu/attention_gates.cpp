@@ -750,12 +750,11 @@ at::Tensor channel_gate_cpu(const at::Tensor& x_in, const at::Tensor& w1, const 
     const T* sp = skip.defined() ? skip.data_ptr<T>() : nullptr;
     T* yp = y.data_ptr<T>();
     const int64_t out_plane = s.H * s.W;
+    // Where the rows double, each input row is resized horizontally once (into `wide`, in_h rows
+    // of out_w values) and every output row blends two of them; otherwise row by row (`tmp`).
+    const bool by_plane = rows.doubling;
     at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> tmp(s.w);
-      // Where the rows double, each input row is resized horizontally once (into `wide`, in_h
-      // rows of out_w values) and every output row blends two of them.
-      const bool by_plane = rows.doubling;
-      std::vector<T> wide(by_plane ? s.h * s.W : 0);
+      std::vector<T> tmp(by_plane ? 0 : s.w), wide(by_plane ? s.h * s.W : 0);
       for (int64_t nc = begin; nc < end; ++nc) {
         const T g = gp[nc];
         if (sp && !all_finite(sp + nc * out_plane, out_plane)) skip_non_finite = true;

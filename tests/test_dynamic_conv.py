@@ -199,12 +199,15 @@ def test_block_boundaries(variant, case, threads, dtype):
 # Shapes for the folded plan's direct 3×3 convolution (csrc/cpu/direct_conv.h): output channels
 # in blocks of 8 (AVX-512) or 4 (AVX2) plus single ones (19 = 2·8 + 3 = 4·4 + 3; 3 < any block);
 # rows cut into vectors of 16 or 8 float32 (AVX-512, AVX2) and 8 or 4 float64 pixels with a
-# partial last one (37 = 2·16 + 5 = 4·8 + 5 = 9·4 + 1); tiles of 3 or 2 vectors (4 for single
-# channels) with a partial last tile and, on rows narrower than a vector (5), tiles spanning
-# rows. "cpu-folded-rows" gives every task one output row (a budget below one padded row); at
-# the default budget the 70 rows of 21 channels × 37 (float32, AVX-512) come in 2 tasks of 35.
+# partial last one (37 = 2·16 + 5 = 4·8 + 5 = 9·4 + 1), or none (32, LightAWNet's widths are
+# multiples of 16: the right padding column is read); tiles of 2 vectors (4 for single channels)
+# with a partial last tile, spanning rows (3 vectors a row at 37 wide; rows narrower than a
+# vector, 5). "cpu-folded-rows" gives every task one output row (a budget below one padded row);
+# at the default budget the 70 rows of 21 channels × 37 (float32, AVX-512) come in 2 tasks of 35.
+# The kernels are mixed in parallel segments of 4096 values: 32·17·9 = 4896 is one and a part.
 DIRECT_CASES = [
     Case("direct-19ch-37wide", 2, 21, 19, 13, 37, 3, (3, 3)),
+    Case("direct-32ch-32wide", 2, 17, 32, 6, 32, 3, (3, 3)),
     Case("direct-3ch-narrow", 3, 6, 3, 11, 5, 2, (3, 3), bias=False),
     Case("direct-1ch-70rows", 1, 21, 1, 70, 37, 4, (3, 3)),
     Case("direct-8ch-single-pixel", 2, 2, 8, 1, 1, 2, (3, 3)),

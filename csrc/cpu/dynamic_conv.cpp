@@ -71,6 +71,8 @@ int64_t block_bytes() {
 }
 // Columns of a kernel row mixed at a time: their expert values stay in L1 across samples.
 constexpr int64_t kMixColumns = 512;
+// Kernel values per parallel task of the folded plan's mixing (16 KB of each expert).
+constexpr int64_t kMixSegment = 4096;
 // Kernel values per segment of the folded plan's reduction (a multiple of every vector width).
 constexpr int64_t kFoldedSegment = 4096;
 
@@ -372,8 +374,12 @@ at::Tensor mix_all(const Geometry& g, const at::Tensor& experts, const at::Tenso
     const scalar_t* r = routing.data_ptr<scalar_t>();
     scalar_t* out = w.data_ptr<scalar_t>();
     const int64_t kernel = g.C_out * g.R();
-    at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
-      mix_kernels(r + begin * g.K, end - begin, g.K, e, kernel, 0, 1, kernel, out + begin * kernel);
+    // In parallel over segments of the kernel (a batch of one sample has one thread's work
+    // otherwise), every sample's segment in turn while the segment's expert values are in cache.
+    at::parallel_for(0, ceil_div(kernel, kMixSegment), 1, [&](int64_t begin, int64_t end) {
+      const int64_t i0 = begin * kMixSegment, len = std::min(kernel, end * kMixSegment) - i0;
+      for (int64_t n = 0; n < g.N; ++n)
+        mix_kernels(r + n * g.K, 1, g.K, e + i0, kernel, 0, 1, len, out + n * kernel + i0);
     });
   });
   return w;

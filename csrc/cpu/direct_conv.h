@@ -25,6 +25,8 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <vector>
 
 #include "cpu/finite.h"
@@ -125,31 +127,50 @@ struct Finite {
   bool x, w;
 };
 
-// y [N, C_out, H, W] = conv3x3(x [N, C_in, H, W], w_n) + b_n: w_n = w + n·w_stride, a
-// [C_out, C_in, 3, 3] kernel (w_stride 0: one kernel for all samples), b_n = bias + n·b_stride
-// ([C_out], or bias null). `budget`: bytes of padded input rows per task (see rows_per_task).
+// y [N, C_out, H, W] = conv3x3(x [N, C_in, H, W], w_n) + b_n, where w_n is a [C_out, C_in, 3, 3]
+// kernel: w + n·w_stride (w_stride 0: one kernel for all samples) or, given `mix`, computed while
+// the kernels are packed (no mixed copy is written first): mix(n, co, c, out) writes rows co to
+// co + c − 1 of w_n to out ([c][C_in·9]). b_n = bias + n·b_stride ([C_out], or bias null).
+// `budget`: bytes of padded input rows per task (see rows_per_task). Finite.w: every w_n is
+// finite.
 template <typename T>
-Finite conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t b_stride, T* y,
-               int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64_t budget) {
+using MixRows = std::function<void(int64_t n, int64_t co, int channels, T* out)>;
+
+template <typename T>
+Finite conv3x3(const T* x, const T* w, int64_t w_stride, const MixRows<T>* mix, const T* bias,
+               int64_t b_stride, T* y, int64_t N, int64_t C_in, int64_t C_out, int64_t H,
+               int64_t W, int64_t budget) {
   constexpr int L = kLanes<T>, CB = kChannelBlock;
-  const int64_t HW = H * W, kernel = C_out * C_in * kTaps;
+  const int64_t HW = H * W, row = C_in * kTaps, kernel = C_out * row;
   const int64_t full_blocks = C_out / CB;
   // Packed kernels, per sample: full blocks [C_out / CB][C_in][9][CB], then the remaining
-  // channels [C_in][9] each (their original layout).
-  const int64_t samples_w = w_stride == 0 ? 1 : N;
-  std::vector<T> packed(samples_w * kernel);
+  // channels [C_in][9] each (their original layout). Not zero-filled: every value is written.
+  const int64_t samples_w = w_stride == 0 && mix == nullptr ? 1 : N;
+  std::unique_ptr<T[]> packed(new T[samples_w * kernel]);
   std::atomic<bool> w_finite{true};
-  at::parallel_for(0, samples_w * C_out, 1, [&](int64_t begin, int64_t end) {
+  // Items: (block of output channels, sample), samples inner, so a block's K expert rows stay in
+  // L2 while every sample's mix of them is packed; the full blocks first, then the remaining
+  // channels one by one. A block's CB (mixed) rows are interleaved into its packed layout.
+  const int64_t blocks = full_blocks + (C_out - full_blocks * CB);
+  at::parallel_for(0, blocks * samples_w, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> mixed(mix ? CB * row : 0);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / C_out, co = i % C_out;
-      const T* src = w + n * w_stride + co * C_in * kTaps;
-      if (!all_finite(src, C_in * kTaps)) w_finite = false;
-      T* dst = packed.data() + n * kernel;
-      if (co < full_blocks * CB) {
-        T* blk = dst + (co / CB) * CB * C_in * kTaps;
-        for (int64_t r = 0; r < C_in * kTaps; ++r) blk[r * CB + co % CB] = src[r];
+      const int64_t n = i % samples_w, b = i / samples_w;
+      const int64_t co0 = b < full_blocks ? b * CB : full_blocks * CB + (b - full_blocks);
+      const int channels = b < full_blocks ? CB : 1;
+      const T* rows = w + n * w_stride + co0 * row;
+      if (mix) {
+        (*mix)(n, co0, channels, mixed.data());
+        rows = mixed.data();
+      }
+      if (!all_finite(rows, channels * row)) w_finite = false;
+      T* dst = packed.get() + n * kernel + co0 * row;
+      if (channels == CB) {
+        for (int64_t r = 0; r < row; ++r)
+#pragma GCC unroll 8
+          for (int c = 0; c < CB; ++c) dst[r * CB + c] = rows[c * row + r];
       } else {
-        std::memcpy(dst + co * C_in * kTaps, src, C_in * kTaps * sizeof(T));
+        std::memcpy(dst, rows, row * sizeof(T));
       }
     }
   });
@@ -197,7 +218,7 @@ Finite conv3x3(const T* x, const T* w, int64_t w_stride, const T* bias, int64_t 
         slots.resize(slots.size() + std::max(kTileVectors, kSingleTileVectors), Slot{0, 0, 0});
       }
       const int64_t used = (h1 - h0) * row_slots;
-      const T* wn = packed.data() + (w_stride == 0 ? 0 : n * kernel);
+      const T* wn = packed.get() + (samples_w == 1 ? 0 : n * kernel);
       const T* bn = bias ? bias + n * b_stride : nullptr;
       T* yn = y + n * C_out * HW;
       if (unit < full_blocks) {

@@ -393,14 +393,21 @@ bool direct(const Geometry& g) {
 
 at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tensor& experts,
                           const at::Tensor& routing, const at::Tensor& bias) {
-  const at::Tensor w = mix_all(g, experts, routing);
   std::optional<at::Tensor> folded_bias;
   if (bias.defined()) folded_bias = mix_bias(routing, bias).view({-1});
   if (direct(g)) {
+    // the kernels are mixed while the direct convolution packs them
     at::Tensor y = at::empty({g.N, g.C_out, g.Ho, g.Wo}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct", [&] {
+      const scalar_t* e = experts.data_ptr<scalar_t>();
+      const scalar_t* r = routing.data_ptr<scalar_t>();
+      const int64_t row = g.R(), kernel = g.C_out * row;
+      const direct_conv::MixRows<scalar_t> mix = [&](int64_t n, int64_t co, int channels,
+                                                     scalar_t* out) {
+        mix_kernels(r + n * g.K, 1, g.K, e + co * row, kernel, row, channels, row, out);
+      };
       const direct_conv::Finite finite = direct_conv::conv3x3<scalar_t>(
-          x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), g.C_out * g.R(),
+          x.data_ptr<scalar_t>(), e, 0, &mix,
           folded_bias ? folded_bias->data_ptr<scalar_t>() : nullptr, g.C_out,
           y.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W, block_bytes() / 4);
       // A NaN or inf expert value makes every mixed kernel non-finite (finite routing weights:
@@ -411,6 +418,7 @@ at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tens
     });
     return y;
   }
+  const at::Tensor w = mix_all(g, experts, routing);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_check", [&] {
     TORCH_CHECK_VALUE(tensor_finite<scalar_t>(experts), "dynamic_conv2d: experts contains NaN or inf");
     TORCH_CHECK_VALUE(tensor_finite<scalar_t>(x), "dynamic_conv2d: x contains NaN or inf");
@@ -439,7 +447,8 @@ Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::T
     grad_x = at::empty({g.N, g.C_in, g.H, g.W}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct_grad_x", [&] {
       direct_conv::conv3x3<scalar_t>(grad_out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
-                                     g.C_in * g.C_out * 9, nullptr, 0, grad_x.data_ptr<scalar_t>(),
+                                     g.C_in * g.C_out * 9, nullptr, nullptr, 0,
+                                     grad_x.data_ptr<scalar_t>(),
                                      g.N, g.C_out, g.C_in, g.H, g.W, block_bytes() / 4);
     });
   }

@@ -1,0 +1,93 @@
+"""dynamic_conv2d at LightAWNet's shapes, implementations interleaved in one process: per shape,
+every round runs each implementation once, in an order that rotates from round to round, so a
+slow phase of the (shared, 2-core) machine hits all of them alike (``bench_dynamic_conv.py`` runs
+each implementation's rounds one after another, and its cells move by up to 2× between runs).
+Prints, per shape, each implementation's median and the median over rounds of its per-round
+ratio to the static conv (the cost floor of the idea: issue 8's "within 1.15×" target) and to
+the cpu backend.
+
+    .venv/bin/python bench/interleaved_dynamic_conv.py                      # forward+backward
+    .venv/bin/python bench/interleaved_dynamic_conv.py --mode forward --rounds 21
+    .venv/bin/python bench/interleaved_dynamic_conv.py --impls static-conv reference cpu
+    .venv/bin/python bench/interleaved_dynamic_conv.py --shapes 1x16x256x256 1x64x64x64
+
+Shapes, inputs and implementations as in ``bench_dynamic_conv.py`` (batch 8, K = 4 experts of
+3×3); compiled implementations are compiled before the first round.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench_dynamic_conv import IMPLS, SHAPES, forward_backward, inputs
+
+
+def make_run(impl, shape, mode):
+    """A function running one forward (no autograd) or forward + backward of `impl` at `shape`."""
+    x, experts, routing, grad_y = inputs(shape)
+    fn = IMPLS[impl]
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn(x, experts, routing)
+        return run
+    leaves = [t.clone().requires_grad_() for t in (x, experts, routing)]
+    return lambda: forward_backward(fn, *leaves, grad_y)
+
+
+def parse_shape(text):
+    """``"8x16x128x128"`` → ``(8, 16, 128, 128)``."""
+    try:
+        shape = tuple(int(v) for v in text.split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"a shape is NxCxHxW with positive sizes, got {text!r}")
+    return shape
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["forward", "forward+backward"], default="forward+backward")
+    parser.add_argument("--impls", nargs="+", choices=list(IMPLS),
+                        default=["static-conv", "reference", "reference-compiled", "cpu"])
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--shapes", nargs="+", metavar="NxCxHxW", type=parse_shape,
+                        default=SHAPES, help="default: LightAWNet's, as in bench_dynamic_conv.py")
+    args = parser.parse_args(argv)
+    if "static-conv" not in args.impls or "cpu" not in args.impls:
+        parser.error("--impls must include static-conv and cpu (the ratios are to them)")
+    print(f"dynamic_conv2d, {args.mode}, {args.rounds} interleaved rounds per shape, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; median ms, and in brackets the "
+          f"median over rounds of the per-round ratio\n")
+    others = [i for i in args.impls if i not in ("static-conv", "cpu")]
+    header = ["C → C at H×W", "static conv ms", "cpu ms", "cpu / static"]
+    print("| " + " | ".join(header + [f"{i} ms (/ cpu)" for i in others]) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(others))
+    for shape in args.shapes:
+        runs = {impl: make_run(impl, shape, args.mode) for impl in args.impls}
+        for run in runs.values():
+            run()  # warm-up (and compilation)
+        times = {impl: [] for impl in args.impls}
+        for r in range(args.rounds):
+            order = args.impls[r % len(args.impls):] + args.impls[:r % len(args.impls)]
+            for impl in order:
+                start = time.perf_counter()
+                runs[impl]()
+                times[impl].append(time.perf_counter() - start)
+
+        def ratio(a, b):
+            return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+        def ms(impl):
+            return statistics.median(times[impl]) * 1e3
+
+        cells = [f"{shape[1]} at {shape[2]}×{shape[3]} (batch {shape[0]})",
+                 f"{ms('static-conv'):.2f}", f"{ms('cpu'):.2f}", f"{ratio('cpu', 'static-conv'):.2f}×"]
+        cells += [f"{ms(i):.2f} ({ratio(i, 'cpu'):.2f}×)" for i in others]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The interleaved benchmark scripts of bench/ (run by hand for bench/RESULTS.md, not by
+`pytest bench`) run end to end at tiny sizes and print their tables."""
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_interleaved_dynamic_conv():
+    out = run("interleaved_dynamic_conv.py", "--shapes", "2x4x8x8", "3x5x6x7", "--rounds", "2",
+              "--impls", "static-conv", "reference", "cpu")
+    rows = [line for line in out.splitlines() if line.startswith("| 4 at 8×8 (batch 2)")
+            or line.startswith("| 5 at 6×7 (batch 3)")]
+    assert len(rows) == 2 and all(row.count("|") == 6 for row in rows), out
+
+
+def test_interleaved_dynamic_conv_rejects_a_bad_shape():
+    result = subprocess.run([sys.executable, "interleaved_dynamic_conv.py", "--shapes", "8x16"],
+                            cwd=BENCH, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "NxCxHxW" in result.stderr
+
+
+def test_interleaved_models():
+    out = run("interleaved_models.py", "--model", "lightawnet", "--mode", "inference",
+              "--batch", "1", "--size", "32", "--rounds", "2", "--impls", "reference", "cpu-folded")
+    assert "| reference |" in out and "| cpu-folded |" in out, out

@@ -121,23 +121,28 @@ def run_once(impl, shape):
                          routing.requires_grad_(), grad_y)
 
 
-@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}x{s[3]}")
-def test_dynamic_conv2d(benchmark, shape, impl, mode):
+def make_run(impl, shape, mode):
+    """A function running one forward (no autograd) or forward + backward of `impl` at `shape`
+    on :func:`inputs`."""
     x, experts, routing, grad_y = inputs(shape)
     fn = IMPLS[impl]
     if mode == "forward":
         def run():
             with torch.no_grad():
                 return fn(x, experts, routing)
-    else:
-        leaves = [t.clone().requires_grad_() for t in (x, experts, routing)]
+        return run
+    leaves = [t.clone().requires_grad_() for t in (x, experts, routing)]
+    return lambda: forward_backward(fn, *leaves, grad_y)
 
-        def run():
-            return forward_backward(fn, *leaves, grad_y)
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}x{s[3]}")
+def test_dynamic_conv2d(benchmark, shape, impl, mode):
+    run = make_run(impl, shape, mode)
     out = run()  # warm-up (and compilation for the compiled formulation)
     if mode == "forward" and impl != "static-conv":  # what is timed must compute the right thing
+        x, experts, routing, _ = inputs(shape)
         expected = dynamic_conv2d_reference(x, experts, routing, padding=1)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     nbytes, flops = op_cost(shape, mode)

@@ -16,24 +16,11 @@ Shapes, inputs and implementations as in ``bench_dynamic_conv.py`` (batch 8, K =
 """
 import argparse
 import statistics
-import time
 
 import torch
 
-from bench_dynamic_conv import IMPLS, SHAPES, forward_backward, inputs
-
-
-def make_run(impl, shape, mode):
-    """A function running one forward (no autograd) or forward + backward of `impl` at `shape`."""
-    x, experts, routing, grad_y = inputs(shape)
-    fn = IMPLS[impl]
-    if mode == "forward":
-        def run():
-            with torch.no_grad():
-                return fn(x, experts, routing)
-        return run
-    leaves = [t.clone().requires_grad_() for t in (x, experts, routing)]
-    return lambda: forward_backward(fn, *leaves, grad_y)
+from bench_dynamic_conv import IMPLS, SHAPES, make_run
+from interleave import interleaved_times, median_ratio
 
 
 def parse_shape(text):
@@ -66,19 +53,11 @@ def main(argv=None):
     print("| " + " | ".join(header + [f"{i} ms (/ cpu)" for i in others]) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(others))
     for shape in args.shapes:
-        runs = {impl: make_run(impl, shape, args.mode) for impl in args.impls}
-        for run in runs.values():
-            run()  # warm-up (and compilation)
-        times = {impl: [] for impl in args.impls}
-        for r in range(args.rounds):
-            order = args.impls[r % len(args.impls):] + args.impls[:r % len(args.impls)]
-            for impl in order:
-                start = time.perf_counter()
-                runs[impl]()
-                times[impl].append(time.perf_counter() - start)
+        times = interleaved_times({impl: make_run(impl, shape, args.mode) for impl in args.impls},
+                                  args.rounds)
 
         def ratio(a, b):
-            return statistics.median(x / y for x, y in zip(times[a], times[b]))
+            return median_ratio(times, a, b)
 
         def ms(impl):
             return statistics.median(times[impl]) * 1e3

@@ -14,11 +14,11 @@ compiled before the first round. ``FASTSEG_RETAIN_FREED_MEMORY=1`` as in ``bench
 """
 import argparse
 import statistics
-import time
 
 import torch
 
 from bench_models import MODELS, RETAINED, make_step
+from interleave import interleaved_times, median_ratio
 
 
 def main(argv=None):
@@ -32,23 +32,14 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     steps = {impl: make_step(args.model, impl, args.mode, args.batch, args.size) for impl in args.impls}
-    for step in steps.values():
-        step()  # warm-up (and compilation)
-    times = {impl: [] for impl in args.impls}
-    for r in range(args.rounds):
-        order = args.impls[r % len(args.impls):] + args.impls[:r % len(args.impls)]
-        for impl in order:
-            start = time.perf_counter()
-            steps[impl]()
-            times[impl].append(time.perf_counter() - start)
-    base = times[args.impls[0]]
+    times = interleaved_times(steps, args.rounds)
     print(f"{args.model}, {args.mode} {args.batch}×{args.size}², {args.rounds} interleaved rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'freed memory retained' if RETAINED else 'default allocator settings'}\n")
     print(f"| impl | median ms | min ms | speedup vs {args.impls[0]} (median of rounds) |")
     print("|---|---:|---:|---:|")
     for impl in args.impls:
-        ratio = statistics.median(b / t for b, t in zip(base, times[impl]))
+        ratio = median_ratio(times, args.impls[0], impl)
         print(f"| {impl} | {statistics.median(times[impl]) * 1e3:.1f} | {min(times[impl]) * 1e3:.1f} "
               f"| {ratio:.2f}× |")
 

@@ -36,7 +36,8 @@ def parse_shape(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["forward", "forward+backward"], default="forward+backward")
+    parser.add_argument("--mode", choices=["forward", "forward+backward"],
+                        default="forward+backward")
     parser.add_argument("--impls", nargs="+", choices=list(IMPLS),
                         default=["static-conv", "reference", "reference-compiled", "cpu"])
     parser.add_argument("--rounds", type=int, default=11)
@@ -56,15 +57,13 @@ def main(argv=None):
         times = interleaved_times({impl: make_run(impl, shape, args.mode) for impl in args.impls},
                                   args.rounds)
 
-        def ratio(a, b):
-            return median_ratio(times, a, b)
-
         def ms(impl):
             return statistics.median(times[impl]) * 1e3
 
         cells = [f"{shape[1]} at {shape[2]}×{shape[3]} (batch {shape[0]})",
-                 f"{ms('static-conv'):.2f}", f"{ms('cpu'):.2f}", f"{ratio('cpu', 'static-conv'):.2f}×"]
-        cells += [f"{ms(i):.2f} ({ratio(i, 'cpu'):.2f}×)" for i in others]
+                 f"{ms('static-conv'):.2f}", f"{ms('cpu'):.2f}",
+                 f"{median_ratio(times, 'cpu', 'static-conv'):.2f}×"]
+        cells += [f"{ms(i):.2f} ({median_ratio(times, i, 'cpu'):.2f}×)" for i in others]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 

@@ -7,9 +7,15 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+def script(*args):
+    """The finished process of ``python *args`` run in bench/."""
+    return subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True,
+                          timeout=600)
+
+
 def run(*args):
-    result = subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True,
-                            timeout=600)
+    """stdout of ``python *args`` run in bench/, which must succeed."""
+    result = script(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -23,8 +29,7 @@ def test_interleaved_dynamic_conv():
 
 
 def test_interleaved_dynamic_conv_rejects_a_bad_shape():
-    result = subprocess.run([sys.executable, "interleaved_dynamic_conv.py", "--shapes", "8x16"],
-                            cwd=BENCH, capture_output=True, text=True, timeout=600)
+    result = script("interleaved_dynamic_conv.py", "--shapes", "8x16")
     assert result.returncode == 2 and "NxCxHxW" in result.stderr
 
 

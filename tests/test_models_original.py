@@ -79,7 +79,7 @@ def capture_logits(original):
 def assert_close(actual, expected, what):
     scale = expected.abs().max().clamp_min(1e-6)
     err = (actual - expected).abs().max()
-    assert err <= 1e-4 * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+    assert err <= 1e-9 * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -90,9 +90,13 @@ def test_from_original_computes_what_the_original_computes(name, backend, train)
     original = ORIGINALS[name]()
     randomize(original, seed=1)
     model = from_original(name, original.state_dict(), backend=backend)
+    # float64: train-mode BatchNorm's backward cancels large terms, so float32 gradients of the
+    # two formulations differ by their rounding (up to 0.5 % of stem.conv.0.weight's gradient
+    # with one CPU's convolution algorithms); in float64 what is compared is the computation.
+    original.double(), model.double()
     original.train(train), model.train(train)
     seen = capture_logits(original)
-    x = torch.randn(INPUTS[name], generator=torch.Generator().manual_seed(2))
+    x = torch.randn(INPUTS[name], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     expected = original(x)
     logits = model(x)
     if name == "lightawnet":
@@ -101,7 +105,7 @@ def test_from_original_computes_what_the_original_computes(name, backend, train)
     else:
         assert_close(logits, expected, "logits")
     # Gradients of the same upstream gradient (through the sigmoid for LightAWNet), per key.
-    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (torch.sigmoid(logits) if name == "lightawnet" else logits).backward(grad)
     expected.backward(grad)
     mapping = original_key_map(name, model)
@@ -113,7 +117,7 @@ def test_from_original_computes_what_the_original_computes(name, backend, train)
         err = (ours[key] - p.grad).abs().max()
         # A conv bias before a train-mode BatchNorm has gradient 0 up to rounding: the absolute
         # part of the tolerance is relative to the largest gradient.
-        assert err <= 2e-3 * p.grad.abs().max() + 1e-5 * largest, key
+        assert err <= 1e-7 * p.grad.abs().max() + 1e-9 * largest, key
     # Train mode updated the running statistics (and counters) the same way.
     converted = to_original(name, model)
     for key, value in original.state_dict().items():

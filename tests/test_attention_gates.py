@@ -148,6 +148,10 @@ CPU_BLOCKS = {
     "gated-gemm": lambda dt: gated(2, 40, 16, 9, 13),
     "attention-gemm": lambda dt: attention(1, 33, 34, 32, 7, 9),
     "gated-gemm-blocks": lambda dt: gated(2, 8, 700, 17, 19),                      # 323 px
+    # gated_pointwise's products (csrc/cpu/pointwise.h) on blocks of whole tiles of 48 float32 /
+    # 24 float64 pixels whose panel fits 64 KB: one tile per block at 300 channels; 2 blocks of 8
+    # output channels + 7 single ones
+    "gated-gemm-panels": lambda dt: gated(2, 300, 11, 13, 17),                     # 221 px
     # attention_gate's GEMM path: tasks of ≥ 1024 pixels (≈ 512 KB of a block's rows; float32
     # 2688 pixels with 8 channels everywhere), each sample split with a partial last block.
     "attention-gemm-blocks": lambda dt: attention(2, 64, 40, 32, 37, 41),         # 1517 px

@@ -40,6 +40,9 @@ TORCH_LIBRARY(fastseg, m) {
   // fastseg/ops/pool.py).
   m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor index, int[] x_size) -> Tensor");
+  // 1×1 convolution of NCHW tensors, register-blocked (CPU only; fastseg/ops/pointwise.py).
+  m.def("pointwise_conv2d(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("pointwise_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight) -> (Tensor, Tensor, Tensor)");
   // Attention gates (fastseg/ops/attention_gates.py holds the same schemas for the Triton ops).
   m.def("spatial_gate(Tensor x, Tensor w, Tensor b) -> Tensor");
   m.def("spatial_gate_backward(Tensor grad_out, Tensor x, Tensor w, Tensor b) -> (Tensor, Tensor, Tensor)");

@@ -3,7 +3,9 @@ import pytest
 import torch
 from torch import nn
 
+import fastseg.ops.pointwise as ops_pw
 from fastseg.layers import PointwiseConv2d
+from fastseg.layers.pointwise_conv import MIN_KERNEL_CHANNELS
 
 
 def pair(c_in, c_out, bias, dtype=torch.float32, backend="cpu"):
@@ -22,45 +24,57 @@ def outputs_and_grads(module, x, grad_y):
 
 
 class CountGemm:
-    """Counts calls of the GEMM path (ATen's thnn_conv2d) while active."""
+    """Counts calls of the GEMM path (ATen's thnn_conv2d) and of the CPU kernel
+    (fastseg.ops.pointwise_conv2d's C++ op) while active."""
 
     def __init__(self, monkeypatch):
-        self.calls = 0
-        real = torch._C._nn.thnn_conv2d
+        self.calls = self.kernel_calls = 0
+        real, real_kernel = torch._C._nn.thnn_conv2d, ops_pw._cpp
 
         def counted(*args):
             self.calls += 1
             return real(*args)
+
+        def counted_kernel(*args):
+            self.kernel_calls += 1
+            return real_kernel(*args)
         monkeypatch.setattr(torch._C._nn, "thnn_conv2d", counted)
+        monkeypatch.setattr(ops_pw, "_cpp", counted_kernel)
 
 
+# 13 input channels run the CPU kernel, 5 (below MIN_KERNEL_CHANNELS) the GEMMs.
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_matches_nn_conv2d(monkeypatch, dtype, rtol, bias, layout):
+@pytest.mark.parametrize("c_in", [13, 5])
+def test_matches_nn_conv2d(monkeypatch, c_in, dtype, rtol, bias, layout):
+    assert MIN_KERNEL_CHANNELS == 8
     gemm = CountGemm(monkeypatch)
-    layer, plain = pair(13, 7, bias, dtype)
+    layer, plain = pair(c_in, 7, bias, dtype)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 13, 9, 11, generator=g, dtype=dtype)
+    x = torch.randn(3, c_in, 9, 11, generator=g, dtype=dtype)
     grad_y = torch.randn(3, 7, 9, 11, generator=g, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     y, grads = outputs_and_grads(layer, x, grad_y)
     y_ref, grads_ref = outputs_and_grads(plain, x, grad_y)
-    assert gemm.calls == (1 if layout == "nchw" else 0)  # channels-last keeps oneDNN's path
+    nchw = layout == "nchw"  # channels-last keeps oneDNN's path
+    assert (gemm.kernel_calls, gemm.calls) == ((nchw and c_in >= 8, nchw and c_in < 8))
     for a, b in zip((y,) + grads, (y_ref,) + grads_ref):
         assert a.shape == b.shape
         assert (a - b).abs().max() <= rtol * b.abs().max()
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_compiled_matmul_matches_nn_conv2d(bias):
-    """``compiled_matmul``: under torch.compile the layer is one matrix product; outputs and
-    gradients equal nn.Conv2d's, and the compiled graph holds no convolution."""
-    layer, plain = pair(3, 5, bias)
-    layer.compiled_matmul = True
+@pytest.mark.parametrize("c_in,expected", [(3, "matmul"), (9, "fastseg.pointwise_conv2d")])
+def test_compiled_kernel_matches_nn_conv2d(c_in, expected, bias):
+    """``compiled_kernel``: under torch.compile the layer is the CPU kernel's op (from 8 input
+    channels) or one matrix product; outputs and gradients equal nn.Conv2d's, and the compiled
+    graph holds no convolution."""
+    layer, plain = pair(c_in, 5, bias)
+    layer.compiled_kernel = True
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 3, 7, 9, generator=g)
+    x = torch.randn(2, c_in, 7, 9, generator=g)
     grad_y = torch.randn(2, 5, 7, 9, generator=g)
     ops = []
 
@@ -71,7 +85,8 @@ def test_compiled_matmul_matches_nn_conv2d(bias):
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
     y, grads = outputs_and_grads(compiled, x, grad_y)
     y_ref, grads_ref = outputs_and_grads(plain, x, grad_y)
-    assert ops and not any("conv" in op for op in ops), ops
+    assert not any("conv" in op and "fastseg" not in op for op in ops), ops
+    assert any(expected in op for op in ops), ops
     for a, b in zip((y,) + grads, (y_ref,) + grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 

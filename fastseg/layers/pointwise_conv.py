@@ -1,10 +1,17 @@
-"""``PointwiseConv2d``: a 1×1 convolution that runs as plain GEMMs on the CPU's fused backend."""
+"""``PointwiseConv2d``: a 1×1 convolution that runs the CPU kernel of
+:func:`fastseg.ops.pointwise_conv2d` (or plain GEMMs) on the CPU's fused backend."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ..backend import _check_name, requested_backend
+from ..ops import pointwise
+
+#: Input channels from which :class:`PointwiseConv2d` runs the CPU kernel; below, BLAS products
+#: are as fast (1 → 4 channels at 1×256², forward: 0.10 ms the kernel, 0.08 ms ``thnn_conv2d``;
+#: forward + backward at 8×256²: 4.8 against 2.7 ms).
+MIN_KERNEL_CHANNELS = 8
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -13,25 +20,26 @@ class PointwiseConv2d(nn.Conv2d):
     between the two unchanged. Input ``[N, in_channels, H, W]``, output ``[N, out_channels, H, W]``.
 
     On a CPU tensor in NCHW layout (float32 or float64, outside autocast) and any backend but
-    ``"reference"``, it runs as one matrix product per sample, ``W [out, in] · x_n [in, H·W]``
-    (ATen's ``thnn_conv2d``, whose backward is the matching products), instead of ATen's default
-    oneDNN convolution, which reorders NCHW tensors into its blocked layout and back around every
-    1×1 convolution. Forward + backward at LGMSNet's full-resolution 1×1 convs (batch 8, 128², one
-    process, min of 8; bench/RESULTS.md, "Models"): 32 → 64 channels 74–88 → 22–24 ms, 64 → 16
-    channels 59–71 → 24–30 ms; the same at 64² and below. Channels-last inputs, GPUs, other
-    dtypes and the ``reference`` backend take ``nn.Conv2d``'s path (oneDNN's channels-last 1×1
-    convolution is as fast as the GEMMs). Under ``torch.compile`` it is ``nn.Conv2d`` too
-    (inductor's own convolution lowering beat the GEMMs in LGMSNet's compiled models: its fused
-    128² training step took 933 ms with the GEMMs), unless ``compiled_matmul`` is set: then it is
-    one matrix product, ``weight [out, in] · x [N, in, H·W]`` (+ bias), which inductor runs as a
-    BLAS call with the bias fused into what follows. LightAWNet sets it on its 1×1 convs: in its
-    compiled graphs inductor's NCHW 1×1 convolutions are slow at few channels (1 → 4 at 1×256²:
-    3.8 ms against 0.1 ms as a product; 16 → 64 at 1×128²: 1.9 against 0.6 ms).
+    ``"reference"``, it runs :func:`fastseg.ops.pointwise_conv2d`'s CPU kernel (register-blocked
+    products on blocks of pixels), from :data:`MIN_KERNEL_CHANNELS` input channels on; with fewer,
+    one matrix product per sample, ``W [out, in] · x_n [in, H·W]`` (ATen's ``thnn_conv2d``). Both
+    replace ATen's default oneDNN convolution, which reorders NCHW tensors into its blocked layout
+    and back around every 1×1 convolution (forward + backward at LGMSNet's full-resolution 1×1
+    convs, batch 8, 128²: 32 → 64 channels 74–88 → 22–24 ms as products). Channels-last inputs,
+    GPUs, other dtypes and the ``reference`` backend take ``nn.Conv2d``'s path (oneDNN's
+    channels-last 1×1 convolution is fast). Under ``torch.compile`` it is ``nn.Conv2d`` too
+    (inductor's own convolution lowering beat the products in LGMSNet's compiled models), unless
+    ``compiled_kernel`` is set: then it is the kernel, an opaque op in the graph (below
+    :data:`MIN_KERNEL_CHANNELS` input channels one matrix product, ``weight [out, in] · x [N, in,
+    H·W]`` + bias, which inductor runs as a BLAS call). LightAWNet sets it on its 1×1 convs: in
+    its compiled graphs inductor's NCHW 1×1 convolutions are slow at few channels (1 → 4 at
+    1×256²: 3.8 ms against 0.1 ms as a product), and the kernel beats the BLAS product at its
+    shapes (bench/RESULTS.md, "Ops: `pointwise_conv2d`").
     """
 
-    #: Under ``torch.compile`` (CPU, NCHW, not the ``reference`` backend), compute as a matrix
-    #: product instead of ``nn.Conv2d`` (see the class docstring).
-    compiled_matmul = False
+    #: Under ``torch.compile`` (CPU, NCHW, not the ``reference`` backend), compute with the CPU
+    #: kernel instead of ``nn.Conv2d`` (see the class docstring).
+    compiled_kernel = False
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True,
                  backend: str = "auto"):
@@ -44,9 +52,13 @@ class PointwiseConv2d(nn.Conv2d):
                 and x.dtype == self.weight.dtype and x.is_contiguous()
                 and not torch.is_autocast_enabled("cpu")
                 and requested_backend(self.backend) != "reference"):
-            if torch.compiler.is_compiling():
-                if not self.compiled_matmul:
-                    return super().forward(x)
+            compiling = torch.compiler.is_compiling()
+            if compiling and not self.compiled_kernel:
+                return super().forward(x)
+            if self.in_channels >= MIN_KERNEL_CHANNELS and pointwise.fused(x, self.weight,
+                                                                           self.backend):
+                return pointwise.pointwise_conv2d(x, self.weight, self.bias, backend=self.backend)
+            if compiling:
                 n, _, h, w = x.shape
                 y = torch.matmul(self.weight.flatten(1), x.flatten(2))
                 if self.bias is not None:

@@ -103,10 +103,9 @@ class LightAWNet(nn.Module):
         self.pool = MaxPool2x2(backend)  # 2×2 max pooling (no parameters)
         for module in self.modules():
             if isinstance(module, PointwiseConv2d):
-                # compiled: its 1×1 convs as matrix products (PointwiseConv2d.compiled_matmul;
-                # measured, batch-1 256² inference: 1.07–1.13× → 1.22–1.25× the compiled
-                # reference; training at 8×128²: 1.53–1.58× → 1.75–1.78×)
-                module.compiled_matmul = True
+                # compiled: its 1×1 convs through the CPU kernel (PointwiseConv2d.compiled_kernel;
+                # bench/RESULTS.md, "Models", runs 6 and 8)
+                module.compiled_kernel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[N, in_channels, H, W]`` (H, W divisible by 16) → logits ``[N, num_classes, H, W]``."""

@@ -8,6 +8,7 @@ from .norm_act import batch_norm_act, batch_norm_act_reference
 from .dilated_attention import dilated_attention2d, dilated_attention2d_reference
 from .dynamic_conv import dynamic_conv2d, dynamic_conv2d_reference
 from .mixed_depthwise_conv import mixed_depthwise_conv2d, mixed_depthwise_conv2d_reference
+from .pointwise import pointwise_conv2d, pointwise_conv2d_reference
 from .pool import max_pool2x2, max_pool2x2_reference
 
 __all__ = ["attention_gate", "attention_gate_reference", "batch_norm_act", "batch_norm_act_reference",
@@ -16,4 +17,5 @@ __all__ = ["attention_gate", "attention_gate_reference", "batch_norm_act", "batc
            "dilated_attention2d_reference", "dynamic_conv2d", "dynamic_conv2d_reference",
            "gated_pointwise", "gated_pointwise_reference", "max_pool2x2", "max_pool2x2_reference",
            "mixed_depthwise_conv2d",
-           "mixed_depthwise_conv2d_reference", "spatial_gate", "spatial_gate_reference"]
+           "mixed_depthwise_conv2d_reference", "pointwise_conv2d", "pointwise_conv2d_reference",
+           "spatial_gate", "spatial_gate_reference"]

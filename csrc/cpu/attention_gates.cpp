@@ -4,10 +4,11 @@
 // intermediates in cache-sized pieces:
 // * spatial_gate: blocks of pixels of one sample, ≈ 512 KB over all channels (pixel_block); the
 //   per-pixel gate is reduced over the channels, then applied while the block is still in cache.
-// * gated_pointwise: forward, tasks of one sample's block of pixels, the 1×1 projections
-//   register-blocked (pointwise::product) into a per-thread scratch of the block, gated from
-//   there; backward, one sample at a time, the projections by ATen's GEMM into a scratch of one
-//   sample, the gating fused around them. attention_gate: tasks of one sample's block of
+// * gated_pointwise: tasks of one sample's block of pixels, the 1×1 projections register-blocked
+//   (pointwise::product) into a per-thread scratch of the block, gated from there; the backward
+//   also computes the input gradient from the block's stacked gradients while they are in cache
+//   (the same product with the transposed weights) and leaves the weight gradient, a sum over
+//   the pixels, to one BLAS product per sample. attention_gate: tasks of one sample's block of
 //   pixels, the projections by BLAS into a per-thread scratch of one block, the gating and (in the
 //   backward) the products with the projections' gradient on the block while it is in L2. Below
 //   8 channels on either side of the product, both run on blocks of kProjBlock pixels with the
@@ -295,11 +296,12 @@ int64_t pixel_tasks(int64_t N, int64_t HW) { return N * ((HW + kTaskPixels - 1) 
 // BLAS wins (one thread, min of 7: gated_pointwise 8×64×128² → 16 forward 10.7 against 26.9 ms,
 // backward 42.8 against 165; attention_gate 8×16×256², C_i = 8, 37 against 62 and 101 against
 // 174): per sample, one product of the stacked weights into a scratch of one sample's rows, the
-// gating fused around it, the backward recomputing the product (gated_pointwise's backward;
-// attention_gate runs the same products on blocks of pixels, see attention_gate_blocked).
-// gated_pointwise's forward runs its product register-blocked on blocks of pixels
-// (pointwise::product; side by side with the per-sample BLAS product in one process, 15
-// alternating rounds: 1.1–2.4× faster at LightAWNet's batch-1 shapes, 1.3–1.8× at batch 8).
+// gating fused around it, the backward recomputing the product (attention_gate runs these
+// products on blocks of pixels, see attention_gate_blocked).
+// gated_pointwise runs its products register-blocked on blocks of pixels instead
+// (pointwise::product; side by side with the per-sample BLAS products in one process, alternating
+// rounds: forward 1.1–2.4× faster at LightAWNet's batch-1 shapes, 1.3–1.8× at batch 8; forward +
+// backward 1.14–1.55× at batch 8).
 
 // Whether the GEMM path runs: at least kGemmChannels channels on both sides of the product.
 constexpr int64_t kGemmChannels = 8;
@@ -377,29 +379,33 @@ gated_pointwise_backward_gemm(const at::Tensor& gy_in, const at::Tensor& a_in, c
   at::Tensor gbias = at::zeros({rows}, a.options());          // Σ over pixels of the stacked grads
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_backward_cpu", [&] {
     using T = scalar_t;
-    const int64_t BW = pixel_block(C_out, HW, 4, sizeof(T));  // v, grad_y and two grad rows
-    at::Tensor scratch = at::empty({2, rows * HW}, a.options());
-    const T b_att = b_s.item<T>();
+    // [W_a; W_b; w_s] and its transpose, packed for pointwise::product
+    const at::Tensor wt = weight.t().contiguous();
+    const std::vector<T> packed = pointwise::pack_weights<T>(weight.data_ptr<T>(), C_in, rows, C_in);
+    const std::vector<T> packed_t = pointwise::pack_weights<T>(wt.data_ptr<T>(), rows, C_in, rows);
+    const int64_t B = std::min(HW, pointwise::block_pixels<T>(std::max(C_in, rows), kPanelBytes));
+    const int64_t blocks = (HW + B - 1) / B;
+    at::Tensor grad = at::empty({rows, HW}, a.options());  // one sample's stacked gradients
+    const T *ap = a.data_ptr<T>(), b_att = b_s.item<T>();
+    T *gp = grad.data_ptr<T>(), *gap = ga.data_ptr<T>();
     for (int64_t n = 0; n < N; ++n) {
-      const at::Tensor a_cols = sample_matrix(a, n);
-      at::Tensor prod = scratch[0].narrow(0, 0, rows * HW).view({rows, HW});
-      at::Tensor grad = scratch[1].narrow(0, 0, rows * HW).view({rows, HW});
-      at::mm_out(prod, weight, a_cols);
-      const T* pp = prod.data_ptr<T>();
-      T* gp = grad.data_ptr<T>();
       const T* gyp = gy.data_ptr<T>() + n * C_out * HW;
-      // grad rows: [grad_y; s·grad_y; d logit], the gradient of [W_a·a; W_b·a; w_s·a].
-      at::parallel_for(0, (HW + BW - 1) / BW, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> buffers(2 * BW);
-        T *s = buffers.data(), *gs = s + BW;
+      // Per block: the products again, the stacked gradients [grad_y; s·grad_y; d logit] into
+      // `grad`, and grad_a = [W_a; W_b; w_s]ᵀ · grad while the block is in cache.
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        pointwise::Panel<T> panel;
+        std::vector<T> scratch((rows + 1) * B);
+        T *pp = scratch.data(), *gs = pp + rows * B;
         for (int64_t blk = begin; blk < end; ++blk) {
-          const int64_t q0 = blk * BW;
-          const int m = static_cast<int>(std::min<int64_t>(BW, HW - q0));
-          const T* logit = pp + 2 * C_out * HW + q0;
+          const int64_t q0 = blk * B;
+          const int m = static_cast<int>(std::min(B, HW - q0));
+          pointwise::product<T>(ap + n * C_in * HW + q0, HW, C_in, packed.data(), rows, nullptr,
+                                pp, B, m, panel);
+          T* s = pp + 2 * C_out * B;  // the logits, turned into the gate in place
 _Pragma("omp simd")
-          for (int t = 0; t < m; ++t) s[t] = sigmoid(logit[t] + b_att), gs[t] = 0;
+          for (int t = 0; t < m; ++t) s[t] = sigmoid(s[t] + b_att), gs[t] = 0;
           for (int64_t o = 0; o < C_out; ++o) {
-            const T *v = pp + (C_out + o) * HW + q0, *g = gyp + o * HW + q0;
+            const T *v = pp + (C_out + o) * B, *g = gyp + o * HW + q0;
             T *gu = gp + o * HW + q0, *gv = gp + (C_out + o) * HW + q0;
 _Pragma("omp simd")
             for (int t = 0; t < m; ++t) {
@@ -411,11 +417,11 @@ _Pragma("omp simd")
           T* gl = gp + 2 * C_out * HW + q0;
 _Pragma("omp simd")
           for (int t = 0; t < m; ++t) gl[t] = gs[t] * s[t] * (T(1) - s[t]);
+          pointwise::product<T>(gp + q0, HW, rows, packed_t.data(), C_in, nullptr,
+                                gap + n * C_in * HW + q0, HW, m, panel);
         }
       });
-      at::Tensor ga_cols = sample_matrix(ga, n);
-      at::mm_out(ga_cols, weight.t(), grad);
-      gw.addmm_(grad, a_cols.t());
+      gw.addmm_(grad, sample_matrix(a, n).t());
       gbias.add_(grad.sum(1));
     }
   });

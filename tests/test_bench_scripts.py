@@ -37,3 +37,10 @@ def test_interleaved_models():
     out = run("interleaved_models.py", "--model", "lightawnet", "--mode", "inference",
               "--batch", "1", "--size", "32", "--rounds", "2", "--impls", "reference", "cpu-folded")
     assert "| reference |" in out and "| cpu-folded |" in out, out
+
+
+def test_interleaved_pointwise_conv():
+    out = run("bench_pointwise_conv.py", "--mode", "forward+backward", "--rounds", "2", "--calls",
+              "1", "--shapes", "2", "9", "5", "7", "4", "--impls", "reference", "gemm", "cpu")
+    rows = [line for line in out.splitlines() if line.startswith("| 2×9×5×7 → 4 |")]
+    assert len(rows) == 1 and rows[0].count("|") == 7, out

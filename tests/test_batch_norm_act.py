@@ -10,6 +10,7 @@ from fastseg.backend import unavailable_reason
 from fastseg.layers import BatchNormAct2d
 from fastseg.ops import batch_norm_act, batch_norm_act_reference
 import fastseg.ops.norm_act as ops_bna
+from op_helpers import count_calls
 
 pytestmark = pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None,
                                 reason=str(unavailable_reason("cpu", "cpu")))
@@ -25,13 +26,11 @@ LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 class CountCalls:
     def __init__(self, monkeypatch):
-        self.calls = 0
-        real = ops_bna._cpp
+        self._count = count_calls(monkeypatch, ops_bna, "_cpp")
 
-        def counted(*args):
-            self.calls += 1
-            return real(*args)
-        monkeypatch.setattr(ops_bna, "_cpp", counted)
+    @property
+    def calls(self):
+        return self._count[0]
 
 
 PRE = {"identity": nn.Identity(), "gelu": nn.GELU()}

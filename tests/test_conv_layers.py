@@ -6,6 +6,7 @@ from torch import nn
 import fastseg.ops.pointwise as ops_pw
 from fastseg.layers import PointwiseConv2d
 from fastseg.layers.pointwise_conv import MIN_KERNEL_CHANNELS
+from op_helpers import count_calls
 
 
 def pair(c_in, c_out, bias, dtype=torch.float32, backend="cpu"):
@@ -28,18 +29,16 @@ class CountGemm:
     (fastseg.ops.pointwise_conv2d's C++ op) while active."""
 
     def __init__(self, monkeypatch):
-        self.calls = self.kernel_calls = 0
-        real, real_kernel = torch._C._nn.thnn_conv2d, ops_pw._cpp
+        self._gemm = count_calls(monkeypatch, torch._C._nn, "thnn_conv2d")
+        self._kernel = count_calls(monkeypatch, ops_pw, "_cpp")
 
-        def counted(*args):
-            self.calls += 1
-            return real(*args)
+    @property
+    def calls(self):
+        return self._gemm[0]
 
-        def counted_kernel(*args):
-            self.kernel_calls += 1
-            return real_kernel(*args)
-        monkeypatch.setattr(torch._C._nn, "thnn_conv2d", counted)
-        monkeypatch.setattr(ops_pw, "_cpp", counted_kernel)
+    @property
+    def kernel_calls(self):
+        return self._kernel[0]
 
 
 # 13 input channels run the CPU kernel, 5 (below MIN_KERNEL_CHANNELS) the GEMMs.

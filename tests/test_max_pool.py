@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import fastseg.ops.pool as ops_pool
 from fastseg.backend import unavailable_reason
 from fastseg.ops import max_pool2x2, max_pool2x2_reference
+from op_helpers import count_calls
 
 pytestmark = pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None,
                                 reason=str(unavailable_reason("cpu", "cpu")))
@@ -15,14 +16,7 @@ pytestmark = pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None,
 def calls(monkeypatch):
     """Every width takes the kernel; counts its calls."""
     monkeypatch.setattr(ops_pool, "MIN_WIDTH", 0)
-    count = [0]
-    real = ops_pool._cpp
-
-    def counted(*args):
-        count[0] += 1
-        return real(*args)
-    monkeypatch.setattr(ops_pool, "_cpp", counted)
-    return count
+    return count_calls(monkeypatch, ops_pool, "_cpp")
 
 
 # odd H and W (the last row and column belong to no window), 2×2 (one window), one row of
@@ -57,9 +51,7 @@ def test_ties_and_nan_pick_as_aten(calls):
 
 
 def test_size_and_layout_switches(monkeypatch):
-    count = [0]
-    real = ops_pool._cpp
-    monkeypatch.setattr(ops_pool, "_cpp", lambda *a: (count.__setitem__(0, count[0] + 1), real(*a))[1])
+    count = count_calls(monkeypatch, ops_pool, "_cpp")
     assert ops_pool.MIN_WIDTH == 64
     for shape, fmt, backend, expected in [
             ((1, 2, 4, 63), torch.contiguous_format, "cpu", 0),   # narrower than MIN_WIDTH

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import fastseg.ops.pointwise as ops_pw
 from fastseg.ops import pointwise_conv2d, pointwise_conv2d_reference
+from op_helpers import count_calls
 
 pytestmark = pytest.mark.skipif(ops_pw._cpp is None, reason="the C++ extension is not built")
 
@@ -12,14 +13,7 @@ pytestmark = pytest.mark.skipif(ops_pw._cpp is None, reason="the C++ extension i
 @pytest.fixture
 def calls(monkeypatch):
     """How often the C++ kernel ran."""
-    count = [0]
-    real = ops_pw._cpp
-
-    def counted(*args):
-        count[0] += 1
-        return real(*args)
-    monkeypatch.setattr(ops_pw, "_cpp", counted)
-    return count
+    return count_calls(monkeypatch, ops_pw, "_cpp")
 
 
 def run(fn, x, w, b, grad_y):

@@ -30,32 +30,30 @@
 #include <vector>
 
 #include "cpu/finite.h"
+#include "cpu/simd.h"
 
 namespace fastseg {
 namespace direct_conv {
 
+using simd::kLanes;
+using simd::load;
+using simd::UnalignedVec;
+using simd::Vec;
+
 #if defined(__AVX512F__)
-constexpr int kVectorBytes = 64;  // 32 registers: 8 channels × 2 vectors of accumulators
-constexpr int kChannelBlock = 8;  // (with 8 × 3, GCC 12 moved accumulators between registers,
-constexpr int kTileVectors = 2;   //  30 moves per 216 FMAs, and spilled; 8 × 2: 4–5 % faster)
+// 32 registers: 8 channels × 2 vectors of accumulators (with 8 × 3, GCC 12 moved accumulators
+// between registers, 30 moves per 216 FMAs, and spilled; 8 × 2: 4–5 % faster)
+constexpr int kChannelBlock = 8;
+constexpr int kTileVectors = 2;
 #else
-constexpr int kVectorBytes = 32;  // 16 registers: 4 channels × 2 vectors of accumulators
-constexpr int kChannelBlock = 4;  // (4 × 3 spilled accumulators to the stack with GCC 12)
+// 16 registers: 4 channels × 2 vectors of accumulators (4 × 3 spilled accumulators to the stack
+// with GCC 12)
+constexpr int kChannelBlock = 4;
 constexpr int kTileVectors = 2;
 #endif
 // A single output channel: more vectors in flight instead of more channels.
 constexpr int kSingleTileVectors = 4;
 constexpr int kTaps = 9;
-
-template <typename T>
-using Vec __attribute__((vector_size(kVectorBytes))) = T;
-template <typename T>
-using UnalignedVec __attribute__((vector_size(kVectorBytes), aligned(sizeof(T)))) = T;
-template <typename T>
-constexpr int kLanes = kVectorBytes / sizeof(T);
-
-template <typename T>
-inline Vec<T> load(const T* p) { return *reinterpret_cast<const UnalignedVec<T>*>(p); }
 
 // Where one vector of output pixels lies: its offset into the task's padded input rows, into the
 // sample's output plane, and how many of its lanes are pixels (0: a tile's unused slot).
@@ -73,12 +71,7 @@ __attribute__((always_inline)) inline void tile(const T* rows, int64_t cs, int64
                                                 int64_t C_in, const T* w, const T* b,
                                                 const Slot* slots, T* y, int64_t HW) {
   Vec<T> acc[CB][PV];
-#pragma GCC unroll 8
-  for (int c = 0; c < CB; ++c) {
-    const T init = b ? b[c] : T(0);
-#pragma GCC unroll 4
-    for (int v = 0; v < PV; ++v) acc[c][v] = Vec<T>{} + init;
-  }
+  simd::fill<T, CB, PV>(acc, b);
   for (int64_t ci = 0; ci < C_in; ++ci) {
     const T* in = rows + ci * cs;
     const T* wc = w + ci * kTaps * CB;

@@ -18,25 +18,23 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/simd.h"
+
 namespace fastseg {
 namespace pointwise {
 
+using simd::kLanes;
+using simd::kVectorBytes;
+using simd::UnalignedVec;
+using simd::Vec;
+
 #if defined(__AVX512F__)
-constexpr int kVectorBytes = 64;  // 32 registers: 8 channels × 3 vectors of accumulators
-constexpr int kChannelBlock = 8;
+constexpr int kChannelBlock = 8;  // 32 registers: 8 channels × 3 vectors of accumulators
 constexpr int kTileVectors = 3;
 #else
-constexpr int kVectorBytes = 32;  // 16 registers: 4 channels × 3 vectors of accumulators
-constexpr int kChannelBlock = 4;
+constexpr int kChannelBlock = 4;  // 16 registers: 4 channels × 3 vectors of accumulators
 constexpr int kTileVectors = 3;
 #endif
-
-template <typename T>
-using Vec __attribute__((vector_size(kVectorBytes))) = T;
-template <typename T>
-using UnalignedVec __attribute__((vector_size(kVectorBytes), aligned(sizeof(T)))) = T;
-template <typename T>
-constexpr int kLanes = kVectorBytes / sizeof(T);
 // Pixels of one tile.
 template <typename T>
 constexpr int kTilePixels = kTileVectors * kLanes<T>;
@@ -63,12 +61,7 @@ __attribute__((always_inline)) inline void tile(const T* panel, int64_t C_in, co
                                                 const T* b, T* y, int64_t ld, int pixels) {
   constexpr int L = kLanes<T>;
   Vec<T> acc[CB][PV];
-#pragma GCC unroll 8
-  for (int c = 0; c < CB; ++c) {
-    const T init = b ? b[c] : T(0);
-#pragma GCC unroll 4
-    for (int v = 0; v < PV; ++v) acc[c][v] = Vec<T>{} + init;
-  }
+  simd::fill<T, CB, PV>(acc, b);
   for (int64_t ci = 0; ci < C_in; ++ci) {
     const T* in = panel + ci * (PV * L);
     Vec<T> xv[PV];

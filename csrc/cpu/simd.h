@@ -1,0 +1,37 @@
+// The vector types of the register-blocked CPU kernels (direct_conv.h, pointwise.h), as GCC
+// vector extensions: one vector is the widest the build targets, 64 bytes with AVX-512 and 32
+// otherwise (AVX2; -march decides, see setup.py).
+#pragma once
+
+namespace fastseg {
+namespace simd {
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+
+template <typename T>
+using Vec __attribute__((vector_size(kVectorBytes))) = T;
+template <typename T>
+using UnalignedVec __attribute__((vector_size(kVectorBytes), aligned(sizeof(T)))) = T;
+template <typename T>
+constexpr int kLanes = kVectorBytes / sizeof(T);
+
+template <typename T>
+inline Vec<T> load(const T* p) { return *reinterpret_cast<const UnalignedVec<T>*>(p); }
+
+// A tile's accumulators: acc[c][v] = b[c] in every lane (0 where b is null).
+template <typename T, int CB, int PV>
+__attribute__((always_inline)) inline void fill(Vec<T> (&acc)[CB][PV], const T* b) {
+#pragma GCC unroll 8
+  for (int c = 0; c < CB; ++c) {
+    const T init = b ? b[c] : T(0);
+#pragma GCC unroll 4
+    for (int v = 0; v < PV; ++v) acc[c][v] = Vec<T>{} + init;
+  }
+}
+
+}  // namespace simd
+}  // namespace fastseg

@@ -4,8 +4,8 @@
 //
 // Why: these are the products of 1×1 convolutions on NCHW tensors, a few channels deep (16–512)
 // and thousands of pixels wide. BLAS packs both operands and runs them far below its peak
-// (LightAWNet's [33 × 64] · [64 × 16384] at 50–80 GFLOP/s on two cores, its [64 × 16] · [16 ×
-// 16384] at 25–40), and a caller that gates the product has to write it to memory and read it
+// (MKL on a 2-core AMD EPYC: LightAWNet's [33 × 64] · [64 × 16384] at 39–79 GFLOP/s, its
+// [64 × 16] · [16 × 16384] at 23–71; bench/RESULTS.md, "Ops: `pointwise_conv2d`"), and a caller that gates the product has to write it to memory and read it
 // back. Here a tile of CB output channels × PV vectors of pixels is accumulated in registers over
 // all input channels (each loaded input vector used CB times, each broadcast weight PV times),
 // from a panel of the block's pixels copied tile by tile ([tiles][C_in][PV·lanes], zero-padded

@@ -114,7 +114,7 @@ def _predict(args) -> int:
 
 MODELS = ("lgmsnet", "lightawnet")
 OP_BENCHMARKS = ("mixed_depthwise_conv", "dynamic_conv", "dilated_attention", "attention_gates",
-                 "batch_norm_act", "max_pool")
+                 "batch_norm_act", "max_pool", "pointwise_conv")
 # fastseg.backend.BACKENDS with "auto", spelled out: importing fastseg.backend imports torch
 # (tests/test_cli_commands.py keeps the two equal).
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")

@@ -305,9 +305,6 @@ int64_t pixel_tasks(int64_t N, int64_t HW) { return N * ((HW + kTaskPixels - 1) 
 
 // Whether the GEMM path runs: at least kGemmChannels channels on both sides of the product.
 constexpr int64_t kGemmChannels = 8;
-// Bytes of a block's panel of input pixels in pointwise::product (the panel and the block's
-// products stay in L2; 64 KB ran LightAWNet's gated_pointwise products fastest of 16–256 KB).
-constexpr int64_t kPanelBytes = 64 * 1024;
 bool use_gemm(int64_t c_in, int64_t rows) { return c_in >= kGemmChannels && rows >= kGemmChannels; }
 
 // [C, HW] view of sample n of an NCHW-contiguous tensor.
@@ -329,8 +326,9 @@ at::Tensor gated_pointwise_gemm(const at::Tensor& a_in, const at::Tensor& w_s, c
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_cpu", [&] {
     using T = scalar_t;
     const int64_t C_in = a.size(1);
-    const std::vector<T> packed = pointwise::pack_weights<T>(weight.data_ptr<T>(), C_in, rows, C_in);
-    const int64_t B = std::min(HW, pointwise::block_pixels<T>(C_in, kPanelBytes));
+    const std::vector<T> packed =
+        pointwise::pack_weights<T>(weight.data_ptr<T>(), C_in, 1, rows, C_in);
+    const int64_t B = pointwise::block_pixels<T>(C_in, HW);
     const int64_t blocks = (HW + B - 1) / B;
     const T *ap = a.data_ptr<T>(), *bp = bias.data_ptr<T>(), b_att = b_s.item<T>();
     T* yp = y.data_ptr<T>();
@@ -380,10 +378,10 @@ gated_pointwise_backward_gemm(const at::Tensor& gy_in, const at::Tensor& a_in, c
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_backward_cpu", [&] {
     using T = scalar_t;
     // [W_a; W_b; w_s] and its transpose, packed for pointwise::product
-    const at::Tensor wt = weight.t().contiguous();
-    const std::vector<T> packed = pointwise::pack_weights<T>(weight.data_ptr<T>(), C_in, rows, C_in);
-    const std::vector<T> packed_t = pointwise::pack_weights<T>(wt.data_ptr<T>(), rows, C_in, rows);
-    const int64_t B = std::min(HW, pointwise::block_pixels<T>(std::max(C_in, rows), kPanelBytes));
+    const T* wp = weight.data_ptr<T>();
+    const std::vector<T> packed = pointwise::pack_weights<T>(wp, C_in, 1, rows, C_in);
+    const std::vector<T> packed_t = pointwise::pack_weights<T>(wp, 1, C_in, C_in, rows);
+    const int64_t B = pointwise::block_pixels<T>(std::max(C_in, rows), HW);
     const int64_t blocks = (HW + B - 1) / B;
     at::Tensor grad = at::empty({rows, HW}, a.options());  // one sample's stacked gradients
     const T *ap = a.data_ptr<T>(), b_att = b_s.item<T>();

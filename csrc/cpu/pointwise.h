@@ -39,18 +39,26 @@ constexpr int kTileVectors = 3;
 template <typename T>
 constexpr int kTilePixels = kTileVectors * kLanes<T>;
 
-// The weights [C_out, C_in] (row stride ldw) in the tiles' order: full blocks of CB output
-// channels [C_out / CB][C_in][CB], then the remaining channels' rows [C_in] each, as they are.
+// Bytes of a block's panel of input pixels (see product): the panel and the block's products
+// stay in L2 (64 KB ran LightAWNet's 1×1 products fastest of 16–256 KB).
+constexpr int64_t kPanelBytes = 64 * 1024;
+
+// The weights [C_out, C_in], element (co, ci) at w[co·row_stride + ci·col_stride] (a transposed
+// matrix: row_stride 1), in the tiles' order: full blocks of CB output channels
+// [C_out / CB][C_in][CB], then the remaining channels' rows [C_in] each.
 template <typename T>
-std::vector<T> pack_weights(const T* w, int64_t ldw, int64_t C_out, int64_t C_in) {
+std::vector<T> pack_weights(const T* w, int64_t row_stride, int64_t col_stride, int64_t C_out,
+                            int64_t C_in) {
   constexpr int CB = kChannelBlock;
   std::vector<T> packed(C_out * C_in);
   const int64_t full = C_out / CB * CB;
   for (int64_t co0 = 0; co0 < full; co0 += CB)
     for (int64_t ci = 0; ci < C_in; ++ci)
-      for (int c = 0; c < CB; ++c) packed[co0 * C_in + ci * CB + c] = w[(co0 + c) * ldw + ci];
+      for (int c = 0; c < CB; ++c)
+        packed[co0 * C_in + ci * CB + c] = w[(co0 + c) * row_stride + ci * col_stride];
   for (int64_t co = full; co < C_out; ++co)
-    std::memcpy(packed.data() + co * C_in, w + co * ldw, C_in * sizeof(T));
+    for (int64_t ci = 0; ci < C_in; ++ci)
+      packed[co * C_in + ci] = w[co * row_stride + ci * col_stride];
   return packed;
 }
 
@@ -86,12 +94,13 @@ __attribute__((always_inline)) inline void tile(const T* panel, int64_t C_in, co
   }
 }
 
-// Pixels per block: as many whole tiles as a panel of `budget` bytes holds (at least one).
+// Pixels per block of an image of HW pixels: as many whole tiles as a panel of kPanelBytes holds
+// (at least one), at most HW.
 template <typename T>
-int64_t block_pixels(int64_t C_in, int64_t budget) {
+int64_t block_pixels(int64_t C_in, int64_t HW) {
   const int64_t panel_tile = std::max<int64_t>(1, C_in) * kTilePixels<T> * int64_t(sizeof(T));
-  const int64_t tiles = std::max<int64_t>(1, budget / panel_tile);
-  return tiles * kTilePixels<T>;
+  const int64_t tiles = std::max<int64_t>(1, kPanelBytes / panel_tile);
+  return std::min(HW, tiles * kTilePixels<T>);
 }
 
 // A reusable panel: ceil(pixels / tile) tiles of [C_in][tile pixels], aligned to the vector.

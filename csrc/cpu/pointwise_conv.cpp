@@ -19,9 +19,6 @@ namespace fastseg {
 namespace pointwise {
 namespace {
 
-// Bytes of a block's panel of input pixels (see pointwise::product): the panel and the block's
-// output rows stay in L2 (64 KB ran LightAWNet's 1×1 products fastest of 16–256 KB).
-constexpr int64_t kPanelBytes = 64 * 1024;
 // Tasks per call at least (where the output channels allow; see apply).
 constexpr int64_t kMinTasks = 8;
 
@@ -37,15 +34,15 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
                     x.scalar_type(), " like x, got ", weight.scalar_type());
 }
 
-// out_n [C_out, HW] = w [C_out, C_in] · in_n [C_in, HW] (+ b) for every sample, in parallel over
+// out_n [C_out, HW] = w [C_out, C_in] · in_n [C_in, HW] (+ b) for every sample, w packed by
+// pack_weights, in parallel over
 // tasks of (sample, block of pixels, group of output channels). Where the blocks of pixels are
 // few (small images: 128 → 512 channels at 16² is 3 blocks), the output channels are split into
 // groups too, so that both threads have work and a task's weights are fewer.
 template <typename T>
-void apply(const T* in, int64_t C_in, const T* w, int64_t C_out, const T* b, T* out, int64_t N,
-           int64_t HW) {
-  const std::vector<T> packed = pack_weights<T>(w, C_in, C_out, C_in);
-  const int64_t B = std::min(HW, block_pixels<T>(C_in, kPanelBytes));
+void apply(const T* in, int64_t C_in, const std::vector<T>& packed, int64_t C_out, const T* b,
+           T* out, int64_t N, int64_t HW) {
+  const int64_t B = block_pixels<T>(C_in, HW);
   const int64_t blocks = (HW + B - 1) / B;
   constexpr int64_t CB = kChannelBlock;
   const int64_t channel_blocks = (C_out + CB - 1) / CB;
@@ -85,8 +82,8 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] {
     using T = scalar_t;
-    apply<T>(x.data_ptr<T>(), C_in, weight.data_ptr<T>(), C_out,
-             bias.defined() ? bias.data_ptr<T>() : nullptr, y.data_ptr<T>(), N, HW);
+    apply<T>(x.data_ptr<T>(), C_in, pack_weights<T>(weight.data_ptr<T>(), C_in, 1, C_out, C_in),
+             C_out, bias.defined() ? bias.data_ptr<T>() : nullptr, y.data_ptr<T>(), N, HW);
   });
   return y;
 }
@@ -103,14 +100,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_conv2d_backward_cpu(
                         grad_in.scalar_type() == x_in.scalar_type(),
                     op, ": grad_out must be [", N, ", ", C_out, ", ", x_in.size(2), ", ",
                     x_in.size(3), "] of x's dtype, got ", grad_in.sizes());
-  const at::Tensor x = x_in.contiguous(), gy = grad_in.contiguous();
-  const at::Tensor wt = weight_in.reshape({C_out, C_in}).t().contiguous();  // [C_in, C_out]
+  const at::Tensor x = x_in.contiguous(), gy = grad_in.contiguous(), weight = weight_in.contiguous();
   at::Tensor gx = at::empty({N, C_in, x.size(2), x.size(3)}, x.options());
   at::Tensor gw = at::zeros({C_out, C_in}, x.options());
   if (gx.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_backward_cpu", [&] {
       using T = scalar_t;
-      apply<T>(gy.data_ptr<T>(), C_out, wt.data_ptr<T>(), C_in, nullptr, gx.data_ptr<T>(), N, HW);
+      // grad_x_n = Wᵀ · grad_y_n: W [C_out, C_in] read transposed
+      apply<T>(gy.data_ptr<T>(), C_out, pack_weights<T>(weight.data_ptr<T>(), 1, C_in, C_in, C_out),
+               C_in, nullptr, gx.data_ptr<T>(), N, HW);
     });
   }
   for (int64_t n = 0; n < N; ++n) {

@@ -35,7 +35,7 @@ class PointwiseConv2d(nn.Conv2d):
     its compiled graphs inductor's NCHW 1×1 convolutions are slow at few channels (1 → 4 at
     1×256²: 3.8 ms against 0.1 ms as a product), and in its compiled batch-1 inference the kernel
     did better than inductor's BLAS products (bench/RESULTS.md, "Models", run 8; per shape the
-    kernel is 0.77–1.32× ATen's GEMMs, "Ops: `pointwise_conv2d`").
+    kernel is 0.70–1.27× ATen's GEMMs, "Ops: `pointwise_conv2d`").
     """
 
     #: Under ``torch.compile`` (CPU, NCHW, not the ``reference`` backend), compute with the CPU

@@ -10,17 +10,39 @@ the cpu backend.
     .venv/bin/python bench/interleaved_dynamic_conv.py --mode forward --rounds 21
     .venv/bin/python bench/interleaved_dynamic_conv.py --impls static-conv reference cpu
     .venv/bin/python bench/interleaved_dynamic_conv.py --shapes 1x16x256x256 1x64x64x64
+    .venv/bin/python bench/interleaved_dynamic_conv.py --impls static-conv cpu cpu-direct3x3 cpu-winograd3x3
+
+``cpu-direct3x3`` and ``cpu-winograd3x3`` are the cpu backend with its folded plan's 3×3
+convolutions forced to one algorithm (``FASTSEG_DYNAMIC_CONV_CPU_3X3``, set for the whole call,
+backward included); ``cpu`` picks by shape.
 
 Shapes, inputs and implementations as in ``bench_dynamic_conv.py`` (batch 8, K = 4 experts of
 3×3); compiled implementations are compiled before the first round.
 """
 import argparse
+import os
 import statistics
 
 import torch
 
 from bench_dynamic_conv import IMPLS, SHAPES, make_run
 from interleave import interleaved_times, median_ratio
+
+
+ALGORITHMS = {"cpu-direct3x3": "direct", "cpu-winograd3x3": "winograd"}
+
+
+def make_run_3x3(impl, shape, mode):
+    """make_run's cpu run with FASTSEG_DYNAMIC_CONV_CPU_3X3 set to the impl's algorithm."""
+    run = make_run("cpu", shape, mode)
+
+    def forced():
+        os.environ["FASTSEG_DYNAMIC_CONV_CPU_3X3"] = ALGORITHMS[impl]
+        try:
+            run()
+        finally:
+            del os.environ["FASTSEG_DYNAMIC_CONV_CPU_3X3"]
+    return forced
 
 
 def parse_shape(text):
@@ -38,7 +60,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["forward", "forward+backward"],
                         default="forward+backward")
-    parser.add_argument("--impls", nargs="+", choices=list(IMPLS),
+    parser.add_argument("--impls", nargs="+", choices=list(IMPLS) + list(ALGORITHMS),
                         default=["static-conv", "reference", "reference-compiled", "cpu"])
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--shapes", nargs="+", metavar="NxCxHxW", type=parse_shape,
@@ -54,8 +76,8 @@ def main(argv=None):
     print("| " + " | ".join(header + [f"{i} ms (/ cpu)" for i in others]) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(others))
     for shape in args.shapes:
-        times = interleaved_times({impl: make_run(impl, shape, args.mode) for impl in args.impls},
-                                  args.rounds)
+        times = interleaved_times({impl: (make_run_3x3 if impl in ALGORITHMS else make_run)(
+            impl, shape, args.mode) for impl in args.impls}, args.rounds)
 
         def ms(impl):
             return statistics.median(times[impl]) * 1e3

@@ -28,6 +28,14 @@ def test_interleaved_dynamic_conv():
     assert len(rows) == 2 and all(row.count("|") == 6 for row in rows), out
 
 
+def test_interleaved_dynamic_conv_forces_each_3x3_algorithm():
+    out = run("interleaved_dynamic_conv.py", "--shapes", "1x16x32x32", "--rounds", "2",
+              "--mode", "forward", "--impls", "static-conv", "cpu", "cpu-direct3x3",
+              "cpu-winograd3x3")
+    rows = [line for line in out.splitlines() if line.startswith("| 16 at 32×32 (batch 1)")]
+    assert len(rows) == 1 and rows[0].count("|") == 7, out
+
+
 def test_interleaved_dynamic_conv_rejects_a_bad_shape():
     result = script("interleaved_dynamic_conv.py", "--shapes", "8x16")
     assert result.returncode == 2 and "NxCxHxW" in result.stderr

@@ -19,9 +19,19 @@ from fastseg.ops import dynamic_conv2d, dynamic_conv2d_reference
 VARIANTS = {
     "cpu-stacked": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "stacked"}),
     "cpu-folded": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "folded"}),
-    # a budget below one padded row: the direct convolution's tasks hold one output row each
+    # its 3×3 convolutions (stride 1, padding 1) by each algorithm, whichever the shape would pick
+    "cpu-folded-direct": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "folded",
+                                  "FASTSEG_DYNAMIC_CONV_CPU_3X3": "direct"}),
+    "cpu-folded-winograd": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "folded",
+                                    "FASTSEG_DYNAMIC_CONV_CPU_3X3": "winograd"}),
+    # a budget below one padded row: the direct convolution's tasks hold one output row each,
+    # the Winograd convolution's one row of 2×2 tiles
     "cpu-folded-rows": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "folded",
+                                "FASTSEG_DYNAMIC_CONV_CPU_3X3": "direct",
                                 "FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES": "2500"}),
+    "cpu-folded-winograd-rows": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "folded",
+                                         "FASTSEG_DYNAMIC_CONV_CPU_3X3": "winograd",
+                                         "FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES": "2500"}),
     "cpu-gemm": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm"}),
     "cpu-gemm-blocks": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm",
                                 "FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES": "2500"}),
@@ -205,19 +215,31 @@ def test_block_boundaries(variant, case, threads, dtype):
 # vector, 5). "cpu-folded-rows" gives every task one output row (a budget below one padded row);
 # at the default budget the 70 rows of 21 channels × 37 (float32, AVX-512) come in 2 tasks of 35.
 # The kernels are mixed in parallel segments of 4096 values: 32·17·9 = 4896 is one and a part.
+#
+# The Winograd convolution (csrc/cpu/winograd.h) runs on the same shapes and on its own: 2×2
+# output tiles (odd H and W: a last tile row and column of one pixel), rows of tiles padded to
+# whole vectors (37 wide: 19 tiles, 32 with 16 lanes, 24 with 8; 200 wide: 100 tiles, 112 or
+# 104), register tiles of 3 vectors of tiles with a last one of 1 or 2 vectors (a task's 112
+# tiles at 16 lanes: 2 × 48 + 16; its 32: one of 2 vectors; at 8 lanes 104 = 4 × 24 + 8), the
+# products' output channels in blocks (19) and single (3, 1), tasks of one row of tiles
+# ("-rows") or several, and a batch of one split into tasks.
 DIRECT_CASES = [
     Case("direct-19ch-37wide", 2, 21, 19, 13, 37, 3, (3, 3)),
     Case("direct-32ch-32wide", 2, 17, 32, 6, 32, 3, (3, 3)),
     Case("direct-3ch-narrow", 3, 6, 3, 11, 5, 2, (3, 3), bias=False),
     Case("direct-1ch-70rows", 1, 21, 1, 70, 37, 4, (3, 3)),
     Case("direct-8ch-single-pixel", 2, 2, 8, 1, 1, 2, (3, 3)),
+    Case("winograd-batch1-200wide", 1, 16, 19, 9, 200, 2, (3, 3)),
+    Case("winograd-40ch-odd", 2, 40, 24, 7, 33, 3, (3, 3), routing="softmax"),
 ]
+THREE_BY_THREE = ["cpu-folded-direct", "cpu-folded-rows", "cpu-folded-winograd",
+                  "cpu-folded-winograd-rows"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", DIRECT_CASES, ids=repr)
-@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-folded-rows"], indirect=True)
+@pytest.mark.parametrize("variant", THREE_BY_THREE, indirect=True)
 def test_direct_conv_boundaries(variant, case, threads, dtype):
     """Forward without autograd (as inference runs it), then with every gradient."""
     previous = torch.get_num_threads()
@@ -234,7 +256,7 @@ def test_direct_conv_boundaries(variant, case, threads, dtype):
 
 
 @pytest.mark.parametrize("where", [0, 36, -1])  # first value, a middle row's first, last value
-@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-folded-rows"], indirect=True)
+@pytest.mark.parametrize("variant", THREE_BY_THREE, indirect=True)
 def test_direct_conv_checks_every_row_of_x(variant, where):
     """The direct convolution checks x for NaN while it copies x's rows: every row, every task."""
     x, experts, routing, bias = DIRECT_CASES[0].inputs()
@@ -244,7 +266,7 @@ def test_direct_conv_checks_every_row_of_x(variant, where):
 
 
 @pytest.mark.parametrize("where", [0, -1])  # the first and the last value of all the experts
-@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-folded-rows"], indirect=True)
+@pytest.mark.parametrize("variant", THREE_BY_THREE, indirect=True)
 def test_direct_conv_checks_the_experts(variant, where):
     """The direct convolution checks the mixed kernels while it packs them: a NaN in any expert
     makes them non-finite. A mix that overflows from finite experts is not an error."""
@@ -281,6 +303,18 @@ def test_gradcheck_float64(variant):
     # The interpreter runs a Triton program in ~ms: the full Jacobian would take minutes, so the
     # triton case checks random directional derivatives (fast mode) instead.
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=variant == "triton")
+
+
+@pytest.mark.parametrize("variant", ["cpu-folded-direct", "cpu-folded-winograd"], indirect=True)
+def test_gradcheck_float64_3x3(variant):
+    """The folded plan's 3×3 convolutions (forward and input gradient) by either algorithm."""
+    case = Case("gradcheck-3x3", 2, 3, 4, 5, 6, 2, (3, 3))
+    leaves = [t.requires_grad_() for t in case.inputs(torch.float64)]
+
+    def fn(x, experts, routing, bias):
+        return dynamic_conv2d(x, experts, routing, bias, backend=variant)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
 
 
 def fused_op(backend):
@@ -336,7 +370,8 @@ def test_backward_keeps_no_per_sample_kernels(variant):
     y.sum().backward()
 
 
-@pytest.mark.parametrize("variant", ["cpu-folded", "cpu-gemm"], indirect=True)
+@pytest.mark.parametrize("variant", ["cpu-folded-direct", "cpu-folded-winograd", "cpu-gemm"],
+                         indirect=True)
 def test_cpu_kernels_are_deterministic(variant):
     case = BLOCK_CASES[0]
     first = grads(dynamic_conv2d, case, case.inputs(), backend=variant)

@@ -9,7 +9,8 @@
 //   into the groups); 3×3 kernels at stride 1, padding 1, groups 1 (every LightAWNet dynamic
 //   conv) run the forward and the backward's input gradient as csrc/cpu/direct_conv.h's direct
 //   convolution instead (forward 1.1–1.5× oneDNN at 64² – 128², 3.5× at 16 → 16 channels × 256²,
-//   8× at 16 → 1; forward + backward at batch 8: 1.0–1.6×). The backward mixes again and reduces
+//   8× at 16 → 1; forward + backward at batch 8: 1.0–1.6×), or from 16 → 32 channels up as
+//   csrc/cpu/winograd.h's Winograd convolution (choose_3x3). The backward mixes again and reduces
 //   the per-sample weight gradients into the expert and routing gradients. All per-sample
 //   kernels together are small here.
 // * gemm (large kernels, small images), where all per-sample kernels together are as large as the
@@ -45,6 +46,7 @@
 #include "cpu/blas.h"
 #include "cpu/direct_conv.h"
 #include "cpu/finite.h"
+#include "cpu/winograd.h"
 #include "common/dynamic_conv.h"
 #include "dynamic_conv.h"
 #include "utils.h"
@@ -391,6 +393,40 @@ bool direct(const Geometry& g) {
          g.dw == 1 && g.groups == 1;
 }
 
+// Which algorithm runs a direct() 3×3 convolution (the forward, and the input gradient with C_in
+// and C_out exchanged): csrc/cpu/winograd.h where its transforms pay for themselves, else
+// csrc/cpu/direct_conv.h. Measured side by side at batch 1 and 8 (bench/RESULTS.md, "Ops:
+// `dynamic_conv2d`"): Winograd 1.2–1.7× faster from 16 → 32 channels to 128 → 128 at 32² – 128²;
+// slower with a single channel on either side (the transforms per product: 0.4–0.7×), at 16 → 16
+// (0.9–1.1×: the transforms stream as many bytes as the products take time) and on images
+// narrower than 32 (a row of tiles fills under one vector). FASTSEG_DYNAMIC_CONV_CPU_3X3=
+// direct|winograd forces one (tests run both on every shape).
+enum class Conv3x3 { direct, winograd };
+
+Conv3x3 choose_3x3(int64_t C_in, int64_t C_out, int64_t W) {
+  if (const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_3X3")) {
+    const std::string want(env);
+    if (want == "direct") return Conv3x3::direct;
+    if (want == "winograd") return Conv3x3::winograd;
+    TORCH_CHECK_VALUE(want.empty() || want == "auto",
+                      "FASTSEG_DYNAMIC_CONV_CPU_3X3 must be direct, winograd or auto, got ", want);
+  }
+  return std::min(C_in, C_out) >= 16 && C_in + C_out > 32 && W >= 32 ? Conv3x3::winograd
+                                                                     : Conv3x3::direct;
+}
+
+// direct_conv::conv3x3's contract, by the algorithm choose_3x3 picks.
+template <typename T>
+direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
+                            const direct_conv::MixRows<T>* mix, const T* bias, int64_t b_stride,
+                            T* y, int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W) {
+  if (choose_3x3(C_in, C_out, W) == Conv3x3::winograd)
+    return winograd::conv3x3<T>(x, w, w_stride, mix, bias, b_stride, y, N, C_in, C_out, H, W,
+                                block_bytes());
+  return direct_conv::conv3x3<T>(x, w, w_stride, mix, bias, b_stride, y, N, C_in, C_out, H, W,
+                                 block_bytes() / 4);
+}
+
 at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tensor& experts,
                           const at::Tensor& routing, const at::Tensor& bias) {
   std::optional<at::Tensor> folded_bias;
@@ -406,10 +442,10 @@ at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tens
                                                      scalar_t* out) {
         mix_kernels(r + n * g.K, 1, g.K, e + co * row, kernel, row, channels, row, out);
       };
-      const direct_conv::Finite finite = direct_conv::conv3x3<scalar_t>(
+      const direct_conv::Finite finite = conv3x3<scalar_t>(
           x.data_ptr<scalar_t>(), e, 0, &mix,
           folded_bias ? folded_bias->data_ptr<scalar_t>() : nullptr, g.C_out,
-          y.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W, block_bytes() / 4);
+          y.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W);
       // A NaN or inf expert value makes every mixed kernel non-finite (finite routing weights:
       // NaN·α and ∞·0 are NaN); a non-finite mix of finite experts (overflow) is not an error.
       TORCH_CHECK_VALUE(finite.w || tensor_finite<scalar_t>(experts),
@@ -446,10 +482,9 @@ Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::T
                               .contiguous();
     grad_x = at::empty({g.N, g.C_in, g.H, g.W}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct_grad_x", [&] {
-      direct_conv::conv3x3<scalar_t>(grad_out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
-                                     g.C_in * g.C_out * 9, nullptr, nullptr, 0,
-                                     grad_x.data_ptr<scalar_t>(),
-                                     g.N, g.C_out, g.C_in, g.H, g.W, block_bytes() / 4);
+      conv3x3<scalar_t>(grad_out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                        g.C_in * g.C_out * 9, nullptr, nullptr, 0, grad_x.data_ptr<scalar_t>(),
+                        g.N, g.C_out, g.C_in, g.H, g.W);
     });
   }
   // The reduction in segments of the kernel, in parallel: a segment's gradients of all samples

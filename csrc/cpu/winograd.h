@@ -1,0 +1,309 @@
+// A Winograd F(2×2, 3×3) convolution (stride 1, padding 1, dilation 1, groups 1) of NCHW-contiguous
+// tensors, with a kernel per sample: y_n = conv(x_n, w_n) + b_n — the same contract as
+// direct_conv::conv3x3, with 16 products per 2×2 output tile where the direct convolution has 36.
+//
+// Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A for every 4×4 input patch d (2×2 output tile) and 3×3 kernel g:
+//   Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1],
+//   Aᵀ = [1 1 1 0; 0 1 −1 −1].
+// Per sample the kernels are transformed once (U_ξ[co][ci], ξ = 4·i + j the 16 positions), and per
+// task (a sample's block of tile rows): the input patches are transformed into 16 panels
+// V_ξ[ci][tiles], the 16 channel products M_ξ = U_ξ · V_ξ run on csrc/cpu/pointwise.h's
+// register-blocked tile (the panels are written in its layout), and the output transform turns
+// M back into 2×2 tiles. The task's panels and products stay in L2.
+//
+// Why: at 16–128 channels direct_conv's tile runs near the machine's FMA rate, so fewer
+// multiplications is what is left: 2.25× fewer here, against transforms that cost ≈ 8 adds per
+// input and per output value and channel; they weigh most at few channels.
+//
+// Patches of L consecutive tiles are read from deinterleaved copies of the padded input rows:
+// E[i] = row[2i], O[i] = row[2i+1], so the patch columns 2·tx + 0..3 of L tiles are E[tx..],
+// O[tx..], E[tx+1..], O[tx+1..]: four vector loads, no gathers. The output transform interleaves
+// the two columns of L tiles back into 2·L contiguous pixels.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "cpu/direct_conv.h"
+#include "cpu/finite.h"
+#include "cpu/pointwise.h"
+#include "cpu/simd.h"
+
+namespace fastseg {
+namespace winograd {
+
+using simd::kLanes;
+using simd::load;
+using simd::UnalignedVec;
+using simd::Vec;
+
+constexpr int kPositions = 16;  // a transformed 4×4 tile
+
+// Even and odd lanes of the 2·L values a, b; and the reverse: lanes of a and b interleaved.
+template <typename T, std::size_t... I>
+inline Vec<T> even_lanes(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (2 * I)...);
+}
+template <typename T, std::size_t... I>
+inline Vec<T> odd_lanes(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (2 * I + 1)...);
+}
+// first half: a0 b0 a1 b1 …; second half: the same from lane L/2
+template <typename T, std::size_t... I>
+inline Vec<T> interleave_low(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (I % 2 ? kLanes<T> + I / 2 : I / 2)...);
+}
+template <typename T, std::size_t... I>
+inline Vec<T> interleave_high(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b,
+                                 (I % 2 ? kLanes<T> + kLanes<T> / 2 + I / 2 : kLanes<T> / 2 + I / 2)...);
+}
+template <typename T>
+using Lanes = std::make_index_sequence<kLanes<T>>;
+
+// u[ξ·stride] = (G g Gᵀ)[ξ] for one 3×3 kernel g (row-major).
+template <typename T>
+inline void transform_kernel(const T* g, T* u, int64_t stride) {
+  T t[4][3];  // G g
+  for (int c = 0; c < 3; ++c) {
+    const T g0 = g[c], g1 = g[3 + c], g2 = g[6 + c];
+    t[0][c] = g0;
+    t[1][c] = T(0.5) * (g0 + g1 + g2);
+    t[2][c] = T(0.5) * (g0 - g1 + g2);
+    t[3][c] = g2;
+  }
+  for (int i = 0; i < 4; ++i) {  // (G g) Gᵀ
+    u[(4 * i + 0) * stride] = t[i][0];
+    u[(4 * i + 1) * stride] = T(0.5) * (t[i][0] + t[i][1] + t[i][2]);
+    u[(4 * i + 2) * stride] = T(0.5) * (t[i][0] - t[i][1] + t[i][2]);
+    u[(4 * i + 3) * stride] = t[i][2];
+  }
+}
+
+// Tile rows per task: as many as keep the task's panels and products (16 · (C_in + C_out) values
+// per tile) within `budget` bytes, but at least two tasks per thread where the image has the
+// rows (a batch of one is split), evened out over the image's tile rows.
+inline int64_t tile_rows_per_task(int64_t C_in, int64_t C_out, int64_t N, int64_t th, int64_t twp,
+                                  int64_t item, int64_t budget) {
+  const int64_t per_row = kPositions * (C_in + C_out) * twp * item;
+  const int64_t fit = std::clamp<int64_t>(budget / std::max<int64_t>(1, per_row), 1, th);
+  const int64_t wanted = (2 * at::get_num_threads() + N - 1) / N;
+  const int64_t blocks = std::max((th + fit - 1) / fit, std::min(th, wanted));
+  return (th + blocks - 1) / blocks;
+}
+
+// Scratch kept by each thread between calls (no allocation, no page faults per call), aligned to
+// the vector; one buffer per Use.
+enum class Use { kernels, task };
+template <typename T, Use use>
+T* thread_scratch(int64_t values) {
+  thread_local std::vector<T> storage;
+  if (static_cast<int64_t>(storage.size()) < values + kLanes<T>) storage.resize(values + kLanes<T>);
+  const auto address = reinterpret_cast<std::uintptr_t>(storage.data());
+  return storage.data() + (simd::kVectorBytes - address % simd::kVectorBytes) %
+                              simd::kVectorBytes / sizeof(T);
+}
+
+// y [N, C_out, H, W] = conv3x3(x [N, C_in, H, W], w_n) + b_n; arguments as direct_conv::conv3x3's
+// (w_stride 0: one kernel for all samples; `mix`: kernels mixed while they are transformed; bias
+// + n·b_stride or null). `budget`: bytes of one task's panels and products.
+template <typename T>
+direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
+                            const direct_conv::MixRows<T>* mix, const T* bias, int64_t b_stride,
+                            T* y, int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W,
+                            int64_t budget) {
+  constexpr int L = kLanes<T>, CB = pointwise::kChannelBlock, PV = pointwise::kTileVectors;
+  constexpr int TP = pointwise::kTilePixels<T>;
+  static_assert(PV == 3, "the products dispatch tiles of 1, 2 or 3 vectors");
+  const int64_t HW = H * W, row = C_in * 9, products = C_out * C_in;
+  const int64_t full_blocks = C_out / CB;
+  // Transformed kernels per sample: [16][C_out·C_in], each position's matrix in pointwise's
+  // packed order (blocks of CB output channels [C_in][CB], then single channels [C_in]).
+  const int64_t samples_w = w_stride == 0 && mix == nullptr ? 1 : N;
+  // the calling thread's buffer, read by every thread of the call
+  T* const packed = thread_scratch<T, Use::kernels>(samples_w * kPositions * products);
+  std::atomic<bool> w_finite{true};
+  const int64_t blocks = full_blocks + (C_out - full_blocks * CB);
+  at::parallel_for(0, blocks * samples_w, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> mixed(mix ? CB * row : 0), block(kPositions * (CB * C_in + kLanes<T>));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i % samples_w, b = i / samples_w;
+      const int64_t co0 = b < full_blocks ? b * CB : full_blocks * CB + (b - full_blocks);
+      const int channels = b < full_blocks ? CB : 1;
+      const T* rows = w + n * w_stride + co0 * row;
+      if (mix) {
+        (*mix)(n, co0, channels, mixed.data());
+        rows = mixed.data();
+      }
+      if (!all_finite(rows, channels * row)) w_finite = false;
+      // the block's transforms first ([16][C_in·channels], each position's run padded by a
+      // vector: runs of a power-of-two size put the 16 values of a transform in one L1 set),
+      // then one run per position: a position's values of the block are contiguous in the
+      // packed order
+      const int64_t run = C_in * channels, stride = run + kLanes<T>;
+      for (int c = 0; c < channels; ++c)
+        for (int64_t ci = 0; ci < C_in; ++ci)
+          transform_kernel(rows + c * row + ci * 9, block.data() + ci * channels + c, stride);
+      T* dst = packed + n * kPositions * products + co0 * C_in;
+      for (int xi = 0; xi < kPositions; ++xi)
+        std::memcpy(dst + xi * products, block.data() + xi * stride, run * sizeof(T));
+    }
+  });
+
+  // Tiles: th × tw per sample, each tile row padded to twp (a multiple of L) so that a vector of
+  // tiles never spans two rows; the padding tiles are computed from zeros and not stored.
+  const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, twp = (tw + L - 1) / L * L;
+  // Deinterleaved padded rows: E and O of len values each, len ≥ twp + 1 (loads at tx + 1).
+  const int64_t len = twp + L, padded = 2 * len;
+  const int64_t R = tile_rows_per_task(C_in, C_out, N, th, twp, sizeof(T), budget);
+  const int64_t row_blocks = (th + R - 1) / R;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, N * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    // per thread: the task's rows (E, O per input row and channel), a padded row, the 16 panels,
+    // the 16 products
+    const int64_t in_rows = 2 * R + 2;
+    const int64_t tiles = (R * twp + TP - 1) / TP * TP;  // products' row length, whole tiles
+    const int64_t eo_size = in_rows * C_in * padded, panel_size = C_in * tiles;
+    T* scratch = thread_scratch<T, Use::task>(eo_size + padded + kPositions * (C_in + C_out) * tiles);
+    T* eo = scratch;
+    T* line = eo + eo_size;
+    T* panels = line + padded;
+    T* m = panels + kPositions * panel_size;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / row_blocks, ty0 = task % row_blocks * R;
+      const int64_t ty1 = std::min(th, ty0 + R), rows_here = ty1 - ty0;
+      const int64_t used = rows_here * twp;  // tiles of this task, row padding included
+      // The panels hold groups of TP tiles ([C_in][TP] each) and a last group of the vectors
+      // that remain ([C_in][vectors·L]), which the product runs with a tile of that many vectors:
+      // no lane of a register tile is spent on a tile that is not there.
+      const int64_t groups = (used + TP - 1) / TP;
+      const auto group_vectors = [&](int64_t group) {
+        return static_cast<int>(std::min<int64_t>(PV, (used - group * TP) / L));
+      };
+      const T* xn = x + n * C_in * HW;
+      // eo[r][ci] = E, O of input row 2·ty0 − 1 + r of channel ci, zero-padded (column −1 first)
+      for (int64_t r = 0; r < 2 * rows_here + 2; ++r) {
+        const int64_t h = 2 * ty0 - 1 + r;
+        T* dst = eo + r * C_in * padded;
+        if (h < 0 || h >= H) {
+          std::memset(dst, 0, C_in * padded * sizeof(T));
+          continue;
+        }
+        for (int64_t ci = 0; ci < C_in; ++ci, dst += padded) {
+          const T* src = xn + ci * HW + h * W;
+          if (!all_finite(src, W)) finite = false;
+          line[0] = T(0);
+          std::memcpy(line + 1, src, W * sizeof(T));
+          std::memset(line + 1 + W, 0, (padded - 1 - W) * sizeof(T));
+          for (int64_t i = 0; i < len; i += L) {
+            const Vec<T> a = load(line + 2 * i), b = load(line + 2 * i + L);
+            *reinterpret_cast<UnalignedVec<T>*>(dst + i) = even_lanes<T>(a, b, Lanes<T>{});
+            *reinterpret_cast<UnalignedVec<T>*>(dst + len + i) = odd_lanes<T>(a, b, Lanes<T>{});
+          }
+        }
+      }
+      // input transform: V_ξ = Bᵀ d B for L tiles at a time, into the panels' layout
+      // ([tiles / TP][C_in][TP] per position)
+      for (int64_t a = 0; a < rows_here; ++a)
+        for (int64_t ci = 0; ci < C_in; ++ci)
+          for (int64_t tx = 0; tx < twp; tx += L) {
+            Vec<T> t[4][4];
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; ++r) {
+              const T* e = eo + ((2 * a + r) * C_in + ci) * padded;
+              const Vec<T> d0 = load(e + tx), d1 = load(e + len + tx), d2 = load(e + tx + 1),
+                           d3 = load(e + len + tx + 1);
+              t[r][0] = d0 - d2;  // d Bᵀ... as rows: (d B)[r][j]
+              t[r][1] = d1 + d2;
+              t[r][2] = d2 - d1;
+              t[r][3] = d1 - d3;
+            }
+            const int64_t tile = a * twp + tx, group = tile / TP;
+            T* p = panels + group * C_in * TP + ci * group_vectors(group) * L + tile % TP;
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+              const Vec<T> v[4] = {t[0][j] - t[2][j], t[1][j] + t[2][j], t[2][j] - t[1][j],
+                                   t[1][j] - t[3][j]};
+#pragma GCC unroll 4
+              for (int i = 0; i < 4; ++i)
+                *reinterpret_cast<Vec<T>*>(p + (4 * i + j) * panel_size) = v[i];
+            }
+          }
+      // the 16 products M_ξ [C_out][tiles] = U_ξ · V_ξ, channel blocks outer as in pointwise.h
+      const T* un = packed + (samples_w == 1 ? 0 : n * kPositions * products);
+      for (int xi = 0; xi < kPositions; ++xi) {
+        const T* panel = panels + xi * panel_size;
+        const T* u = un + xi * products;
+        T* mx = m + xi * C_out * tiles;
+        const auto run = [&](auto channels, int64_t co) {
+          constexpr int cb = decltype(channels)::value;
+          for (int64_t gi = 0; gi < groups; ++gi) {
+            const T* pg = panel + gi * C_in * TP;
+            T* mg = mx + co * tiles + gi * TP;
+            switch (group_vectors(gi)) {
+              case PV: pointwise::tile<T, cb, PV>(pg, C_in, u + co * C_in, nullptr, mg, tiles, TP); break;
+              case 2: pointwise::tile<T, cb, 2>(pg, C_in, u + co * C_in, nullptr, mg, tiles, 2 * L); break;
+              default: pointwise::tile<T, cb, 1>(pg, C_in, u + co * C_in, nullptr, mg, tiles, L); break;
+            }
+          }
+        };
+        for (int64_t co = 0; co < full_blocks * CB; co += CB)
+          run(std::integral_constant<int, CB>{}, co);
+        for (int64_t co = full_blocks * CB; co < C_out; ++co)
+          run(std::integral_constant<int, 1>{}, co);
+      }
+      // output transform: Y = Aᵀ M A (+ bias) for L tiles at a time, rows 2·ty and 2·ty + 1
+      const T* bn = bias ? bias + n * b_stride : nullptr;
+      T* yn = y + n * C_out * HW;
+      for (int64_t co = 0; co < C_out; ++co) {
+        const T b0 = bn ? bn[co] : T(0);
+        for (int64_t a = 0; a < rows_here; ++a) {
+          const int64_t h = 2 * (ty0 + a);
+          T* y0 = yn + co * HW + h * W;
+          T* y1 = h + 1 < H ? y0 + W : nullptr;
+          for (int64_t tx = 0; tx < tw; tx += L) {
+            const T* mp = m + co * tiles + a * twp + tx;
+            Vec<T> s[2][4];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+              const Vec<T> m0 = *reinterpret_cast<const Vec<T>*>(mp + (0 + j) * C_out * tiles);
+              const Vec<T> m1 = *reinterpret_cast<const Vec<T>*>(mp + (4 + j) * C_out * tiles);
+              const Vec<T> m2 = *reinterpret_cast<const Vec<T>*>(mp + (8 + j) * C_out * tiles);
+              const Vec<T> m3 = *reinterpret_cast<const Vec<T>*>(mp + (12 + j) * C_out * tiles);
+              s[0][j] = m0 + m1 + m2;
+              s[1][j] = m1 - m2 - m3;
+            }
+            T* out[2] = {y0, y1};
+            for (int i = 0; i < 2; ++i) {
+              if (!out[i]) break;
+              const Vec<T> left = s[i][0] + s[i][1] + s[i][2] + b0;
+              const Vec<T> right = s[i][1] - s[i][2] - s[i][3] + b0;
+              const int64_t col = 2 * tx;
+              if (col + 2 * L <= W) {
+                *reinterpret_cast<UnalignedVec<T>*>(out[i] + col) =
+                    interleave_low<T>(left, right, Lanes<T>{});
+                *reinterpret_cast<UnalignedVec<T>*>(out[i] + col + L) =
+                    interleave_high<T>(left, right, Lanes<T>{});
+              } else {
+                for (int l = 0; l < L && col + 2 * l < W; ++l) {
+                  out[i][col + 2 * l] = left[l];
+                  if (col + 2 * l + 1 < W) out[i][col + 2 * l + 1] = right[l];
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  return {finite, w_finite};
+}
+
+}  // namespace winograd
+}  // namespace fastseg

@@ -222,7 +222,8 @@ def test_block_boundaries(variant, case, threads, dtype):
 # 104), register tiles of 3 vectors of tiles with a last one of 1 or 2 vectors (a task's 112
 # tiles at 16 lanes: 2 × 48 + 16; its 32: one of 2 vectors; at 8 lanes 104 = 4 × 24 + 8), the
 # products' output channels in blocks (19) and single (3, 1), tasks of one row of tiles
-# ("-rows") or several, and a batch of one split into tasks.
+# ("-rows") or several, a batch of one split into tasks, and transformed kernels too large for
+# the buffer a thread keeps between calls (8 MiB).
 DIRECT_CASES = [
     Case("direct-19ch-37wide", 2, 21, 19, 13, 37, 3, (3, 3)),
     Case("direct-32ch-32wide", 2, 17, 32, 6, 32, 3, (3, 3)),
@@ -231,6 +232,8 @@ DIRECT_CASES = [
     Case("direct-8ch-single-pixel", 2, 2, 8, 1, 1, 2, (3, 3)),
     Case("winograd-batch1-200wide", 1, 16, 19, 9, 200, 2, (3, 3)),
     Case("winograd-40ch-odd", 2, 40, 24, 7, 33, 3, (3, 3), routing="softmax"),
+    # 6 samples' transformed 160 × 160 kernels: 9.8 MB in float32, over what a thread keeps
+    Case("winograd-kernels-over-8MiB", 6, 160, 160, 3, 2, 2, (3, 3), bias=False),
 ]
 THREE_BY_THREE = ["cpu-folded-direct", "cpu-folded-rows", "cpu-folded-winograd",
                   "cpu-folded-winograd-rows"]

@@ -222,7 +222,8 @@ def test_block_boundaries(variant, case, threads, dtype):
 # 104), register tiles of 3 vectors of tiles with a last one of 1 or 2 vectors (a task's 112
 # tiles at 16 lanes: 2 × 48 + 16; its 32: one of 2 vectors; at 8 lanes 104 = 4 × 24 + 8), the
 # products' output channels in blocks (19) and single (3, 1), tasks of one row of tiles
-# ("-rows") or several, a batch of one split into tasks, and transformed kernels too large for
+# ("-rows") or several, a batch of one split into tasks, rows of tiles narrower than a vector
+# (packed: 14 wide, 7 tiles; and the narrow cases above), and transformed kernels too large for
 # the buffer a thread keeps between calls (8 MiB).
 DIRECT_CASES = [
     Case("direct-19ch-37wide", 2, 21, 19, 13, 37, 3, (3, 3)),
@@ -232,6 +233,8 @@ DIRECT_CASES = [
     Case("direct-8ch-single-pixel", 2, 2, 8, 1, 1, 2, (3, 3)),
     Case("winograd-batch1-200wide", 1, 16, 19, 9, 200, 2, (3, 3)),
     Case("winograd-40ch-odd", 2, 40, 24, 7, 33, 3, (3, 3), routing="softmax"),
+    # rows of 7 tiles, narrower than a vector: packed across rows, gathered and scattered
+    Case("winograd-narrow-14wide", 2, 24, 19, 41, 14, 2, (3, 3)),
     # 6 samples' transformed 160 × 160 kernels: 9.8 MB in float32, over what a thread keeps
     Case("winograd-kernels-over-8MiB", 6, 160, 160, 3, 2, 2, (3, 3), bias=False),
 ]
@@ -306,6 +309,15 @@ def test_gradcheck_float64(variant):
     # The interpreter runs a Triton program in ~ms: the full Jacobian would take minutes, so the
     # triton case checks random directional derivatives (fast mode) instead.
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=variant == "triton")
+
+
+def test_auto_plans_differ_between_forward_and_backward(monkeypatch):
+    """At 16² with more output channels than pixels the cpu backend's forward takes the folded
+    plan (its 3×3 convolution) and the backward the gemm plan: each recomputes from the inputs."""
+    monkeypatch.delenv("FASTSEG_DYNAMIC_CONV_CPU_PLAN", raising=False)
+    monkeypatch.delenv("FASTSEG_DYNAMIC_CONV_CPU_3X3", raising=False)
+    check_against_reference(Case("forward-folded-backward-gemm", 2, 8, 260, 16, 16, 2, (3, 3)),
+                            "cpu")
 
 
 @pytest.mark.parametrize("variant", ["cpu-folded-direct", "cpu-folded-winograd"], indirect=True)

@@ -106,13 +106,19 @@ void check_cpu(const at::Tensor& x) {
 
 enum class Plan { folded, gemm };
 
+bool direct(const Geometry& g);
+
 // The gemm plan pays an im2col (kh·kw copies of x) to avoid materialising every sample's kernel;
 // it wins when a sample's kernel is at least as large as its im2col (groups = 1: C_out ≥ H_out·W_out;
-// measured at LightAWNet's shapes: 256 channels at 8² and 16²). The environment
-// variable FASTSEG_DYNAMIC_CONV_CPU_PLAN=folded|gemm forces a plan (tests run both on any shape);
-// =stacked forces fastseg/ops/dynamic_conv.py's third plan where it applies (groups 1), so a call
-// that reaches this file with it picks by shape.
-Plan choose_plan(const Geometry& g) {
+// measured at LightAWNet's shapes: 256 channels at 8² and 16²). The forward and the backward
+// choose separately (the backward recomputes what it needs from x, the experts and the routing):
+// a forward whose 3×3 convolution the folded plan computes itself (direct(), below) takes the
+// folded plan from 16² outputs up, where that convolution is 1.4–1.5× faster than the gemm
+// plan's forward (batch 1 and 8, 64 → 128 to 256 → 256 channels; at 8² 0.6–0.9×, so those keep
+// the gemm plan). The environment variable FASTSEG_DYNAMIC_CONV_CPU_PLAN=folded|gemm forces a
+// plan for both (tests run both on any shape); =stacked forces fastseg/ops/dynamic_conv.py's third
+// plan where it applies (groups 1), so a call that reaches this file with it picks by shape.
+Plan choose_plan(const Geometry& g, bool forward) {
   if (const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_PLAN")) {
     const std::string want(env);
     if (want == "folded") return Plan::folded;
@@ -121,6 +127,7 @@ Plan choose_plan(const Geometry& g) {
                       "FASTSEG_DYNAMIC_CONV_CPU_PLAN must be folded, gemm, stacked or auto, got ",
                       want);
   }
+  if (forward && direct(g) && g.P() >= 256) return Plan::folded;
   return g.C_out * g.R() >= g.C_in * g.taps() * g.P() ? Plan::gemm : Plan::folded;
 }
 
@@ -387,7 +394,8 @@ at::Tensor mix_all(const Geometry& g, const at::Tensor& experts, const at::Tenso
   return w;
 }
 
-// Whether the folded plan's forward runs csrc/cpu/direct_conv.h instead of oneDNN.
+// Whether the folded plan runs its 3×3 convolutions itself (conv3x3 below: direct or Winograd)
+// instead of oneDNN.
 bool direct(const Geometry& g) {
   return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.ph == 1 && g.pw == 1 && g.dh == 1 &&
          g.dw == 1 && g.groups == 1;
@@ -395,15 +403,17 @@ bool direct(const Geometry& g) {
 
 // Which algorithm runs a direct() 3×3 convolution (the forward, and the input gradient with C_in
 // and C_out exchanged): csrc/cpu/winograd.h where its transforms pay for themselves, else
-// csrc/cpu/direct_conv.h. Measured side by side at batch 1 and 8 (bench/RESULTS.md, "Ops:
-// `dynamic_conv2d`"): Winograd 1.2–1.7× faster from 16 → 32 channels to 128 → 128 at 32² – 128²;
-// slower with a single channel on either side (the transforms per product: 0.4–0.7×), at 16 → 16
-// (0.9–1.1×: the transforms stream as many bytes as the products take time) and on images
-// narrower than 32 (a row of tiles fills under one vector). FASTSEG_DYNAMIC_CONV_CPU_3X3=
+// csrc/cpu/direct_conv.h. Measured side by side (bench/RESULTS.md, "Ops: `dynamic_conv2d`"):
+// Winograd 1.2–1.7× faster from 16 → 32 to 128 → 128 channels at 32² – 128², 1.15–1.3× at 128 →
+// 256 and 256 → 256 at 16² (batch 1); slower with a single channel on either side (the transforms
+// per product: 0.4–0.7×), about as fast at 16 → 16 (0.9–1.1×: the transforms stream as many
+// bytes as the products take time), and slower where a sample's transformed kernels outgrow the
+// caches (256 → 256 at batch 8: 0.4–0.6×; 16 values per kernel of 9). FASTSEG_DYNAMIC_CONV_CPU_3X3=
 // direct|winograd forces one (tests run both on every shape).
+constexpr int64_t kWinogradKernelBytes = int64_t(2) << 20;  // a sample's transformed kernels
 enum class Conv3x3 { direct, winograd };
 
-Conv3x3 choose_3x3(int64_t C_in, int64_t C_out, int64_t W) {
+Conv3x3 choose_3x3(int64_t C_in, int64_t C_out, int64_t W, int64_t item) {
   if (const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_3X3")) {
     const std::string want(env);
     if (want == "direct") return Conv3x3::direct;
@@ -411,8 +421,10 @@ Conv3x3 choose_3x3(int64_t C_in, int64_t C_out, int64_t W) {
     TORCH_CHECK_VALUE(want.empty() || want == "auto",
                       "FASTSEG_DYNAMIC_CONV_CPU_3X3 must be direct, winograd or auto, got ", want);
   }
-  return std::min(C_in, C_out) >= 16 && C_in + C_out > 32 && W >= 32 ? Conv3x3::winograd
-                                                                     : Conv3x3::direct;
+  return std::min(C_in, C_out) >= 16 && C_in + C_out > 32 && W >= 16 &&
+                 C_in * C_out * winograd::kPositions * item <= kWinogradKernelBytes
+             ? Conv3x3::winograd
+             : Conv3x3::direct;
 }
 
 // direct_conv::conv3x3's contract, by the algorithm choose_3x3 picks.
@@ -420,7 +432,7 @@ template <typename T>
 direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
                             const direct_conv::MixRows<T>* mix, const T* bias, int64_t b_stride,
                             T* y, int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W) {
-  if (choose_3x3(C_in, C_out, W) == Conv3x3::winograd)
+  if (choose_3x3(C_in, C_out, W, sizeof(T)) == Conv3x3::winograd)
     return winograd::conv3x3<T>(x, w, w_stride, mix, bias, b_stride, y, N, C_in, C_out, H, W,
                                 block_bytes());
   return direct_conv::conv3x3<T>(x, w, w_stride, mix, bias, b_stride, y, N, C_in, C_out, H, W,
@@ -722,7 +734,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& experts_in,
                       "dynamic_conv2d: bias contains NaN or inf");
   });
   at::Tensor y;
-  if (choose_plan(g) == Plan::gemm) {
+  if (choose_plan(g, /*forward=*/true) == Plan::gemm) {
     y = forward_gemm(g, x, experts, routing, bias);
   } else {
     y = forward_folded(g, x, experts, routing, bias);  // checks x and the experts
@@ -748,7 +760,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                     grad_out_in.scalar_type());
   const at::Tensor grad_out = grad_out_in.contiguous();
   auto [grad_x, grad_experts, grad_routing, grad_sum] =
-      choose_plan(g) == Plan::gemm ? backward_gemm(g, grad_out, x, experts, routing)
+      choose_plan(g, /*forward=*/false) == Plan::gemm ? backward_gemm(g, grad_out, x, experts, routing)
                                    : backward_folded(g, grad_out, x, experts, routing);
   // Bias terms: Σ_hw grad_out per (sample, channel) gives grad_bias and, through the mixed bias,
   // grad_routing's second term.

@@ -178,11 +178,15 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
     }
   });
 
-  // Tiles: th × tw per sample, each tile row padded to twp (a multiple of L) so that a vector of
-  // tiles never spans two rows; the padding tiles are computed from zeros and not stored.
-  const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, twp = (tw + L - 1) / L * L;
+  // Tiles: th × tw per sample. Each tile row is padded to twp (a multiple of L) so that a vector
+  // of tiles never spans two rows (the padding tiles are computed from zeros and not stored);
+  // rows narrower than a vector (`narrow`: 16² images at 16 lanes) are packed instead, tile
+  // t = a·tw + tx, and their patches gathered and outputs scattered lane by lane.
+  const int64_t th = (H + 1) / 2, tw = (W + 1) / 2;
+  const bool narrow = tw < L;
+  const int64_t twp = narrow ? tw : (tw + L - 1) / L * L;
   // Deinterleaved padded rows: E and O of len values each, len ≥ twp + 1 (loads at tx + 1).
-  const int64_t len = twp + L, padded = 2 * len;
+  const int64_t len = (tw + L - 1) / L * L + L, padded = 2 * len;
   const int64_t R = tile_rows_per_task(C_in, C_out, N, th, twp, sizeof(T), budget);
   const int64_t row_blocks = (th + R - 1) / R;
   std::atomic<bool> finite{true};
@@ -202,13 +206,15 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / row_blocks, ty0 = task % row_blocks * R;
       const int64_t ty1 = std::min(th, ty0 + R), rows_here = ty1 - ty0;
-      const int64_t used = rows_here * twp;  // tiles of this task, row padding included
+      // tiles of this task (row padding included), and in whole vectors (narrow rows: the lanes
+      // past the last tile are zero)
+      const int64_t used = rows_here * twp, vused = (used + L - 1) / L * L;
       // The panels hold groups of TP tiles ([C_in][TP] each) and a last group of the vectors
       // that remain ([C_in][vectors·L]), which the product runs with a tile of that many vectors:
-      // no lane of a register tile is spent on a tile that is not there.
-      const int64_t groups = (used + TP - 1) / TP;
+      // no register tile computes a vector of tiles that is not there.
+      const int64_t groups = (vused + TP - 1) / TP;
       const auto group_vectors = [&](int64_t group) {
-        return static_cast<int>(std::min<int64_t>(PV, (used - group * TP) / L));
+        return static_cast<int>(std::min<int64_t>(PV, (vused - group * TP) / L));
       };
       const T* xn = x + n * C_in * HW;
       // eo[r][ci] = E, O of input row 2·ty0 − 1 + r of channel ci, zero-padded (column −1 first)
@@ -232,33 +238,64 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
           }
         }
       }
-      // input transform: V_ξ = Bᵀ d B for L tiles at a time, into the panels' layout
-      // ([tiles / TP][C_in][TP] per position)
-      for (int64_t a = 0; a < rows_here; ++a)
+      // input transform: V_ξ = Bᵀ d B for L tiles at a time (d: the 4 × 4 patches, each value
+      // a vector of L tiles), into the panels' layout ([groups][C_in][vectors·L] per position)
+      const auto transform_input = [&](const Vec<T> (&d)[4][4], int64_t tile, int64_t ci) {
+        Vec<T> t[4][4];  // (d B)[r][j]
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          t[r][0] = d[r][0] - d[r][2];
+          t[r][1] = d[r][1] + d[r][2];
+          t[r][2] = d[r][2] - d[r][1];
+          t[r][3] = d[r][1] - d[r][3];
+        }
+        const int64_t group = tile / TP;
+        T* p = panels + group * C_in * TP + ci * group_vectors(group) * L + tile % TP;
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const Vec<T> v[4] = {t[0][j] - t[2][j], t[1][j] + t[2][j], t[2][j] - t[1][j],
+                               t[1][j] - t[3][j]};
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) *reinterpret_cast<Vec<T>*>(p + (4 * i + j) * panel_size) = v[i];
+        }
+      };
+      // patch row r of tile (a, tx): input row 2a + r of the task's rows, columns E[tx], O[tx],
+      // E[tx + 1], O[tx + 1]
+      const auto patch_row = [&](int64_t a, int r, int64_t ci) {
+        return eo + ((2 * a + r) * C_in + ci) * padded;
+      };
+      if (!narrow) {
+        for (int64_t a = 0; a < rows_here; ++a)
+          for (int64_t ci = 0; ci < C_in; ++ci)
+            for (int64_t tx = 0; tx < twp; tx += L) {
+              Vec<T> d[4][4];
+#pragma GCC unroll 4
+              for (int r = 0; r < 4; ++r) {
+                const T* e = patch_row(a, r, ci);
+                d[r][0] = load(e + tx);
+                d[r][1] = load(e + len + tx);
+                d[r][2] = load(e + tx + 1);
+                d[r][3] = load(e + len + tx + 1);
+              }
+              transform_input(d, a * twp + tx, ci);
+            }
+      } else {
         for (int64_t ci = 0; ci < C_in; ++ci)
-          for (int64_t tx = 0; tx < twp; tx += L) {
-            Vec<T> t[4][4];
-#pragma GCC unroll 4
-            for (int r = 0; r < 4; ++r) {
-              const T* e = eo + ((2 * a + r) * C_in + ci) * padded;
-              const Vec<T> d0 = load(e + tx), d1 = load(e + len + tx), d2 = load(e + tx + 1),
-                           d3 = load(e + len + tx + 1);
-              t[r][0] = d0 - d2;  // d Bᵀ... as rows: (d B)[r][j]
-              t[r][1] = d1 + d2;
-              t[r][2] = d2 - d1;
-              t[r][3] = d1 - d3;
+          for (int64_t t0 = 0; t0 < vused; t0 += L) {
+            Vec<T> d[4][4] = {};
+            for (int l = 0; l < L && t0 + l < used; ++l) {
+              const int64_t a = (t0 + l) / tw, tx = (t0 + l) % tw;
+              for (int r = 0; r < 4; ++r) {
+                const T* e = patch_row(a, r, ci);
+                d[r][0][l] = e[tx];
+                d[r][1][l] = e[len + tx];
+                d[r][2][l] = e[tx + 1];
+                d[r][3][l] = e[len + tx + 1];
+              }
             }
-            const int64_t tile = a * twp + tx, group = tile / TP;
-            T* p = panels + group * C_in * TP + ci * group_vectors(group) * L + tile % TP;
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; ++j) {
-              const Vec<T> v[4] = {t[0][j] - t[2][j], t[1][j] + t[2][j], t[2][j] - t[1][j],
-                                   t[1][j] - t[3][j]};
-#pragma GCC unroll 4
-              for (int i = 0; i < 4; ++i)
-                *reinterpret_cast<Vec<T>*>(p + (4 * i + j) * panel_size) = v[i];
-            }
+            transform_input(d, t0, ci);
           }
+      }
       // the 16 products M_ξ [C_out][tiles] = U_ξ · V_ξ, channel blocks outer as in pointwise.h
       const T* un = packed + (samples_w == 1 ? 0 : n * kPositions * products);
       for (int xi = 0; xi < kPositions; ++xi) {
@@ -282,42 +319,60 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
         for (int64_t co = full_blocks * CB; co < C_out; ++co)
           run(std::integral_constant<int, 1>{}, co);
       }
-      // output transform: Y = Aᵀ M A (+ bias) for L tiles at a time, rows 2·ty and 2·ty + 1
+      // output transform: Y = Aᵀ M A (+ bias) for L tiles at a time: out[i][k] = the output
+      // pixels (2·ty + i, 2·tx + k) of the L tiles from `tile` on
       const T* bn = bias ? bias + n * b_stride : nullptr;
       T* yn = y + n * C_out * HW;
+      const auto transform_output = [&](int64_t co, int64_t tile, T b0, Vec<T> (&out)[2][2]) {
+        const T* mp = m + co * tiles + tile;
+        Vec<T> s[2][4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const Vec<T> m0 = *reinterpret_cast<const Vec<T>*>(mp + (0 + j) * C_out * tiles);
+          const Vec<T> m1 = *reinterpret_cast<const Vec<T>*>(mp + (4 + j) * C_out * tiles);
+          const Vec<T> m2 = *reinterpret_cast<const Vec<T>*>(mp + (8 + j) * C_out * tiles);
+          const Vec<T> m3 = *reinterpret_cast<const Vec<T>*>(mp + (12 + j) * C_out * tiles);
+          s[0][j] = m0 + m1 + m2;
+          s[1][j] = m1 - m2 - m3;
+        }
+#pragma GCC unroll 2
+        for (int i = 0; i < 2; ++i) {
+          out[i][0] = s[i][0] + s[i][1] + s[i][2] + b0;
+          out[i][1] = s[i][1] - s[i][2] - s[i][3] + b0;
+        }
+      };
       for (int64_t co = 0; co < C_out; ++co) {
         const T b0 = bn ? bn[co] : T(0);
+        T* yc = yn + co * HW;
+        if (narrow) {
+          for (int64_t t0 = 0; t0 < vused; t0 += L) {
+            Vec<T> out[2][2];
+            transform_output(co, t0, b0, out);
+            for (int l = 0; l < L && t0 + l < used; ++l) {
+              const int64_t h = 2 * (ty0 + (t0 + l) / tw), col = 2 * ((t0 + l) % tw);
+              for (int i = 0; i < 2 && h + i < H; ++i)
+                for (int k = 0; k < 2 && col + k < W; ++k) yc[(h + i) * W + col + k] = out[i][k][l];
+            }
+          }
+          continue;
+        }
         for (int64_t a = 0; a < rows_here; ++a) {
           const int64_t h = 2 * (ty0 + a);
-          T* y0 = yn + co * HW + h * W;
-          T* y1 = h + 1 < H ? y0 + W : nullptr;
           for (int64_t tx = 0; tx < tw; tx += L) {
-            const T* mp = m + co * tiles + a * twp + tx;
-            Vec<T> s[2][4];
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; ++j) {
-              const Vec<T> m0 = *reinterpret_cast<const Vec<T>*>(mp + (0 + j) * C_out * tiles);
-              const Vec<T> m1 = *reinterpret_cast<const Vec<T>*>(mp + (4 + j) * C_out * tiles);
-              const Vec<T> m2 = *reinterpret_cast<const Vec<T>*>(mp + (8 + j) * C_out * tiles);
-              const Vec<T> m3 = *reinterpret_cast<const Vec<T>*>(mp + (12 + j) * C_out * tiles);
-              s[0][j] = m0 + m1 + m2;
-              s[1][j] = m1 - m2 - m3;
-            }
-            T* out[2] = {y0, y1};
-            for (int i = 0; i < 2; ++i) {
-              if (!out[i]) break;
-              const Vec<T> left = s[i][0] + s[i][1] + s[i][2] + b0;
-              const Vec<T> right = s[i][1] - s[i][2] - s[i][3] + b0;
-              const int64_t col = 2 * tx;
+            Vec<T> out[2][2];
+            transform_output(co, a * twp + tx, b0, out);
+            const int64_t col = 2 * tx;
+            for (int i = 0; i < 2 && h + i < H; ++i) {
+              T* row = yc + (h + i) * W;
               if (col + 2 * L <= W) {
-                *reinterpret_cast<UnalignedVec<T>*>(out[i] + col) =
-                    interleave_low<T>(left, right, Lanes<T>{});
-                *reinterpret_cast<UnalignedVec<T>*>(out[i] + col + L) =
-                    interleave_high<T>(left, right, Lanes<T>{});
+                *reinterpret_cast<UnalignedVec<T>*>(row + col) =
+                    interleave_low<T>(out[i][0], out[i][1], Lanes<T>{});
+                *reinterpret_cast<UnalignedVec<T>*>(row + col + L) =
+                    interleave_high<T>(out[i][0], out[i][1], Lanes<T>{});
               } else {
                 for (int l = 0; l < L && col + 2 * l < W; ++l) {
-                  out[i][col + 2 * l] = left[l];
-                  if (col + 2 * l + 1 < W) out[i][col + 2 * l + 1] = right[l];
+                  row[col + 2 * l] = out[i][0][l];
+                  if (col + 2 * l + 1 < W) row[col + 2 * l + 1] = out[i][1][l];
                 }
               }
             }

@@ -28,12 +28,13 @@ def test_interleaved_dynamic_conv():
     assert len(rows) == 2 and all(row.count("|") == 6 for row in rows), out
 
 
-def test_interleaved_dynamic_conv_forces_each_3x3_algorithm():
-    out = run("interleaved_dynamic_conv.py", "--shapes", "1x16x32x32", "--rounds", "2",
-              "--mode", "forward", "--impls", "static-conv", "cpu", "cpu-direct3x3",
-              "cpu-winograd3x3")
-    rows = [line for line in out.splitlines() if line.startswith("| 16 at 32×32 (batch 1)")]
-    assert len(rows) == 1 and rows[0].count("|") == 7, out
+def test_interleaved_dynamic_conv_forces_each_plan_and_3x3_algorithm():
+    out = run("interleaved_dynamic_conv.py", "--shapes", "1x16x32x32", "2x16x24x16x16",
+              "--rounds", "2", "--mode", "forward", "--impls", "static-conv", "cpu",
+              "cpu-direct3x3", "cpu-winograd3x3", "cpu-gemm-plan")
+    rows = [line for line in out.splitlines() if line.startswith("| 16 at 32×32 (batch 1)")
+            or line.startswith("| 16 → 24 at 16×16 (batch 2)")]
+    assert len(rows) == 2 and all(row.count("|") == 8 for row in rows), out
 
 
 def test_interleaved_dynamic_conv_rejects_a_bad_shape():

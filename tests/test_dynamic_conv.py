@@ -320,6 +320,17 @@ def test_auto_plans_differ_between_forward_and_backward(monkeypatch):
                             "cpu")
 
 
+@pytest.mark.parametrize("name,value", [("FASTSEG_DYNAMIC_CONV_CPU_PLAN", "fast"),
+                                        ("FASTSEG_DYNAMIC_CONV_CPU_3X3", "fft"),
+                                        ("FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES", "-1")])
+def test_cpu_switches_reject_bad_values(monkeypatch, name, value):
+    monkeypatch.setenv("FASTSEG_DYNAMIC_CONV_CPU_PLAN", "folded")  # reaches every switch
+    monkeypatch.setenv(name, value)
+    x, experts, routing, bias = DIRECT_CASES[0].inputs()
+    with pytest.raises(ValueError, match=name):
+        dynamic_conv2d(x, experts, routing, bias, backend="cpu")
+
+
 @pytest.mark.parametrize("variant", ["cpu-folded-direct", "cpu-folded-winograd"], indirect=True)
 def test_gradcheck_float64_3x3(variant):
     """The folded plan's 3×3 convolutions (forward and input gradient) by either algorithm."""

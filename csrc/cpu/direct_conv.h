@@ -129,6 +129,34 @@ struct Finite {
 template <typename T>
 using MixRows = std::function<void(int64_t n, int64_t co, int channels, T* out)>;
 
+// In parallel over the items (block of CB output channels, sample), samples inner so a block's
+// K expert rows stay in L2 while every sample's mix of them is made; the full blocks first, then
+// the remaining channels one by one: pack(n, co, channels, rows) with rows = `channels` rows
+// [C_in·9] of w_n from row co on (w + n·w_stride, or mixed by `mix` into a per-thread buffer).
+// Returns whether every row was finite. samples: N, or 1 where one kernel serves all samples.
+template <typename T, int CB, typename Pack>
+bool for_each_kernel_block(const T* w, int64_t w_stride, const MixRows<T>* mix, int64_t samples,
+                           int64_t C_out, int64_t row, Pack&& pack) {
+  const int64_t full_blocks = C_out / CB, blocks = full_blocks + (C_out - full_blocks * CB);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, blocks * samples, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> mixed(mix ? CB * row : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i % samples, b = i / samples;
+      const int64_t co = b < full_blocks ? b * CB : full_blocks * CB + (b - full_blocks);
+      const int channels = b < full_blocks ? CB : 1;
+      const T* rows = w + n * w_stride + co * row;
+      if (mix) {
+        (*mix)(n, co, channels, mixed.data());
+        rows = mixed.data();
+      }
+      if (!all_finite(rows, channels * row)) finite = false;
+      pack(n, co, channels, rows);
+    }
+  });
+  return finite;
+}
+
 template <typename T>
 Finite conv3x3(const T* x, const T* w, int64_t w_stride, const MixRows<T>* mix, const T* bias,
                int64_t b_stride, T* y, int64_t N, int64_t C_in, int64_t C_out, int64_t H,
@@ -140,33 +168,19 @@ Finite conv3x3(const T* x, const T* w, int64_t w_stride, const MixRows<T>* mix, 
   // channels [C_in][9] each (their original layout). Not zero-filled: every value is written.
   const int64_t samples_w = w_stride == 0 && mix == nullptr ? 1 : N;
   std::unique_ptr<T[]> packed(new T[samples_w * kernel]);
-  std::atomic<bool> w_finite{true};
-  // Items: (block of output channels, sample), samples inner, so a block's K expert rows stay in
-  // L2 while every sample's mix of them is packed; the full blocks first, then the remaining
-  // channels one by one. A block's CB (mixed) rows are interleaved into its packed layout.
-  const int64_t blocks = full_blocks + (C_out - full_blocks * CB);
-  at::parallel_for(0, blocks * samples_w, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> mixed(mix ? CB * row : 0);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i % samples_w, b = i / samples_w;
-      const int64_t co0 = b < full_blocks ? b * CB : full_blocks * CB + (b - full_blocks);
-      const int channels = b < full_blocks ? CB : 1;
-      const T* rows = w + n * w_stride + co0 * row;
-      if (mix) {
-        (*mix)(n, co0, channels, mixed.data());
-        rows = mixed.data();
-      }
-      if (!all_finite(rows, channels * row)) w_finite = false;
-      T* dst = packed.get() + n * kernel + co0 * row;
-      if (channels == CB) {
-        for (int64_t r = 0; r < row; ++r)
+  // A block's CB (mixed) rows are interleaved into its packed layout.
+  const bool w_finite = for_each_kernel_block<T, CB>(
+      w, w_stride, mix, samples_w, C_out, row,
+      [&](int64_t n, int64_t co0, int channels, const T* rows) {
+        T* dst = packed.get() + n * kernel + co0 * row;
+        if (channels == CB) {
+          for (int64_t r = 0; r < row; ++r)
 #pragma GCC unroll 8
-          for (int c = 0; c < CB; ++c) dst[r * CB + c] = rows[c * row + r];
-      } else {
-        std::memcpy(dst, rows, row * sizeof(T));
-      }
-    }
-  });
+            for (int c = 0; c < CB; ++c) dst[r * CB + c] = rows[c * row + r];
+        } else {
+          std::memcpy(dst, rows, row * sizeof(T));
+        }
+      });
   const int64_t row_slots = (W + L - 1) / L, Wp = row_slots * L + 2, rs = C_in * Wp;
   const int64_t R = rows_per_task(C_in, H, Wp, sizeof(T), budget);
   const int64_t row_blocks = (H + R - 1) / R;

@@ -150,33 +150,23 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
   // the calling thread's buffer, read by every thread of the call
   const Scratch<T, Use::kernels> kernels(samples_w * kPositions * products);
   T* const packed = kernels.data();
-  std::atomic<bool> w_finite{true};
-  const int64_t blocks = full_blocks + (C_out - full_blocks * CB);
-  at::parallel_for(0, blocks * samples_w, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> mixed(mix ? CB * row : 0), block(kPositions * (CB * C_in + kLanes<T>));
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i % samples_w, b = i / samples_w;
-      const int64_t co0 = b < full_blocks ? b * CB : full_blocks * CB + (b - full_blocks);
-      const int channels = b < full_blocks ? CB : 1;
-      const T* rows = w + n * w_stride + co0 * row;
-      if (mix) {
-        (*mix)(n, co0, channels, mixed.data());
-        rows = mixed.data();
-      }
-      if (!all_finite(rows, channels * row)) w_finite = false;
-      // the block's transforms first ([16][C_in·channels], each position's run padded by a
-      // vector: runs of a power-of-two size put the 16 values of a transform in one L1 set),
-      // then one run per position: a position's values of the block are contiguous in the
-      // packed order
-      const int64_t run = C_in * channels, stride = run + kLanes<T>;
-      for (int c = 0; c < channels; ++c)
-        for (int64_t ci = 0; ci < C_in; ++ci)
-          transform_kernel(rows + c * row + ci * 9, block.data() + ci * channels + c, stride);
-      T* dst = packed + n * kPositions * products + co0 * C_in;
-      for (int xi = 0; xi < kPositions; ++xi)
-        std::memcpy(dst + xi * products, block.data() + xi * stride, run * sizeof(T));
-    }
-  });
+  const bool w_finite = direct_conv::for_each_kernel_block<T, CB>(
+      w, w_stride, mix, samples_w, C_out, row,
+      [&](int64_t n, int64_t co0, int channels, const T* rows) {
+        // the block's transforms first ([16][C_in·channels], each position's run padded by a
+        // vector: runs of a power-of-two size put the 16 values of a transform in one L1 set),
+        // then one run per position: a position's values of the block are contiguous in the
+        // packed order
+        thread_local std::vector<T> block;
+        const int64_t run = C_in * channels, stride = run + kLanes<T>;
+        block.resize(std::max<int64_t>(block.size(), kPositions * stride));
+        for (int c = 0; c < channels; ++c)
+          for (int64_t ci = 0; ci < C_in; ++ci)
+            transform_kernel(rows + c * row + ci * 9, block.data() + ci * channels + c, stride);
+        T* dst = packed + n * kPositions * products + co0 * C_in;
+        for (int xi = 0; xi < kPositions; ++xi)
+          std::memcpy(dst + xi * products, block.data() + xi * stride, run * sizeof(T));
+      });
 
   // Tiles: th × tw per sample. Each tile row is padded to twp (a multiple of L) so that a vector
   // of tiles never spans two rows (the padding tiles are computed from zeros and not stored);

@@ -113,9 +113,9 @@ bool direct(const Geometry& g);
 // measured at LightAWNet's shapes: 256 channels at 8² and 16²). The forward and the backward
 // choose separately (the backward recomputes what it needs from x, the experts and the routing):
 // a forward whose 3×3 convolution the folded plan computes itself (direct(), below) takes the
-// folded plan from 16² outputs up, where that convolution is 1.4–1.5× faster than the gemm
-// plan's forward (batch 1 and 8, 64 → 128 to 256 → 256 channels; at 8² 0.6–0.9×, so those keep
-// the gemm plan). The environment variable FASTSEG_DYNAMIC_CONV_CPU_PLAN=folded|gemm forces a
+// folded plan from 16² outputs up, where the gemm plan's forward takes 1.3–1.8× as long (batch
+// 1 and 8, 64 → 128 to 256 → 256 channels; at 8² the folded plan's takes 1.1–1.6× the gemm
+// plan's, so those keep it). The environment variable FASTSEG_DYNAMIC_CONV_CPU_PLAN=folded|gemm forces a
 // plan for both (tests run both on any shape); =stacked forces fastseg/ops/dynamic_conv.py's third
 // plan where it applies (groups 1), so a call that reaches this file with it picks by shape.
 Plan choose_plan(const Geometry& g, bool forward) {

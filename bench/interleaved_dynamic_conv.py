@@ -53,6 +53,11 @@ def make_forced_run(impl, shape, mode, c_out=None):
     return forced
 
 
+def with_c_out(shape):
+    """(N, C, H, W) → (N, C, C, H, W): C_out = C_in."""
+    return shape[:2] + shape[1:]
+
+
 def parse_shape(text):
     """``"8x16x128x128"`` → ``(8, 16, 16, 128, 128)`` (N, C_in, C_out, H, W); five sizes give
     C_out."""
@@ -63,7 +68,7 @@ def parse_shape(text):
     if len(shape) not in (4, 5) or min(shape) < 1:
         raise argparse.ArgumentTypeError(
             f"a shape is NxCxHxW or NxC_inxC_outxHxW with positive sizes, got {text!r}")
-    return shape if len(shape) == 5 else shape[:2] + shape[1:]
+    return shape if len(shape) == 5 else with_c_out(shape)
 
 
 def main(argv=None):
@@ -74,7 +79,7 @@ def main(argv=None):
                         default=["static-conv", "reference", "reference-compiled", "cpu"])
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--shapes", nargs="+", metavar="NxCxHxW", type=parse_shape,
-                        default=[s[:2] + s[1:] for s in SHAPES],
+                        default=[with_c_out(s) for s in SHAPES],
                         help="default: LightAWNet's, as in bench_dynamic_conv.py")
     args = parser.parse_args(argv)
     if "static-conv" not in args.impls or "cpu" not in args.impls:

@@ -106,7 +106,12 @@ void check_cpu(const at::Tensor& x) {
 
 enum class Plan { folded, gemm };
 
-bool direct(const Geometry& g);
+// Whether the folded plan runs its 3×3 convolutions itself (conv3x3 below: direct or Winograd)
+// instead of oneDNN.
+bool direct(const Geometry& g) {
+  return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.ph == 1 && g.pw == 1 && g.dh == 1 &&
+         g.dw == 1 && g.groups == 1;
+}
 
 // The gemm plan pays an im2col (kh·kw copies of x) to avoid materialising every sample's kernel;
 // it wins when a sample's kernel is at least as large as its im2col (groups = 1: C_out ≥ H_out·W_out;
@@ -392,13 +397,6 @@ at::Tensor mix_all(const Geometry& g, const at::Tensor& experts, const at::Tenso
     });
   });
   return w;
-}
-
-// Whether the folded plan runs its 3×3 convolutions itself (conv3x3 below: direct or Winograd)
-// instead of oneDNN.
-bool direct(const Geometry& g) {
-  return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.ph == 1 && g.pw == 1 && g.dh == 1 &&
-         g.dw == 1 && g.groups == 1;
 }
 
 // Which algorithm runs a direct() 3×3 convolution (the forward, and the input gradient with C_in

@@ -111,10 +111,20 @@ struct Panel {
   T* data(int64_t C_in, int64_t pixels) {
     const int64_t tiles = (pixels + kTilePixels<T> - 1) / kTilePixels<T>;
     storage.resize(tiles * C_in * kTilePixels<T> + kLanes<T>);
-    const auto address = reinterpret_cast<std::uintptr_t>(storage.data());
-    return storage.data() + (kVectorBytes - address % kVectorBytes) % kVectorBytes / sizeof(T);
+    return simd::aligned(storage.data());
   }
 };
+
+// f(std::integral_constant<int, kChannelBlock>{}, co) for each full block of output channels
+// from co on, then f(std::integral_constant<int, 1>{}, co) for each channel that remains: the
+// tiles' channel counts, in the packed weights' order (pack_weights).
+template <typename F>
+inline void for_each_channel_block(int64_t C_out, F&& f) {
+  constexpr int CB = kChannelBlock;
+  const int64_t full = C_out / CB * CB;
+  for (int64_t co = 0; co < full; co += CB) f(std::integral_constant<int, CB>{}, co);
+  for (int64_t co = full; co < C_out; ++co) f(std::integral_constant<int, 1>{}, co);
+}
 
 // y[co][p] = b[co] + Σ_ci w[co][ci] · x[ci][p] for p in [0, pixels): x rows at stride ldx, y rows
 // at stride ldy, `packed` from pack_weights, b [C_out] or null. `panel`: scratch for the block's
@@ -122,9 +132,9 @@ struct Panel {
 template <typename T>
 void product(const T* x, int64_t ldx, int64_t C_in, const T* packed, int64_t C_out, const T* b,
              T* y, int64_t ldy, int64_t pixels, Panel<T>& panel) {
-  constexpr int CB = kChannelBlock, PV = kTileVectors, TP = kTilePixels<T>;
+  constexpr int PV = kTileVectors, TP = kTilePixels<T>;
   T* pp = panel.data(C_in, pixels);
-  const int64_t tiles = (pixels + TP - 1) / TP, full = C_out / CB * CB;
+  const int64_t tiles = (pixels + TP - 1) / TP;
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t p0 = t * TP;
     const int n = static_cast<int>(std::min<int64_t>(TP, pixels - p0));
@@ -139,7 +149,7 @@ void product(const T* x, int64_t ldx, int64_t C_in, const T* packed, int64_t C_o
   // tile's panel kept in L1), every tile stored to all C_out rows at once: C_out interleaved
   // streams of 3 cache lines each, whose write-allocates the prefetchers do not follow; 16 → 64
   // channels at 1×128² took 1.4–1.9× as long that way (bench/RESULTS.md, "Ops: `pointwise_conv2d`").
-  const auto run = [&](auto channels, int64_t co) {
+  for_each_channel_block(C_out, [&](auto channels, int64_t co) {
     constexpr int cb = decltype(channels)::value;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t p0 = t * TP;
@@ -147,9 +157,7 @@ void product(const T* x, int64_t ldx, int64_t C_in, const T* packed, int64_t C_o
       tile<T, cb, PV>(pp + t * C_in * TP, C_in, packed + co * C_in, b ? b + co : nullptr,
                       y + co * ldy + p0, ldy, n);
     }
-  };
-  for (int64_t co = 0; co < full; co += CB) run(std::integral_constant<int, CB>{}, co);
-  for (int64_t co = full; co < C_out; ++co) run(std::integral_constant<int, 1>{}, co);
+  });
 }
 
 }  // namespace pointwise

@@ -3,6 +3,8 @@
 // otherwise (AVX2; -march decides, see setup.py).
 #pragma once
 
+#include <cstdint>
+
 namespace fastseg {
 namespace simd {
 
@@ -21,6 +23,14 @@ constexpr int kLanes = kVectorBytes / sizeof(T);
 
 template <typename T>
 inline Vec<T> load(const T* p) { return *reinterpret_cast<const UnalignedVec<T>*>(p); }
+
+// The first address from p on that is aligned to the vector (p must have room for up to
+// kLanes<T> − 1 values more).
+template <typename T>
+inline T* aligned(T* p) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p);
+  return p + (kVectorBytes - address % kVectorBytes) % kVectorBytes / sizeof(T);
+}
 
 // A tile's accumulators: acc[c][v] = b[c] in every lane (0 where b is null).
 template <typename T, int CB, int PV>

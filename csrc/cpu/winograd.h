@@ -123,9 +123,7 @@ class Scratch {
       own_.reset(new T[size]);
       base = own_.get();
     }
-    const auto address = reinterpret_cast<std::uintptr_t>(base);
-    data_ = base + (simd::kVectorBytes - address % simd::kVectorBytes) % simd::kVectorBytes /
-                       sizeof(T);
+    data_ = simd::aligned(base);
   }
   T* data() const { return data_; }
 
@@ -146,7 +144,6 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
   constexpr int TP = pointwise::kTilePixels<T>;
   static_assert(PV == 3, "the products dispatch tiles of 1, 2 or 3 vectors");
   const int64_t HW = H * W, row = C_in * 9, products = C_out * C_in;
-  const int64_t full_blocks = C_out / CB;
   // Transformed kernels per sample: [16][C_out·C_in], each position's matrix in pointwise's
   // packed order (blocks of CB output channels [C_in][CB], then single channels [C_in]).
   const int64_t samples_w = w_stride == 0 && mix == nullptr ? 1 : N;
@@ -295,7 +292,7 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
         const T* panel = panels + xi * panel_size;
         const T* u = un + xi * products;
         T* mx = m + xi * C_out * tiles;
-        const auto run = [&](auto channels, int64_t co) {
+        pointwise::for_each_channel_block(C_out, [&](auto channels, int64_t co) {
           constexpr int cb = decltype(channels)::value;
           for (int64_t gi = 0; gi < groups; ++gi) {
             const T* pg = panel + gi * C_in * TP;
@@ -306,11 +303,7 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
               default: pointwise::tile<T, cb, 1>(pg, C_in, u + co * C_in, nullptr, mg, tiles, L); break;
             }
           }
-        };
-        for (int64_t co = 0; co < full_blocks * CB; co += CB)
-          run(std::integral_constant<int, CB>{}, co);
-        for (int64_t co = full_blocks * CB; co < C_out; ++co)
-          run(std::integral_constant<int, 1>{}, co);
+        });
       }
       // output transform: Y = Aᵀ M A (+ bias) for L tiles at a time: out[i][k] = the output
       // pixels (2·ty + i, 2·tx + k) of the L tiles from `tile` on

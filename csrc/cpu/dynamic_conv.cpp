@@ -10,9 +10,10 @@
 //   conv) run the forward and the backward's input gradient as csrc/cpu/direct_conv.h's direct
 //   convolution instead (forward 1.1–1.5× oneDNN at 64² – 128², 3.5× at 16 → 16 channels × 256²,
 //   8× at 16 → 1; forward + backward at batch 8: 1.0–1.6×), or from 16 → 32 channels up as
-//   csrc/cpu/winograd.h's Winograd convolution (choose_3x3). The backward mixes again and reduces
-//   the per-sample weight gradients into the expert and routing gradients. All per-sample
-//   kernels together are small here.
+//   csrc/cpu/winograd.h's Winograd convolution (choose_3x3). The backward reduces the per-sample
+//   weight gradients (oneDNN's, of the folded convolution) into the expert and routing
+//   gradients; its input gradient mixes again (the 3×3 one from experts transposed and turned
+//   once, while the convolution packs them). All per-sample kernels together are small here.
 // * gemm (large kernels, small images), where all per-sample kernels together are as large as the
 //   rest of the work: im2col + GEMM with the reduction split into blocks of input channels.
 //   A block of W_n (some output rows × some input channels' taps) is mixed for a block of samples
@@ -474,27 +475,58 @@ at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tens
       .view({g.N, g.C_out, g.Ho, g.Wo});
 }
 
+// [K, C_in, C_out, 3, 3]: each expert [C_out, C_in, 3, 3] transposed and turned by 180°,
+// turned[k][i][o][t] = experts[k][o][i][8 − t] (groups 1), in parallel over (k, i).
+template <typename T>
+at::Tensor turn_experts(const Geometry& g, const at::Tensor& experts) {
+  at::Tensor turned = at::empty({g.K, g.C_in, g.C_out, 3, 3}, experts.options());
+  const T* e = experts.data_ptr<T>();
+  T* out = turned.data_ptr<T>();
+  at::parallel_for(0, g.K * g.C_in, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ki = begin; ki < end; ++ki) {
+      const int64_t k = ki / g.C_in, i = ki % g.C_in;
+      T* dst = out + ki * g.C_out * 9;
+      for (int64_t o = 0; o < g.C_out; ++o) {
+        const T* src = e + ((k * g.C_out + o) * g.C_in + i) * 9;
+        for (int t = 0; t < 9; ++t) dst[o * 9 + t] = src[8 - t];
+      }
+    }
+  });
+  return turned;
+}
+
 // (grad_x, grad_experts [K, C_out·R], grad_routing without the bias term, Σ_hw grad_out [N, C_out]).
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
                       const at::Tensor& experts, const at::Tensor& routing) {
-  const at::Tensor w = mix_all(g, experts, routing);
   const bool direct_grad_x = direct(g);
+  // oneDNN's weight gradient reads only the kernel's shape: where the input gradient is ours
+  // (below), no kernel is mixed for it.
+  const at::Tensor w = direct_grad_x
+                           ? at::empty({g.N * g.C_out, g.ci, g.kh, g.kw}, experts.options())
+                           : mix_all(g, experts, routing);
   auto [grad_x, grad_w, unused] = at::convolution_backward(
       grad_out.view({1, g.N * g.C_out, g.Ho, g.Wo}), x.view({1, g.N * g.C_in, g.H, g.W}), w,
       std::nullopt, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, g.groups * g.N,
       {!direct_grad_x, true, false});
   if (direct_grad_x) {
     // The input gradient of a 3×3 convolution at stride 1, padding 1 is the 3×3 convolution of
-    // grad_out with every kernel transposed (C_in ↔ C_out) and turned by 180°.
-    const at::Tensor wt = w.view({g.N, g.C_out, g.C_in, 3, 3}).transpose(1, 2).flip({3, 4})
-                              .contiguous();
+    // grad_out with every kernel transposed (C_in ↔ C_out) and turned by 180°. Mixing is linear:
+    // the experts are turned so once, and each sample's kernel is mixed from them while the
+    // convolution packs it, as in the forward.
     grad_x = at::empty({g.N, g.C_in, g.H, g.W}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct_grad_x", [&] {
-      conv3x3<scalar_t>(grad_out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
-                        g.C_in * g.C_out * 9, nullptr, nullptr, 0, grad_x.data_ptr<scalar_t>(),
-                        g.N, g.C_out, g.C_in, g.H, g.W);
+      const at::Tensor turned = turn_experts<scalar_t>(g, experts);  // [K, C_in, C_out, 3, 3]
+      const scalar_t* e = turned.data_ptr<scalar_t>();
+      const scalar_t* r = routing.data_ptr<scalar_t>();
+      const int64_t row = g.C_out * 9, kernel = g.C_in * row;
+      const direct_conv::MixRows<scalar_t> mix = [&](int64_t n, int64_t ci, int channels,
+                                                     scalar_t* out) {
+        mix_kernels(r + n * g.K, 1, g.K, e + ci * row, kernel, row, channels, row, out);
+      };
+      conv3x3<scalar_t>(grad_out.data_ptr<scalar_t>(), e, 0, &mix, nullptr, 0,
+                        grad_x.data_ptr<scalar_t>(), g.N, g.C_out, g.C_in, g.H, g.W);
     });
   }
   // The reduction in segments of the kernel, in parallel: a segment's gradients of all samples

@@ -225,12 +225,20 @@ def test_block_boundaries(variant, case, threads, dtype):
 # ("-rows") or several, a batch of one split into tasks, rows of tiles narrower than a vector
 # (packed: 14 wide, 7 tiles; and the narrow cases above), and transformed kernels too large for
 # the buffer a thread keeps between calls (8 MiB).
+#
+# The backward's weight gradients up to 16 output channels (direct_conv.h's weight_grad3x3; more
+# channels: oneDNN) run on the same shapes: output channels in pairs (AVX-512) or singly, with a
+# single one left (3, 1; 8 and 16 even), rows in vectors with a partial last one (37, 5; 48 and
+# 1 wide), a sample's rows in one task or in several whose partial sums are added afterwards
+# ("-rows": one row each; the batch of one with 70 rows: 4 blocks at 2 threads).
 DIRECT_CASES = [
     Case("direct-19ch-37wide", 2, 21, 19, 13, 37, 3, (3, 3)),
     Case("direct-32ch-32wide", 2, 17, 32, 6, 32, 3, (3, 3)),
     Case("direct-3ch-narrow", 3, 6, 3, 11, 5, 2, (3, 3), bias=False),
     Case("direct-1ch-70rows", 1, 21, 1, 70, 37, 4, (3, 3)),
     Case("direct-8ch-single-pixel", 2, 2, 8, 1, 1, 2, (3, 3)),
+    # 16 output channels: the most whose weight gradients the folded plan computes itself
+    Case("direct-16ch-48wide", 2, 5, 16, 9, 48, 2, (3, 3)),
     Case("winograd-batch1-200wide", 1, 16, 19, 9, 200, 2, (3, 3)),
     Case("winograd-40ch-odd", 2, 40, 24, 7, 33, 3, (3, 3), routing="softmax"),
     # rows of 7 tiles, narrower than a vector: packed across rows, gathered and scattered
@@ -464,11 +472,12 @@ def test_bad_inputs_raise_clear_errors(backend, case):
 @pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None, reason="extension not built")
 @pytest.mark.parametrize("name", ["x", "experts", "routing", "bias"])
 def test_stacked_plan_rejects_non_finite_inputs(name):
-    """The cpu backend's stacked plan (few output channels: LightAWNet's head) is ATen's
-    convolution, not a kernel that checks its inputs while reading them: it must check first."""
+    """The cpu backend's stacked plan (few output channels, kernels other than 3×3 at stride 1)
+    is ATen's convolution, not a kernel that checks its inputs while reading them: it must check
+    first."""
     g = torch.Generator().manual_seed(0)
     args = dict(x=torch.randn(2, 4, 6, 6, generator=g),
-                experts=torch.randn(3, 1, 4, 3, 3, generator=g),
+                experts=torch.randn(3, 1, 4, 5, 5, generator=g),
                 routing=torch.rand(2, 3, generator=g), bias=torch.randn(3, 1, generator=g))
     assert fastseg.ops.dynamic_conv._cpu_plan_is_stacked(args["experts"], 1, needs_grad=True)
     args[name].view(-1)[1] = float("nan")
@@ -479,10 +488,16 @@ def test_stacked_plan_rejects_non_finite_inputs(name):
 
 @pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None, reason="extension not built")
 def test_few_output_channels_without_grad_take_the_folded_plan():
-    """Inference (no gradient asked for) skips the stacked plan: LightAWNet's head, 16 → 1
-    channel with 4 experts, runs the folded plan's direct convolution; both plans compute the same."""
+    """Inference (no gradient asked for) skips the stacked plan, and so does a 3×3 kernel at
+    stride 1 with one: LightAWNet's head, 16 → 1 channel with 4 experts, runs the folded plan's
+    direct convolution and weight gradients. Other kernels with a gradient take the stacked plan."""
     experts = torch.randn(4, 1, 16, 3, 3, generator=torch.Generator().manual_seed(0))
-    assert not fastseg.ops.dynamic_conv._cpu_plan_is_stacked(experts, 1, needs_grad=False)
+    is_stacked = fastseg.ops.dynamic_conv._cpu_plan_is_stacked
+    assert not is_stacked(experts, 1, needs_grad=False)
+    assert not is_stacked(experts, 1, needs_grad=True)
+    assert is_stacked(experts, 1, True, stride=(2, 2))
+    assert is_stacked(experts, 1, True, dilation=(2, 2), padding=(2, 2))
+    assert is_stacked(experts[..., :1, :1], 1, True, padding=(0, 0))
     x, _, routing, bias = Case("head", 2, 16, 1, 12, 21, 4, (3, 3)).inputs()
     expected = dynamic_conv2d_reference(x, experts, routing, bias)
     with torch.no_grad():
@@ -490,7 +505,7 @@ def test_few_output_channels_without_grad_take_the_folded_plan():
                      "no-grad output")
     y, = torch.autograd.grad(dynamic_conv2d(x, experts.requires_grad_(), routing, bias,
                                             backend="cpu").sum(), experts)
-    assert y.shape == experts.shape  # the stacked plan, differentiated by ATen
+    assert y.shape == experts.shape
 
 
 def test_padding_none_needs_stride_1():

@@ -16,7 +16,8 @@
 // (a row's last slot may be partial) and consecutive slots form a tile, across rows when rows are
 // narrower than a tile (LightAWNet's 16² stages), so no lane is spent on a short row's padding.
 // Used for dynamic_conv2d's forward and for its input gradient (the same convolution of grad_out
-// with the kernels transposed and turned by 180°).
+// with the kernels transposed and turned by 180°); weight_grad3x3 at the end computes its
+// per-sample weight gradients.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -243,6 +244,132 @@ Finite conv3x3(const T* x, const T* w, int64_t w_stride, const MixRows<T>* mix, 
     }
   });
   return {finite, w_finite};
+}
+
+// --- weight gradients ----------------------------------------------------------------------------
+
+#if defined(__AVX512F__)
+// 2 output channels × 9 taps of accumulators (18 of 32 registers; 3 × 9 left one register free
+// for 3 gradient vectors and the input vector)
+constexpr int kGradChannels = 2;
+#else
+constexpr int kGradChannels = 1;  // 9 accumulators of 16 registers
+#endif
+
+// out[o·out_stride + t] += Σ over the rows and vectors of g_o · x shifted by tap t, for CO output
+// channels: x is one input channel's padded row 0 (row r at x + r·xrs, image column j at j + 1,
+// zero around the image), g output channel o0's gradient row 0 (channel o at g + o·gcs, row h at
+// g + h·grs, zero past the image's width), `vecs` vectors per row.
+template <typename T, int CO>
+__attribute__((always_inline)) inline void weight_grad_sums(const T* x, int64_t xrs, const T* g,
+                                                            int64_t gcs, int64_t grs, int64_t rows,
+                                                            int64_t vecs, T* out,
+                                                            int64_t out_stride) {
+  constexpr int L = kLanes<T>;
+  Vec<T> acc[CO][kTaps];
+#pragma GCC unroll 4
+  for (int o = 0; o < CO; ++o)
+#pragma GCC unroll 9
+    for (int t = 0; t < kTaps; ++t) acc[o][t] = Vec<T>{};
+  for (int64_t h = 0; h < rows; ++h) {
+    const T* xh = x + h * xrs;
+    const T* gh = g + h * grs;
+    for (int64_t j = 0; j < vecs; ++j) {
+      Vec<T> gv[CO];
+#pragma GCC unroll 4
+      for (int o = 0; o < CO; ++o) gv[o] = *reinterpret_cast<const Vec<T>*>(gh + o * gcs + j * L);
+#pragma GCC unroll 3
+      for (int ky = 0; ky < 3; ++ky)
+#pragma GCC unroll 3
+        for (int kx = 0; kx < 3; ++kx) {
+          const Vec<T> xv = load(xh + ky * xrs + j * L + kx);
+#pragma GCC unroll 4
+          for (int o = 0; o < CO; ++o) acc[o][ky * 3 + kx] += gv[o] * xv;
+        }
+    }
+  }
+  for (int o = 0; o < CO; ++o)
+    for (int t = 0; t < kTaps; ++t) {
+      T sum = 0;
+      for (int l = 0; l < L; ++l) sum += acc[o][t][l];
+      out[o * out_stride + t] += sum;
+    }
+}
+
+// Per-sample weight gradients of conv3x3 above (stride 1, padding 1, dilation 1, groups 1):
+// gw[n][o][c][3·ky + kx] = Σ_{h,w} gy[n][o][h][w] · x[n][c][h + ky − 1][w + kx − 1] (zero outside
+// the image), x [N, C_in, H, W] and gy [N, C_out, H, W] NCHW-contiguous, gw [N, C_out, C_in, 3, 3].
+//
+// Why: oneDNN's grouped convolution (the batch folded into the groups) computes these at
+// 2.6 GFLOP/s for LightAWNet's head (16 → 1 channel, 8 × 256²: 58 ms) and at 70–140 GFLOP/s
+// with 16 – 128 channels. Here the sums run in registers, CO output channels × 9 taps of vectors
+// of pixels, over a task's rows of the sample copied zero-padded ([rows + 2][C_in][Wp]: the
+// image's column j at j + 1, as in conv3x3) next to its rows of gy ([rows][C_out][Wv], zero past
+// W), both within `budget` bytes; each loaded gy vector is used 9 times, each x vector CO times.
+// Tasks are (sample, block of rows); a sample's blocks write partial sums that are added in
+// block order afterwards (deterministic).
+template <typename T>
+void weight_grad3x3(const T* x, const T* gy, T* gw, int64_t N, int64_t C_in, int64_t C_out,
+                    int64_t H, int64_t W, int64_t budget) {
+  constexpr int L = kLanes<T>, CO = kGradChannels;
+  const int64_t HW = H * W, vecs = (W + L - 1) / L, Wv = vecs * L, Wp = Wv + L;
+  const int64_t kernel = C_out * C_in * kTaps;
+  const int64_t per_row = (C_in * Wp + C_out * Wv) * static_cast<int64_t>(sizeof(T));
+  const int64_t fit = std::clamp<int64_t>(budget / per_row - 2, 1, H);
+  const int64_t wanted = (2 * at::get_num_threads() + N - 1) / N;
+  const int64_t blocks = std::max((H + fit - 1) / fit, std::min(H, wanted));
+  const int64_t R = (H + blocks - 1) / blocks, row_blocks = (H + R - 1) / R;
+  // one block per sample: its sums go to gw directly; else to per-task partial sums
+  std::vector<T> partial(row_blocks > 1 ? N * row_blocks * kernel : 0);
+  at::parallel_for(0, N * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xbuf((R + 2) * C_in * Wp), gbuf(R * C_out * Wv + L);
+    T* const gb = simd::aligned(gbuf.data());  // gy rows: aligned vector loads
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / row_blocks, h0 = task % row_blocks * R;
+      const int64_t rows = std::min(H, h0 + R) - h0;
+      T* const dst = row_blocks > 1 ? partial.data() + task * kernel : gw + n * kernel;
+      std::fill(dst, dst + kernel, T(0));
+      // The buffers start zeroed and only columns 1..W of x's rows and 0..W − 1 of gy's are ever
+      // copied to, so the padding stays zero; a row outside the image is zeroed, as an earlier
+      // task may have filled it.
+      const T* xn = x + n * C_in * HW;
+      for (int64_t r = 0; r < rows + 2; ++r) {
+        const int64_t h = h0 - 1 + r;
+        T* row = xbuf.data() + r * C_in * Wp;
+        if (h < 0 || h >= H) {
+          std::fill(row, row + C_in * Wp, T(0));
+          continue;
+        }
+        for (int64_t c = 0; c < C_in; ++c)
+          std::memcpy(row + c * Wp + 1, xn + c * HW + h * W, W * sizeof(T));
+      }
+      const T* gn = gy + n * C_out * HW;
+      for (int64_t h = 0; h < rows; ++h)
+        for (int64_t o = 0; o < C_out; ++o)
+          std::memcpy(gb + (h * C_out + o) * Wv, gn + o * HW + (h0 + h) * W, W * sizeof(T));
+      const int64_t full = C_out / CO * CO;
+      for (int64_t c = 0; c < C_in; ++c) {
+        const T* xc = xbuf.data() + c * Wp;
+        T* out = dst + c * kTaps;
+        for (int64_t o = 0; o < full; o += CO)
+          weight_grad_sums<T, CO>(xc, C_in * Wp, gb + o * Wv, Wv, C_out * Wv, rows, vecs,
+                                  out + o * C_in * kTaps, C_in * kTaps);
+        for (int64_t o = full; o < C_out; ++o)
+          weight_grad_sums<T, 1>(xc, C_in * Wp, gb + o * Wv, Wv, C_out * Wv, rows, vecs,
+                                 out + o * C_in * kTaps, C_in * kTaps);
+      }
+    }
+  });
+  if (row_blocks == 1) return;
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      T* out = gw + n * kernel;
+      const T* part = partial.data() + n * row_blocks * kernel;
+      std::copy(part, part + kernel, out);
+      for (int64_t b = 1; b < row_blocks; ++b)
+        for (int64_t i = 0; i < kernel; ++i) out[i] += part[b * kernel + i];
+    }
+  });
 }
 
 }  // namespace direct_conv

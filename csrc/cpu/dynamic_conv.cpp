@@ -11,9 +11,10 @@
 //   convolution instead (forward 1.1–1.5× oneDNN at 64² – 128², 3.5× at 16 → 16 channels × 256²,
 //   8× at 16 → 1; forward + backward at batch 8: 1.0–1.6×), or from 16 → 32 channels up as
 //   csrc/cpu/winograd.h's Winograd convolution (choose_3x3). The backward reduces the per-sample
-//   weight gradients (oneDNN's, of the folded convolution) into the expert and routing
-//   gradients; its input gradient mixes again (the 3×3 one from experts transposed and turned
-//   once, while the convolution packs them). All per-sample kernels together are small here.
+//   weight gradients (oneDNN's, of the folded convolution, or for those 3×3 ones with few output
+//   channels direct_conv.h's weight_grad3x3) into the expert and routing gradients; its input
+//   gradient mixes again (the 3×3 one from experts transposed and turned once, while the
+//   convolution packs them). All per-sample kernels together are small here.
 // * gemm (large kernels, small images), where all per-sample kernels together are as large as the
 //   rest of the work: im2col + GEMM with the reduction split into blocks of input channels.
 //   A block of W_n (some output rows × some input channels' taps) is mixed for a block of samples
@@ -475,6 +476,15 @@ at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tens
       .view({g.N, g.C_out, g.Ho, g.Wo});
 }
 
+// The folded backward's per-sample weight gradients of a direct() 3×3 convolution come from
+// direct_conv::weight_grad3x3 up to this many output channels, from oneDNN's grouped convolution
+// above. The backward op, both side by side in one process (15 alternating rounds, median of the
+// per-round ratios): weight_grad3x3 3.9–6× faster at 16 → 1 channel (LightAWNet's head; 8×256²,
+// 1×256²), 1.44–1.47× at 16 → 16 at 8×128², 0.89–1.24× at 16 → 16 (2×128², 1×256²) and 16 → 8;
+// 0.62–0.85× from 32 output channels up (16 → 32 at 8×128² to 128 → 256 at 8×16²), where
+// oneDNN's blocked kernels reuse each loaded value more.
+constexpr int64_t kDirectWeightGradChannels = 16;
+
 // [K, C_in, C_out, 3, 3]: each expert [C_out, C_in, 3, 3] transposed and turned by 180°,
 // turned[k][i][o][t] = experts[k][o][i][8 − t] (groups 1), in parallel over (k, i).
 template <typename T>
@@ -501,15 +511,25 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
                       const at::Tensor& experts, const at::Tensor& routing) {
   const bool direct_grad_x = direct(g);
-  // oneDNN's weight gradient reads only the kernel's shape: where the input gradient is ours
-  // (below), no kernel is mixed for it.
-  const at::Tensor w = direct_grad_x
-                           ? at::empty({g.N * g.C_out, g.ci, g.kh, g.kw}, experts.options())
-                           : mix_all(g, experts, routing);
-  auto [grad_x, grad_w, unused] = at::convolution_backward(
-      grad_out.view({1, g.N * g.C_out, g.Ho, g.Wo}), x.view({1, g.N * g.C_in, g.H, g.W}), w,
-      std::nullopt, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, g.groups * g.N,
-      {!direct_grad_x, true, false});
+  at::Tensor grad_x, grad_w;
+  if (direct_grad_x && g.C_out <= kDirectWeightGradChannels) {
+    grad_w = at::empty({g.N * g.C_out, g.C_in, 3, 3}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct_grad_w", [&] {
+      direct_conv::weight_grad3x3<scalar_t>(x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                                            grad_w.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out,
+                                            g.H, g.W, block_bytes());
+    });
+  } else {
+    // oneDNN's weight gradient reads only the kernel's shape: where the input gradient is ours
+    // (below), no kernel is mixed for it.
+    const at::Tensor w = direct_grad_x
+                             ? at::empty({g.N * g.C_out, g.ci, g.kh, g.kw}, experts.options())
+                             : mix_all(g, experts, routing);
+    std::tie(grad_x, grad_w, std::ignore) = at::convolution_backward(
+        grad_out.view({1, g.N * g.C_out, g.Ho, g.Wo}), x.view({1, g.N * g.C_in, g.H, g.W}), w,
+        std::nullopt, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, g.groups * g.N,
+        {!direct_grad_x, true, false});
+  }
   if (direct_grad_x) {
     // The input gradient of a 3×3 convolution at stride 1, padding 1 is the 3×3 convolution of
     // grad_out with every kernel transposed (C_in ↔ C_out) and turned by 180°. Mixing is linear:

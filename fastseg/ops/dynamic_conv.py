@@ -195,9 +195,10 @@ def _stacked(x, experts, routing, bias, stride, padding, dilation):
     convolution by linearity; ATen differentiates both steps. It costs ``K`` times a static
     convolution's arithmetic and keeps the ``K·C_out`` expert outputs for the routing gradient
     (no per-sample kernel), which pays off only where oneDNN's grouped convolution is at its
-    slowest, a few output channels per group: LightAWNet's head, 16 → 1 channel at 8×128²,
-    forward + backward 59 ms in the folded plan against 27 ms here; 16 → 16 channels 19 against
-    116 ms."""
+    slowest, a few output channels per group (16 → 1 channel at 8×128², when the folded plan's
+    weight gradients were oneDNN's: 59 ms there against 27 ms here). 3×3 kernels at stride 1
+    no longer come here: the folded plan computes their weight gradients itself (see
+    :func:`_cpu_plan_is_stacked`)."""
     K, C_out = experts.shape[:2]
     flat_bias = None if bias is None else bias.reshape(K * C_out)
     y = F.conv2d(x, experts.reshape(K * C_out, *experts.shape[2:]), flat_bias, stride, padding,
@@ -206,17 +207,23 @@ def _stacked(x, experts, routing, bias, stride, padding, dilation):
     return y.contiguous(memory_format=output_memory_format(x))
 
 
-def _cpu_plan_is_stacked(experts, groups, needs_grad: bool) -> bool:
+def _cpu_plan_is_stacked(experts, groups, needs_grad: bool, stride=(1, 1), padding=(1, 1),
+                         dilation=(1, 1)) -> bool:
     """Whether the cpu backend takes :func:`_stacked`: for few output channels, when a gradient
-    will be asked for (its backward is the reason for it; without one, the C++ folded plan's
-    direct 3×3 convolution is faster still: LightAWNet's head at 1×256², 16 → 1 channel, 4
-    experts, ≈ 0.7 ms against 4.4 ms). FASTSEG_DYNAMIC_CONV_CPU_PLAN=stacked forces it wherever it
-    applies (groups 1), =folded or =gemm a C++ plan (csrc/cpu/dynamic_conv.cpp)."""
+    will be asked for (its backward is the reason for it), except for 3×3 kernels at stride 1,
+    padding 1 and dilation 1, whose convolutions and weight gradients the C++ folded plan
+    computes itself (LightAWNet's head, 16 → 1 channel, 4 experts, forward + backward at
+    8×128²: 5.5 ms against 22–30 ms stacked; without a gradient at 1×256², ≈ 0.7 against 4.4
+    ms). FASTSEG_DYNAMIC_CONV_CPU_PLAN=stacked forces it wherever it applies (groups 1), =folded
+    or =gemm a C++ plan (csrc/cpu/dynamic_conv.cpp)."""
     if groups != 1:
         return False
     forced = os.environ.get("FASTSEG_DYNAMIC_CONV_CPU_PLAN", "").strip()
     if forced in ("", "auto"):
-        return needs_grad and experts.shape[0] * experts.shape[1] <= STACKED_MAX_CHANNELS
+        own_3x3 = (tuple(experts.shape[3:]) == (3, 3) and tuple(stride) == (1, 1)
+                   and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1))
+        return (needs_grad and not own_3x3
+                and experts.shape[0] * experts.shape[1] <= STACKED_MAX_CHANNELS)
     return forced == "stacked"
 
 
@@ -261,7 +268,8 @@ def dynamic_conv2d(x: torch.Tensor, experts: torch.Tensor, routing: torch.Tensor
     chosen = resolve_backend(backend, x.device, x.dtype)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, experts, routing, bias))
-    stacked = chosen == "cpu" and _cpu_plan_is_stacked(experts, groups, needs_grad)
+    stacked = chosen == "cpu" and _cpu_plan_is_stacked(experts, groups, needs_grad, stride,
+                                                         padding, dilation)
     # NaN/inf: the C++ cpu plans check their inputs themselves while they first read them (a
     # separate pass over x would cost a noticeable part of the op); the stacked plan is ATen's.
     if chosen != "cpu" or stacked:

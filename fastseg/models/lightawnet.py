@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import (CrossGate, DepthwiseConv2d, DynamicConv2d, GatedPointwise, MaxPool2x2,
-                      GlobalSelfAttention2d, PointwiseConv2d, SqueezeExcite)
+from ..layers import (BatchNormAct2d, CrossGate, DepthwiseConv2d, DynamicConv2d, GatedPointwise,
+                      GlobalSelfAttention2d, MaxPool2x2, PointwiseConv2d, SqueezeExcite)
 from ._common import bn_act, check_input, fuse_for_inference, store_arguments
 
 __all__ = ["LightAWNet"]
@@ -24,12 +24,13 @@ __all__ = ["LightAWNet"]
 
 class DynamicConvBN(nn.Sequential):
     """LightAWNet's adaptive weighting: DynamicConv2d (3×3, 4 experts, sigmoid routing, no bias,
-    normal init) → BatchNorm (eps 1e-6), no activation."""
+    normal init) → BatchNorm (eps 1e-6), no activation (a BatchNormAct2d with the identity: the
+    fused norm on the cpu backend, nn.BatchNorm2d's parameters and state_dict keys)."""
 
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
         super().__init__(DynamicConv2d(in_channels, out_channels, 3, num_experts=4,
                                        routing="sigmoid", init="normal", backend=backend),
-                         nn.BatchNorm2d(out_channels, eps=1e-6))
+                         BatchNormAct2d(out_channels, "identity", eps=1e-6, backend=backend))
 
 
 class Block(nn.Module):

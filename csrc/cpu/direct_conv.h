@@ -115,6 +115,14 @@ inline int64_t rows_per_task(int64_t C_in, int64_t H, int64_t Wp, int64_t item, 
   return (H + blocks - 1) / blocks;
 }
 
+// Rows per task of an image of `rows` rows in N samples: at most `fit` (≥ 1), but at least two
+// tasks per thread where the rows allow it (a small batch is split), evened out over the blocks.
+inline int64_t rows_per_thread_task(int64_t rows, int64_t fit, int64_t N) {
+  const int64_t wanted = (2 * at::get_num_threads() + N - 1) / N;
+  const int64_t blocks = std::max((rows + fit - 1) / fit, std::min(rows, wanted));
+  return (rows + blocks - 1) / blocks;
+}
+
 // Whether every value of x, and of the kernels, is finite: checked while x's rows are copied and
 // while the kernels are packed, in cache.
 struct Finite {
@@ -155,6 +163,30 @@ bool for_each_kernel_block(const T* w, int64_t w_stride, const MixRows<T>* mix, 
       pack(n, co, channels, rows);
     }
   });
+  return finite;
+}
+
+// rows[r][c][1 + j] = x_n[c][h0 − 1 + r][j] for r < count and every input channel c of one
+// sample's x_n [C_in, H, W], each row Wp values long; a row outside the image is zeroed whole (an
+// earlier task may have filled it), the other columns are left as they are. With Check: whether
+// every copied value is finite, checked while the rows are in cache.
+template <typename T, bool Check>
+bool copy_padded_rows(const T* xn, int64_t C_in, int64_t H, int64_t W, int64_t h0, int64_t count,
+                      int64_t Wp, T* rows) {
+  bool finite = true;
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t h = h0 - 1 + r;
+    T* dst = rows + r * C_in * Wp;
+    if (h < 0 || h >= H) {
+      std::memset(dst, 0, C_in * Wp * sizeof(T));
+      continue;
+    }
+    for (int64_t c = 0; c < C_in; ++c, dst += Wp) {
+      const T* src = xn + c * (H * W) + h * W;
+      if (Check && !all_finite(src, W)) finite = false;
+      std::memcpy(dst + 1, src, W * sizeof(T));
+    }
+  }
   return finite;
 }
 
@@ -203,20 +235,8 @@ Finite conv3x3(const T* x, const T* w, int64_t w_stride, const MixRows<T>* mix, 
         // gains are zero and only columns 1..W are ever copied to, so the padding columns stay
         // zero; a row outside the image is zeroed, as an earlier task may have filled it.
         rows.resize(nr * rs);
-        const T* xn = x + n * C_in * HW;
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t h = h0 - 1 + r;
-          T* dst = rows.data() + r * rs;
-          if (h < 0 || h >= H) {
-            std::memset(dst, 0, rs * sizeof(T));
-            continue;
-          }
-          for (int64_t ci = 0; ci < C_in; ++ci, dst += Wp) {
-            const T* src = xn + ci * HW + h * W;
-            if (!all_finite(src, W)) finite = false;
-            std::memcpy(dst + 1, src, W * sizeof(T));
-          }
-        }
+        if (!copy_padded_rows<T, true>(x + n * C_in * HW, C_in, H, W, h0, nr, Wp, rows.data()))
+          finite = false;
         slots.clear();
         for (int64_t h = h0; h < h1; ++h)
           for (int64_t j = 0; j < row_slots; ++j)
@@ -315,10 +335,8 @@ void weight_grad3x3(const T* x, const T* gy, T* gw, int64_t N, int64_t C_in, int
   const int64_t HW = H * W, vecs = (W + L - 1) / L, Wv = vecs * L, Wp = Wv + L;
   const int64_t kernel = C_out * C_in * kTaps;
   const int64_t per_row = (C_in * Wp + C_out * Wv) * static_cast<int64_t>(sizeof(T));
-  const int64_t fit = std::clamp<int64_t>(budget / per_row - 2, 1, H);
-  const int64_t wanted = (2 * at::get_num_threads() + N - 1) / N;
-  const int64_t blocks = std::max((H + fit - 1) / fit, std::min(H, wanted));
-  const int64_t R = (H + blocks - 1) / blocks, row_blocks = (H + R - 1) / R;
+  const int64_t R = rows_per_thread_task(H, std::clamp<int64_t>(budget / per_row - 2, 1, H), N);
+  const int64_t row_blocks = (H + R - 1) / R;
   // one block per sample: its sums go to gw directly; else to per-task partial sums
   std::vector<T> partial(row_blocks > 1 ? N * row_blocks * kernel : 0);
   at::parallel_for(0, N * row_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -330,19 +348,8 @@ void weight_grad3x3(const T* x, const T* gy, T* gw, int64_t N, int64_t C_in, int
       T* const dst = row_blocks > 1 ? partial.data() + task * kernel : gw + n * kernel;
       std::fill(dst, dst + kernel, T(0));
       // The buffers start zeroed and only columns 1..W of x's rows and 0..W − 1 of gy's are ever
-      // copied to, so the padding stays zero; a row outside the image is zeroed, as an earlier
-      // task may have filled it.
-      const T* xn = x + n * C_in * HW;
-      for (int64_t r = 0; r < rows + 2; ++r) {
-        const int64_t h = h0 - 1 + r;
-        T* row = xbuf.data() + r * C_in * Wp;
-        if (h < 0 || h >= H) {
-          std::fill(row, row + C_in * Wp, T(0));
-          continue;
-        }
-        for (int64_t c = 0; c < C_in; ++c)
-          std::memcpy(row + c * Wp + 1, xn + c * HW + h * W, W * sizeof(T));
-      }
+      // copied to, so the padding stays zero.
+      copy_padded_rows<T, false>(x + n * C_in * HW, C_in, H, W, h0, rows + 2, Wp, xbuf.data());
       const T* gn = gy + n * C_out * HW;
       for (int64_t h = 0; h < rows; ++h)
         for (int64_t o = 0; o < C_out; ++o)

@@ -96,10 +96,8 @@ inline void transform_kernel(const T* g, T* u, int64_t stride) {
 inline int64_t tile_rows_per_task(int64_t C_in, int64_t C_out, int64_t N, int64_t th, int64_t twp,
                                   int64_t item, int64_t budget) {
   const int64_t per_row = kPositions * (C_in + C_out) * twp * item;
-  const int64_t fit = std::clamp<int64_t>(budget / std::max<int64_t>(1, per_row), 1, th);
-  const int64_t wanted = (2 * at::get_num_threads() + N - 1) / N;
-  const int64_t blocks = std::max((th + fit - 1) / fit, std::min(th, wanted));
-  return (th + blocks - 1) / blocks;
+  return direct_conv::rows_per_thread_task(
+      th, std::clamp<int64_t>(budget / std::max<int64_t>(1, per_row), 1, th), N);
 }
 
 // Scratch memory of `values` values, aligned to the vector. Up to kKeptBytes it is the calling

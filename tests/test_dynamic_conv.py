@@ -186,10 +186,20 @@ def test_matches_reference(variant, case, layout):
 # blocks of 16 or 8 plus single values). On a 2×2 image the backward's blocks hold 2 samples and
 # its mixed blocks 1. At the default budget 64 input channels make kernel rows of 576 values: two
 # mixing column blocks of 512; the folded plan reduces its 37·576 kernel values in 6 segments.
+#
+# These kernels are 3×3 at stride 1 and padding 1, so the gemm plan's expert and routing gradients
+# come from csrc/cpu/expert_grad3x3.h: kernel columns in blocks of 4 vectors (64 float32 or 32
+# float64 with AVX-512, 32 or 16 with AVX2) with a partial last one (21·9 = 189 = 2·64 + 61;
+# 10·9 = 90) or none (64·9 = 576), output channels in tiles of 6 (AVX-512) or 2 (AVX2) with a
+# partial last one (19, 37, 3) or none (24), rows split into two tasks per column block where
+# the blocks alone give a thread fewer than two (19 at 2 threads: 12 + 7), samples in blocks whose
+# panels fit half the budget (one at the tiny budget, all at the default one).
 BLOCK_CASES = [
     Case("tiny-budget-blocks", 3, 21, 19, 11, 13, 4, (3, 3)),
     Case("tiny-budget-small-image", 3, 21, 19, 2, 2, 4, (3, 3), routing="softmax"),
     Case("default-budget-64ch", 2, 64, 37, 5, 6, 3, (3, 3), bias=False),
+    Case("whole-column-and-row-tiles", 3, 64, 24, 3, 4, 2, (3, 3)),
+    Case("fewer-outputs-than-a-tile", 2, 10, 3, 4, 4, 2, (3, 3), routing="softmax"),
 ]
 
 

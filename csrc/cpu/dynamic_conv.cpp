@@ -22,7 +22,9 @@
 //   im2col(x_n)-block in the forward; in the backward W_n-blockᵀ · grad_out_n → col2im gives the
 //   input gradient, and the block of each per-sample weight gradient gW_n = grad_out_n ·
 //   im2col(x_n)ᵀ is reduced while in cache into grad_experts (Σ_n routing[n, k] · gW_n) and
-//   grad_routing (⟨gW_n, E_k⟩). Each expert value is read once per block of samples.
+//   grad_routing (⟨gW_n, E_k⟩). Each expert value is read once per block of samples. For 3×3
+//   kernels at stride 1, padding 1 that weight side is csrc/cpu/expert_grad3x3.h's kernel instead,
+//   which folds each register tile of gW_n into both gradients as soon as it is summed.
 //
 // Neither plan keeps a per-sample kernel between forward and backward: the backward recomputes.
 // Layouts: x and grad_out are used NCHW-contiguous (a channels-last or strided input is copied
@@ -47,6 +49,7 @@
 
 #include "cpu/blas.h"
 #include "cpu/direct_conv.h"
+#include "cpu/expert_grad3x3.h"
 #include "cpu/finite.h"
 #include "cpu/winograd.h"
 #include "common/dynamic_conv.h"
@@ -687,6 +690,11 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
 Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
                     const at::Tensor& experts, const at::Tensor& routing) {
   const Blocking b = blocking(g, x.element_size());
+  // 3×3 kernels at stride 1, padding 1 (direct(g)): the weight side is expert_grad3x3.h's kernel
+  // (the backward op at batch 8, 21 alternating rounds, twice, new / BLAS time: 0.74 and 0.90 at
+  // 256 channels, 8²; 0.81 and 0.86 at 256, 16²; 0.90 and 0.95 at 128, 16²; 1.01 and 1.05 at one
+  // sample of 256, 8²), and the loop below computes only the input gradient.
+  const bool blas_weight_side = !direct(g);
   const int64_t P = g.P(), R = g.R(), taps = g.taps();
   const int64_t blocks_per_group = ceil_div(g.ci, b.bwd_channels);
   const int64_t tasks = g.groups * blocks_per_group;
@@ -698,9 +706,9 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
   at::Tensor grad_routing_parts = at::zeros({tasks, g.N, g.K}, x.options());
   // Per thread: im2col rows of the task's channels, mixed W-blocks, weight-gradient blocks, and
   // the input-gradient columns of one sample.
-  const int64_t col_size = b.bwd_samples * block_cols * P;
+  const int64_t col_size = blas_weight_side ? b.bwd_samples * block_cols * P : 0;
   const int64_t mix_size = b.mix_samples * g.co * block_cols;
-  const int64_t gw_size = b.bwd_samples * b.bwd_rows * block_cols;
+  const int64_t gw_size = blas_weight_side ? b.bwd_samples * b.bwd_rows * block_cols : 0;
   at::Tensor scratch = at::empty({at::get_num_threads(), col_size + mix_size + gw_size + block_cols * P},
                                  x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_backward_gemm", [&] {
@@ -729,11 +737,11 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
         const scalar_t* e_group = e + group * g.co * R + col0;
         for (int64_t n0 = 0; n0 < g.N; n0 += b.bwd_samples) {
           const int64_t count = std::min(b.bwd_samples, g.N - n0);
-          for (int64_t n = 0; n < count; ++n)
+          for (int64_t n = 0; blas_weight_side && n < count; ++n)
             im2col(xp + (n0 + n) * g.C_in * g.H * g.W, g, group * g.ci + c0,
                    group * g.ci + c0 + channels, colb + n * cols * P);
           // Weight side: gW_n-blocks of bwd_rows output channels, reduced while in cache.
-          for (int64_t o0 = 0; o0 < g.co; o0 += b.bwd_rows) {
+          for (int64_t o0 = 0; blas_weight_side && o0 < g.co; o0 += b.bwd_rows) {
             const int64_t rows = std::min(b.bwd_rows, g.co - o0), row0 = group * g.co + o0;
             for (int64_t n = 0; n < count; ++n)
               gemm(false, true, rows, cols, P, gyp + ((n0 + n) * g.C_out + row0) * P, P,
@@ -756,7 +764,16 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
       }
     });
   });
-  return {grad_x, grad_experts, grad_routing_parts.sum(0), grad_sum};
+  if (blas_weight_side) return {grad_x, grad_experts, grad_routing_parts.sum(0), grad_sum};
+  at::Tensor grad_routing = at::empty({g.N, g.K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_expert_grads3x3", [&] {
+    expert_grad::expert_grads3x3<scalar_t>(
+        x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), experts.data_ptr<scalar_t>(),
+        routing.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W, g.K,
+        grad_experts.data_ptr<scalar_t>(), grad_routing.data_ptr<acc_t<scalar_t>>(),
+        block_bytes() / 2);
+  });
+  return {grad_x, grad_experts, grad_routing, grad_sum};
 }
 
 // --- entry points ------------------------------------------------------------------------------

@@ -1,0 +1,191 @@
+// The expert and routing gradients of a dynamic 3×3 convolution (stride 1, padding 1, groups 1),
+// from x and grad_out, with no per-sample weight gradient ever in memory. With j = c·9 + tap a
+// column of a kernel row (the experts' own layout [K][C_out][C_in·9]):
+//   gW_n[o][j]            = Σ_p gy_n[o][p] · col_n[p][j]      (col_n: what tap j reads at pixel p)
+//   grad_experts[k][o][j] = Σ_n routing[n][k] · gW_n[o][j]
+//   grad_routing[n][k]    = Σ_{o,j} experts[k][o][j] · gW_n[o][j]
+//
+// Why: at small images with many channels (LightAWNet's 128 and 256 channels at 8² and 16²) the
+// gemm plan's weight side, per-sample BLAS products one cache-sized block at a time and passes
+// that reduce their results afterwards, ran at about half the machine's FMA rate (the BLAS packing
+// every small block anew, the reductions reading every gradient block back).
+//
+// How: tasks own a block of JB = 4 vectors of kernel columns for a range of output channels. Per
+// sample a task writes its columns of col_n once, pixel-major ([P][JB], what a GEMM would pack),
+// and runs a register tile of RB output channels × JB columns over the sample's pixels (per pixel:
+// 4 vector loads, RB broadcasts of grad_out, 4·RB FMAs); the finished tile is folded at once into
+// grad_experts (routing[n][k] · tile, in place: the task owns those columns) and into per-sample
+// routing sums (⟨experts[k], tile⟩), read straight from the experts. Routing gradients: partial
+// sums per task, summed in task order afterwards (deterministic).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/macros.h"
+#include "cpu/simd.h"
+
+namespace fastseg {
+namespace expert_grad {
+
+using simd::kLanes;
+using simd::load;
+using simd::UnalignedVec;
+using simd::Vec;
+
+#if defined(__AVX512F__)
+constexpr int kRowBlock = 6;  // 6 × 4 accumulators + 4 loaded vectors + a broadcast of 32 registers
+#else
+constexpr int kRowBlock = 2;  // 2 × 4 + 4 + 1 of 16
+#endif
+constexpr int kColumnVectors = 4;
+constexpr int kTaps = 9;
+
+// acc[o][v] = Σ_{p<P} g[o][p] · panel[p·JB + v·L]: one tile's sums over a sample's pixels.
+template <typename T, int RB>
+__attribute__((always_inline)) inline void tile_sums(const T* const* g, const T* panel, int64_t P,
+                                                     Vec<T> (&acc)[RB][kColumnVectors]) {
+  constexpr int L = kLanes<T>, CV = kColumnVectors, JB = CV * L;
+#pragma GCC unroll 8
+  for (int o = 0; o < RB; ++o)
+#pragma GCC unroll 4
+    for (int v = 0; v < CV; ++v) acc[o][v] = Vec<T>{};
+  for (int64_t p = 0; p < P; ++p) {
+    Vec<T> xv[CV];
+#pragma GCC unroll 4
+    for (int v = 0; v < CV; ++v) xv[v] = *reinterpret_cast<const Vec<T>*>(panel + p * JB + v * L);
+#pragma GCC unroll 8
+    for (int o = 0; o < RB; ++o) {
+      const T s = g[o][p];
+#pragma GCC unroll 4
+      for (int v = 0; v < CV; ++v) acc[o][v] += s * xv[v];
+    }
+  }
+}
+
+// panel[p][jj] = what kernel column j0 + jj reads at output pixel p of sample x_n [C_in, H, W]
+// (0 in the padding and for columns ≥ C_in·9).
+template <typename T>
+void fill_panel(const T* xn, int64_t C_in, int64_t H, int64_t W, int64_t j0, T* panel) {
+  constexpr int JB = kColumnVectors * kLanes<T>;
+  for (int64_t jj = 0; jj < JB; ++jj) {
+    const int64_t j = j0 + jj, c = j / kTaps, ky = j % kTaps / 3 - 1, kx = j % 3 - 1;
+    for (int64_t i = 0; i < H; ++i) {
+      T* dst = panel + i * W * JB + jj;
+      const int64_t yi = i + ky;
+      if (c >= C_in || yi < 0 || yi >= H) {
+        for (int64_t w = 0; w < W; ++w) dst[w * JB] = T(0);
+        continue;
+      }
+      const T* src = xn + (c * H + yi) * W;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t xi = w + kx;
+        dst[w * JB] = xi >= 0 && xi < W ? src[xi] : T(0);
+      }
+    }
+  }
+}
+
+// x [N, C_in, H, W], gy [N, C_out, H, W], experts [K, C_out, C_in, 3, 3], routing [N, K], all
+// contiguous. Writes grad_experts (like experts) and grad_routing [N, K]. A task keeps the panels
+// of a block of samples, at most `budget` bytes of them (at least one sample's), in L2.
+template <typename T>
+void expert_grads3x3(const T* x, const T* gy, const T* experts, const T* routing, int64_t N,
+                     int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64_t K, T* grad_experts,
+                     acc_t<T>* grad_routing, int64_t budget) {
+  constexpr int L = kLanes<T>, CV = kColumnVectors, JB = CV * L, RB = kRowBlock;
+  const int64_t P = H * W, R = C_in * kTaps, kernel = C_out * R;
+  const int64_t col_blocks = (R + JB - 1) / JB;
+  // Rows split only where the column blocks alone give a thread fewer than two tasks.
+  const int64_t want = 2 * at::get_num_threads();
+  const int64_t row_splits = std::min((want + col_blocks - 1) / col_blocks, (C_out + RB - 1) / RB);
+  const int64_t rows_per_task = ((C_out + row_splits - 1) / row_splits + RB - 1) / RB * RB;
+  const int64_t row_blocks = (C_out + rows_per_task - 1) / rows_per_task;
+  const int64_t tasks = col_blocks * row_blocks;
+  std::vector<acc_t<T>> parts(tasks * N * K, acc_t<T>(0));
+  const std::vector<T> zeros(P, T(0));
+  const int64_t samples = std::clamp<int64_t>(budget / (P * JB * int64_t(sizeof(T))), 1, N);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> panel_buf(samples * P * JB + L), dot_buf(samples * K * L + L);
+    T* const panels = simd::aligned(panel_buf.data());
+    T* const dots = simd::aligned(dot_buf.data());
+    // A partial last column block works on zero-padded copies of its experts and gradients.
+    std::vector<T> tail_e, tail_g;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j0 = task % col_blocks * JB, o0 = task / col_blocks * rows_per_task;
+      const int64_t rows = std::min(rows_per_task, C_out - o0), cols = std::min<int64_t>(JB, R - j0);
+      const T* e = experts + o0 * R + j0;
+      T* ge = grad_experts + o0 * R + j0;
+      int64_t e_kstride = kernel, e_rstride = R;
+      if (cols < JB) {
+        tail_e.assign(K * rows * JB, T(0));
+        tail_g.assign(K * rows * JB, T(0));
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t o = 0; o < rows; ++o)
+            std::copy(e + k * kernel + o * R, e + k * kernel + o * R + cols,
+                      tail_e.data() + (k * rows + o) * JB);
+        e = tail_e.data(), ge = tail_g.data(), e_kstride = rows * JB, e_rstride = JB;
+      } else {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t o = 0; o < rows; ++o)
+            std::fill(ge + k * kernel + o * R, ge + k * kernel + o * R + JB, T(0));
+      }
+      acc_t<T>* part = parts.data() + task * N * K;
+      for (int64_t n0 = 0; n0 < N; n0 += samples) {
+        const int64_t count = std::min(samples, N - n0);
+        for (int64_t n = 0; n < count; ++n)
+          fill_panel(x + (n0 + n) * C_in * P, C_in, H, W, j0, panels + n * P * JB);
+        std::fill(dots, dots + count * K * L, T(0));
+        // Samples innermost: a tile's rows of experts and gradients stay in L1 across them.
+        for (int64_t ob = 0; ob < rows; ob += RB) {
+          const int valid = static_cast<int>(std::min<int64_t>(RB, rows - ob));
+          for (int64_t n = 0; n < count; ++n) {
+            const T* g[RB];
+            for (int o = 0; o < RB; ++o)
+              g[o] = o < valid ? gy + ((n0 + n) * C_out + o0 + ob + o) * P : zeros.data();
+            Vec<T> acc[RB][CV];
+            tile_sums<T, RB>(g, panels + n * P * JB, P, acc);
+            for (int64_t k = 0; k < K; ++k) {
+              const T r = routing[(n0 + n) * K + k];
+              T* dk = dots + (n * K + k) * L;
+              Vec<T> dot = *reinterpret_cast<const Vec<T>*>(dk);
+#pragma GCC unroll 8
+              for (int o = 0; o < RB; ++o) {
+                if (o >= valid) break;
+                const T* er = e + k * e_kstride + (ob + o) * e_rstride;
+                T* gr = ge + k * e_kstride + (ob + o) * e_rstride;
+#pragma GCC unroll 4
+                for (int v = 0; v < CV; ++v) {
+                  dot += load(er + v * L) * acc[o][v];
+                  *reinterpret_cast<UnalignedVec<T>*>(gr + v * L) = load(gr + v * L) + r * acc[o][v];
+                }
+              }
+              *reinterpret_cast<Vec<T>*>(dk) = dot;
+            }
+          }
+        }
+        for (int64_t i = 0; i < count * K; ++i) {
+          acc_t<T> sum = 0;
+          for (int l = 0; l < L; ++l) sum += dots[i * L + l];
+          part[n0 * K + i] = sum;
+        }
+      }
+      if (cols < JB)
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t o = 0; o < rows; ++o)
+            std::copy(tail_g.data() + (k * rows + o) * JB, tail_g.data() + (k * rows + o) * JB + cols,
+                      grad_experts + k * kernel + (o0 + o) * R + j0);
+    }
+  });
+  for (int64_t i = 0; i < N * K; ++i) {
+    acc_t<T> sum = 0;
+    for (int64_t task = 0; task < tasks; ++task) sum += parts[task * N * K + i];
+    grad_routing[i] = sum;
+  }
+}
+
+}  // namespace expert_grad
+}  // namespace fastseg

@@ -194,12 +194,20 @@ def test_matches_reference(variant, case, layout):
 # partial last one (19, 37, 3) or none (24), rows split into two tasks per column block where
 # the blocks alone give a thread fewer than two (19 at 2 threads: 12 + 7), samples in blocks whose
 # panels fit half the budget (one at the tiny budget, all at the default one).
+#
+# The gemm plan's forward (groups 1) is csrc/cpu/mixed_gemm.h's: output channels in tiles of 6 or
+# 2 as above, pixels in tiles of 4 vectors and a rest of 1–4 vectors whose last may be partial
+# (float32 with 16 lanes: 143 = 2·64 + 15, 64 whole, 60 = 4 vectors, 45 = 3, 30 = 2, 12 and 4 =
+# 1; float64's 8 lanes: 64 = 2·32, 60 = 32 + 4 vectors, ...), each tile's mixed rows for a block
+# of samples (one at the tiny budget, all at the default one).
 BLOCK_CASES = [
     Case("tiny-budget-blocks", 3, 21, 19, 11, 13, 4, (3, 3)),
     Case("tiny-budget-small-image", 3, 21, 19, 2, 2, 4, (3, 3), routing="softmax"),
     Case("default-budget-64ch", 2, 64, 37, 5, 6, 3, (3, 3), bias=False),
-    Case("whole-column-and-row-tiles", 3, 64, 24, 3, 4, 2, (3, 3)),
-    Case("fewer-outputs-than-a-tile", 2, 10, 3, 4, 4, 2, (3, 3), routing="softmax"),
+    Case("whole-column-row-and-pixel-tiles", 3, 64, 24, 8, 8, 2, (3, 3)),
+    Case("fewer-outputs-than-a-tile", 2, 10, 3, 6, 10, 2, (3, 3), routing="softmax"),
+    Case("three-pixel-vectors", 2, 8, 7, 5, 9, 2, (3, 3)),
+    Case("one-pixel-vector", 2, 5, 13, 3, 4, 3, (3, 3)),
 ]
 
 
@@ -280,9 +288,10 @@ def test_direct_conv_boundaries(variant, case, threads, dtype):
 
 
 @pytest.mark.parametrize("where", [0, 36, -1])  # first value, a middle row's first, last value
-@pytest.mark.parametrize("variant", THREE_BY_THREE, indirect=True)
+@pytest.mark.parametrize("variant", THREE_BY_THREE + ["cpu-gemm", "cpu-gemm-blocks"], indirect=True)
 def test_direct_conv_checks_every_row_of_x(variant, where):
-    """The direct convolution checks x for NaN while it copies x's rows: every row, every task."""
+    """The direct convolution checks x for NaN while it copies x's rows, the gemm plan while it
+    writes im2col: every row, every task."""
     x, experts, routing, bias = DIRECT_CASES[0].inputs()
     x.view(-1)[where] = float("nan")
     with pytest.raises(ValueError, match="x contains NaN"):
@@ -290,10 +299,11 @@ def test_direct_conv_checks_every_row_of_x(variant, where):
 
 
 @pytest.mark.parametrize("where", [0, -1])  # the first and the last value of all the experts
-@pytest.mark.parametrize("variant", THREE_BY_THREE, indirect=True)
+@pytest.mark.parametrize("variant", THREE_BY_THREE + ["cpu-gemm", "cpu-gemm-blocks"], indirect=True)
 def test_direct_conv_checks_the_experts(variant, where):
-    """The direct convolution checks the mixed kernels while it packs them: a NaN in any expert
-    makes them non-finite. A mix that overflows from finite experts is not an error."""
+    """The direct convolution checks the mixed kernels while it packs them, the gemm plan each
+    tile's expert rows before it mixes them: a NaN in any expert is an error. A mix that overflows
+    from finite experts is not."""
     x, experts, routing, bias = DIRECT_CASES[0].inputs()
     bad = experts.clone()
     bad.view(-1)[where] = float("nan")

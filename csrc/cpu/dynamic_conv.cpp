@@ -19,7 +19,8 @@
 //   rest of the work: im2col + GEMM with the reduction split into blocks of input channels.
 //   A block of W_n (some output rows × some input channels' taps) is mixed for a block of samples
 //   into a per-thread buffer that stays in cache and is used at once: y_n += W_n-block ·
-//   im2col(x_n)-block in the forward; in the backward W_n-blockᵀ · grad_out_n → col2im gives the
+//   im2col(x_n)-block in the forward (for groups 1 csrc/cpu/mixed_gemm.h's register tiles over
+//   rows mixed a few at a time instead); in the backward W_n-blockᵀ · grad_out_n → col2im gives the
 //   input gradient, and the block of each per-sample weight gradient gW_n = grad_out_n ·
 //   im2col(x_n)ᵀ is reduced while in cache into grad_experts (Σ_n routing[n, k] · gW_n) and
 //   grad_routing (⟨gW_n, E_k⟩). Each expert value is read once per block of samples. For 3×3
@@ -51,6 +52,7 @@
 #include "cpu/direct_conv.h"
 #include "cpu/expert_grad3x3.h"
 #include "cpu/finite.h"
+#include "cpu/mixed_gemm.h"
 #include "cpu/winograd.h"
 #include "common/dynamic_conv.h"
 #include "dynamic_conv.h"
@@ -631,7 +633,12 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
   const Blocking b = blocking(g, x.element_size());
   const int64_t P = g.P(), R = g.R(), taps = g.taps(), rows_per_group = ceil_div(g.co, b.rows);
   at::Tensor y = at::empty({g.N, g.C_out, P}, x.options());
-  at::Tensor col = at::empty({b.samples, g.C_in * taps, P}, x.options());
+  // groups 1: mixed_gemm.h's products instead of the BLAS blocks below (forward at batch 8, 21
+  // alternating rounds, twice, new / BLAS time: 0.63 and 0.77 at 256 channels, 8²; 0.83 and 0.84
+  // at 128, 8²; 0.80 and 0.86 at one sample of 256, 8²). Its last vector of a row may read past
+  // the row: one vector of padding after the columns.
+  const bool own_products = g.groups == 1;
+  at::Tensor col = at::empty({b.samples * g.C_in * taps * P + 64}, x.options());
   at::Tensor scratch = at::empty({at::get_num_threads(), b.samples * b.rows * b.channels * taps},
                                  x.options());
   const at::Tensor mixed_bias = bias.defined() ? mix_bias(routing, bias) : at::Tensor();
@@ -654,6 +661,13 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
           im2col(xn, g, c, c + 1, colp + n * sample_cols + c * taps * P);
         }
       });
+      if (own_products) {
+        if (!mixed_gemm::forward<scalar_t>(colp, e, r + n0 * g.K, bp != nullptr ? bp + n0 * g.C_out : nullptr,
+                                           count, g.C_out, R, P, g.K, yp + n0 * g.C_out * P,
+                                           block_bytes() / 2))
+          experts_finite = false;
+        continue;
+      }
       at::parallel_for(0, g.groups * rows_per_group, 1, [&](int64_t begin, int64_t end) {
         scalar_t* w = slot<scalar_t>(scratch);
         for (int64_t task = begin; task < end; ++task) {

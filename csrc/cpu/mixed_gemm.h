@@ -1,0 +1,137 @@
+// The gemm plan's forward products for groups 1: y_n = W_n · col_n (+ b_n) for every sample, with
+// W_n = Σ_k routing[n][k] · experts[k] mixed a few rows at a time, and no BLAS call per block.
+//   y[n][o][p] = b[n][o] + Σ_j W_n[o][j] · col[n][j][p]       (j < R = C_in·kh·kw, p < P)
+//
+// Why: at small images (LightAWNet's 256 channels at 8²) every sample's kernel is as large as its
+// im2col, so the BLAS packs a block of each per-sample kernel for a product of only P = 64
+// columns; the forward ran at ≈ 80 GFLOP/s there, half of oneDNN's static convolution.
+//
+// How: tasks are tiles of RB output channels. A task mixes its RB kernel rows for a block of
+// samples (each expert row read once per block, the mixed rows staying in L2), then runs a
+// register tile of RB output channels × PV vectors of pixels over the whole reduction: per
+// kernel column j, PV vector loads of col[n][j], RB broadcasts of the mixed rows, RB·PV FMAs.
+// The accumulators start at the mixed bias and are stored once: no partial sums in memory.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "common/macros.h"
+#include "cpu/finite.h"
+#include "cpu/simd.h"
+
+namespace fastseg {
+namespace mixed_gemm {
+
+using simd::kLanes;
+using simd::UnalignedVec;
+using simd::Vec;
+
+#if defined(__AVX512F__)
+constexpr int kRowBlock = 6;  // 6 × 4 accumulators + 4 loaded vectors + a broadcast of 32 registers
+#else
+constexpr int kRowBlock = 2;  // 2 × 4 + 4 + 1 of 16
+#endif
+constexpr int kPixelVectors = 4;
+
+// One tile: RB rows (w[o] the mixed rows) × PV vectors of pixels from pixel p0 of col's rows
+// (P values each); stores the valid rows and the pixels < P of y. A last vector that passes the
+// row's end reads into the next row (or the buffer's padding) and those lanes are not stored.
+template <typename T, int RB, int PV>
+__attribute__((always_inline)) inline void tile(const T* const* w, const T* col, int64_t R,
+                                                int64_t p0, const T* b, int valid, T* y,
+                                                int64_t P) {
+  constexpr int L = kLanes<T>;
+  Vec<T> acc[RB][PV];
+#pragma GCC unroll 8
+  for (int o = 0; o < RB; ++o)
+#pragma GCC unroll 4
+    for (int v = 0; v < PV; ++v) acc[o][v] = Vec<T>{} + (b != nullptr ? b[o] : T(0));
+  for (int64_t j = 0; j < R; ++j) {
+    Vec<T> xv[PV];
+#pragma GCC unroll 4
+    for (int v = 0; v < PV; ++v)
+      xv[v] = simd::load(col + j * P + p0 + v * L);
+#pragma GCC unroll 8
+    for (int o = 0; o < RB; ++o) {
+      const T s = w[o][j];
+#pragma GCC unroll 4
+      for (int v = 0; v < PV; ++v) acc[o][v] += s * xv[v];
+    }
+  }
+  for (int o = 0; o < valid; ++o)
+    for (int v = 0; v < PV; ++v) {
+      const int64_t p = p0 + v * L;
+      if (p + L <= P) {
+        *reinterpret_cast<UnalignedVec<T>*>(y + o * P + p) = acc[o][v];
+      } else {
+        for (int l = 0; p + l < P; ++l) y[o * P + p + l] = acc[o][v][l];
+      }
+    }
+}
+
+// col: [N][R][P] followed by at least one vector of padding, experts [K][C_out][R], routing
+// [N][K], bias [N][C_out] (mixed) or null, y [N][C_out][P].
+// Mixed rows are kept for blocks of samples of at most `budget` bytes (at least one sample).
+// Returns false where the experts hold a NaN or inf (checked as they are first read).
+template <typename T>
+bool forward(const T* col, const T* experts, const T* routing, const T* bias, int64_t N,
+             int64_t C_out, int64_t R, int64_t P, int64_t K, T* y, int64_t budget) {
+  constexpr int L = kLanes<T>, RB = kRowBlock, PV = kPixelVectors;
+  const int64_t tiles = (C_out + RB - 1) / RB;
+  const int64_t samples = std::clamp<int64_t>(budget / (RB * R * int64_t(sizeof(T))), 1, N);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> mixed(samples * RB * R, T(0));
+    for (int64_t tile_index = begin; tile_index < end; ++tile_index) {
+      const int64_t o0 = tile_index * RB;
+      const int valid = static_cast<int>(std::min<int64_t>(RB, C_out - o0));
+      for (int k = 0; k < K; ++k)
+        for (int o = 0; o < valid; ++o)
+          if (!all_finite(experts + (k * C_out + o0 + o) * R, R)) finite = false;
+      for (int64_t n0 = 0; n0 < N; n0 += samples) {
+        const int64_t count = std::min(samples, N - n0);
+        // Rows past C_out (valid < RB) are computed from what the buffer holds and not stored.
+        for (int o = 0; o < valid; ++o)
+          for (int64_t n = 0; n < count; ++n) {
+            T* __restrict dst = mixed.data() + (n * RB + o) * R;
+            const T* r = routing + (n0 + n) * K;
+            for (int64_t j = 0; j < R; ++j) dst[j] = T(0);
+            for (int64_t k = 0; k < K; ++k) {
+              const T* __restrict src = experts + (k * C_out + o0 + o) * R;
+              const T rk = r[k];
+#pragma omp simd
+              for (int64_t j = 0; j < R; ++j) dst[j] += rk * src[j];
+            }
+          }
+        for (int64_t n = 0; n < count; ++n) {
+          const T* w[RB];
+          for (int o = 0; o < RB; ++o) w[o] = mixed.data() + (n * RB + o) * R;
+          const T* cn = col + (n0 + n) * R * P;
+          const T* b = bias != nullptr ? bias + (n0 + n) * C_out + o0 : nullptr;
+          T bias_rows[RB] = {};
+          if (b != nullptr) std::copy(b, b + valid, bias_rows);
+          T* yn = y + ((n0 + n) * C_out + o0) * P;
+          const T* br = b != nullptr ? bias_rows : nullptr;
+          int64_t p0 = 0;
+          for (; p0 + PV * L <= P; p0 += PV * L) tile<T, RB, PV>(w, cn, R, p0, br, valid, yn, P);
+          switch ((P - p0 + L - 1) / L) {  // the last 1–4 vectors, the last one maybe partial
+            case 4: tile<T, RB, 4>(w, cn, R, p0, br, valid, yn, P); break;
+            case 3: tile<T, RB, 3>(w, cn, R, p0, br, valid, yn, P); break;
+            case 2: tile<T, RB, 2>(w, cn, R, p0, br, valid, yn, P); break;
+            case 1: tile<T, RB, 1>(w, cn, R, p0, br, valid, yn, P); break;
+            default: break;
+          }
+        }
+      }
+    }
+  });
+  return finite;
+}
+
+}  // namespace mixed_gemm
+}  // namespace fastseg

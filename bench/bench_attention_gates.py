@@ -22,12 +22,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from compiled import compile_static
 import fastseg
 from fastseg.ops import attention_gates as ag
-
-# One compiled function per op, recompiled per shape (static shapes, the fastest compiled code).
-torch._dynamo.config.recompile_limit = 64
-torch._dynamo.config.accumulated_recompile_limit = 4096
 
 N = 8
 ENCODER = [(4, 256), (64, 128), (128, 64), (256, 32), (512, 16)]  # (channels of a, size)
@@ -76,7 +73,7 @@ def implementation(name, impl):
         return REFERENCES[name]
     if impl == "reference-compiled":
         if name not in _compiled:
-            _compiled[name] = torch.compile(REFERENCES[name], dynamic=False)
+            _compiled[name] = compile_static(REFERENCES[name])
         return _compiled[name]
     op = getattr(ag, name)
     return lambda *args: op(*args, backend=impl)

@@ -16,6 +16,7 @@ Implementations: ``reference`` (``F.batch_norm`` then the activation, ATen), ``r
 import pytest
 import torch
 
+from compiled import compile_static
 from fastseg.backend import unavailable_reason
 from fastseg.ops import batch_norm_act, batch_norm_act_reference
 
@@ -31,7 +32,7 @@ _compiled = {}
 
 def reference_compiled(*args):
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(batch_norm_act_reference, dynamic=False)
+        _compiled["fn"] = compile_static(batch_norm_act_reference)
     return _compiled["fn"](*args)
 
 

@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compiled import compile_static
 import fastseg
 import peak_memory
 from fastseg.ops import dilated_attention2d, dilated_attention2d_reference
@@ -53,7 +54,7 @@ _compiled = {}
 def compiled(fn):
     def run(*args):
         if fn not in _compiled:
-            _compiled[fn] = torch.compile(fn, dynamic=False)
+            _compiled[fn] = compile_static(fn)
         return _compiled[fn](*args)
     return run
 

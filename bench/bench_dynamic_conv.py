@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compiled import compile_static
 import fastseg
 import peak_memory
 from fastseg.ops import dynamic_conv2d, dynamic_conv2d_reference
@@ -57,7 +58,7 @@ _compiled = {}
 
 def reference_compiled(x, experts, routing):
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(reference, dynamic=False)
+        _compiled["fn"] = compile_static(reference)
     return _compiled["fn"](x, experts, routing)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compiled import compile_static
 from fastseg.backend import unavailable_reason
 from fastseg.ops import max_pool2x2, max_pool2x2_reference
 
@@ -24,7 +25,7 @@ _compiled = {}
 
 def reference_compiled(x):
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(max_pool2x2_reference, dynamic=False)
+        _compiled["fn"] = compile_static(max_pool2x2_reference)
     return _compiled["fn"](x)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compiled import compile_static
 import fastseg
 from fastseg.ops import mixed_depthwise_conv2d, mixed_depthwise_conv2d_reference
 
@@ -33,7 +34,7 @@ _compiled = {}
 
 def reference_compiled(x, weights, biases, residual=False):
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(mixed_depthwise_conv2d_reference, dynamic=False)
+        _compiled["fn"] = compile_static(mixed_depthwise_conv2d_reference)
     return _compiled["fn"](x, weights, biases, residual)
 
 

@@ -34,6 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compiled import compile_static
 import peak_memory
 from fastseg.memory import retain_freed_memory_from_environment
 from fastseg.models import LGMSNet, LightAWNet
@@ -97,7 +98,7 @@ def make_step(name, impl, mode, batch, size):
         model.cpu_channels_last = False
     # dynamic=False: one static graph per case (with automatic dynamic shapes, the recompile
     # for a second input size fails in inductor: "Cannot convert expression to float")
-    run = torch.compile(model, dynamic=False) if impl.endswith("-compiled") else model
+    run = compile_static(model) if impl.endswith("-compiled") else model
     if mode == "inference":
         def step():
             with torch.no_grad():

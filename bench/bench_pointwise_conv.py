@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compiled import compile_static
 from fastseg.backend import unavailable_reason
 from fastseg.ops import pointwise_conv2d, pointwise_conv2d_reference
 
@@ -32,7 +33,7 @@ _compiled = {}
 
 def reference_compiled(x, w, b):
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(pointwise_conv2d_reference, dynamic=False)
+        _compiled["fn"] = compile_static(pointwise_conv2d_reference)
     return _compiled["fn"](x, w, b)
 
 

@@ -53,3 +53,28 @@ def test_interleaved_pointwise_conv():
               "1", "--shapes", "2", "9", "5", "7", "4", "--impls", "reference", "gemm", "cpu")
     rows = [line for line in out.splitlines() if line.startswith("| 2×9×5×7 → 4 |")]
     assert len(rows) == 1 and rows[0].count("|") == 7, out
+
+
+def test_compiled_references_stay_compiled_past_eight_shapes():
+    """The benchmarks' compile_static compiles a graph for every shape, where plain
+    torch.compile(dynamic=False) runs the function eagerly from the ninth graph on."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from compiled import compile_static
+    finally:
+        sys.path.remove(str(BENCH))
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def scaled(x):
+        return x * 2 + 1
+
+    fn = compile_static(scaled, backend=counting_backend)
+    for n in range(1, 13):
+        assert torch.equal(fn(torch.ones(n)), torch.full((n,), 3.0))
+    assert len(graphs) == 12

@@ -36,12 +36,8 @@ using simd::load;
 using simd::UnalignedVec;
 using simd::Vec;
 
-#if defined(__AVX512F__)
-constexpr int kRowBlock = 6;  // 6 × 4 accumulators + 4 loaded vectors + a broadcast of 32 registers
-#else
-constexpr int kRowBlock = 2;  // 2 × 4 + 4 + 1 of 16
-#endif
-constexpr int kColumnVectors = 4;
+constexpr int kRowBlock = simd::kOuterRows;
+constexpr int kColumnVectors = simd::kOuterVectors;
 constexpr int kTaps = 9;
 
 // acc[o][v] = Σ_{p<P} g[o][p] · panel[p·JB + v·L]: one tile's sums over a sample's pixels.
@@ -49,10 +45,7 @@ template <typename T, int RB>
 __attribute__((always_inline)) inline void tile_sums(const T* const* g, const T* panel, int64_t P,
                                                      Vec<T> (&acc)[RB][kColumnVectors]) {
   constexpr int L = kLanes<T>, CV = kColumnVectors, JB = CV * L;
-#pragma GCC unroll 8
-  for (int o = 0; o < RB; ++o)
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) acc[o][v] = Vec<T>{};
+  simd::fill<T, RB, CV>(acc, nullptr);
   for (int64_t p = 0; p < P; ++p) {
     Vec<T> xv[CV];
 #pragma GCC unroll 4

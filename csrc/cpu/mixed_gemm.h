@@ -31,12 +31,8 @@ using simd::kLanes;
 using simd::UnalignedVec;
 using simd::Vec;
 
-#if defined(__AVX512F__)
-constexpr int kRowBlock = 6;  // 6 × 4 accumulators + 4 loaded vectors + a broadcast of 32 registers
-#else
-constexpr int kRowBlock = 2;  // 2 × 4 + 4 + 1 of 16
-#endif
-constexpr int kPixelVectors = 4;
+constexpr int kRowBlock = simd::kOuterRows;
+constexpr int kPixelVectors = simd::kOuterVectors;
 
 // One tile: RB rows (w[o] the mixed rows) × PV vectors of pixels from pixel p0 of col's rows
 // (P values each); stores the valid rows and the pixels < P of y. A last vector that passes the
@@ -47,10 +43,7 @@ __attribute__((always_inline)) inline void tile(const T* const* w, const T* col,
                                                 int64_t P) {
   constexpr int L = kLanes<T>;
   Vec<T> acc[RB][PV];
-#pragma GCC unroll 8
-  for (int o = 0; o < RB; ++o)
-#pragma GCC unroll 4
-    for (int v = 0; v < PV; ++v) acc[o][v] = Vec<T>{} + (b != nullptr ? b[o] : T(0));
+  simd::fill<T, RB, PV>(acc, b);
   for (int64_t j = 0; j < R; ++j) {
     Vec<T> xv[PV];
 #pragma GCC unroll 4

@@ -32,6 +32,16 @@ inline T* aligned(T* p) {
   return p + (kVectorBytes - address % kVectorBytes) % kVectorBytes / sizeof(T);
 }
 
+// Outer-product register tiles (expert_grad3x3.h, mixed_gemm.h): kOuterRows rows × kOuterVectors
+// vectors of accumulators, one broadcast per row and kOuterVectors loads per step. AVX-512: 6 × 4
+// accumulators + 4 loaded vectors + a broadcast of 32 registers; AVX2: 2 × 4 + 4 + 1 of 16.
+constexpr int kOuterVectors = 4;
+#if defined(__AVX512F__)
+constexpr int kOuterRows = 6;
+#else
+constexpr int kOuterRows = 2;
+#endif
+
 // A tile's accumulators: acc[c][v] = b[c] in every lane (0 where b is null).
 template <typename T, int CB, int PV>
 __attribute__((always_inline)) inline void fill(Vec<T> (&acc)[CB][PV], const T* b) {

@@ -639,8 +639,8 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
   // the row: one vector of padding after the columns.
   const bool own_products = g.groups == 1;
   at::Tensor col = at::empty({b.samples * g.C_in * taps * P + 64}, x.options());
-  at::Tensor scratch = at::empty({at::get_num_threads(), b.samples * b.rows * b.channels * taps},
-                                 x.options());
+  at::Tensor scratch = at::empty(
+      {at::get_num_threads(), own_products ? 0 : b.samples * b.rows * b.channels * taps}, x.options());
   const at::Tensor mixed_bias = bias.defined() ? mix_bias(routing, bias) : at::Tensor();
   std::atomic<bool> x_finite{true}, experts_finite{true};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_forward_gemm", [&] {
@@ -662,7 +662,10 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
         }
       });
       if (own_products) {
-        if (!mixed_gemm::forward<scalar_t>(colp, e, r + n0 * g.K, bp != nullptr ? bp + n0 * g.C_out : nullptr,
+        const auto mix = [&](int64_t m0, int64_t samples, int64_t o0, int64_t rows, scalar_t* out) {
+          mix_kernels(r + (n0 + m0) * g.K, samples, g.K, e + o0 * R, g.C_out * R, R, rows, R, out);
+        };
+        if (!mixed_gemm::forward<scalar_t>(colp, e, mix, bp != nullptr ? bp + n0 * g.C_out : nullptr,
                                            count, g.C_out, R, P, g.K, yp + n0 * g.C_out * P,
                                            block_bytes() / 2))
           experts_finite = false;

@@ -44,19 +44,8 @@ constexpr int kTaps = 9;
 template <typename T, int RB>
 __attribute__((always_inline)) inline void tile_sums(const T* const* g, const T* panel, int64_t P,
                                                      Vec<T> (&acc)[RB][kColumnVectors]) {
-  constexpr int L = kLanes<T>, CV = kColumnVectors, JB = CV * L;
-  simd::fill<T, RB, CV>(acc, nullptr);
-  for (int64_t p = 0; p < P; ++p) {
-    Vec<T> xv[CV];
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) xv[v] = *reinterpret_cast<const Vec<T>*>(panel + p * JB + v * L);
-#pragma GCC unroll 8
-    for (int o = 0; o < RB; ++o) {
-      const T s = g[o][p];
-#pragma GCC unroll 4
-      for (int v = 0; v < CV; ++v) acc[o][v] += s * xv[v];
-    }
-  }
+  simd::fill<T, RB, kColumnVectors>(acc, nullptr);
+  simd::outer_product_sums<T, RB, kColumnVectors>(g, panel, kColumnVectors * kLanes<T>, P, acc);
 }
 
 // panel[p][jj] = what kernel column j0 + jj reads at output pixel p of sample x_n [C_in, H, W]

@@ -44,18 +44,7 @@ __attribute__((always_inline)) inline void tile(const T* const* w, const T* col,
   constexpr int L = kLanes<T>;
   Vec<T> acc[RB][PV];
   simd::fill<T, RB, PV>(acc, b);
-  for (int64_t j = 0; j < R; ++j) {
-    Vec<T> xv[PV];
-#pragma GCC unroll 4
-    for (int v = 0; v < PV; ++v)
-      xv[v] = simd::load(col + j * P + p0 + v * L);
-#pragma GCC unroll 8
-    for (int o = 0; o < RB; ++o) {
-      const T s = w[o][j];
-#pragma GCC unroll 4
-      for (int v = 0; v < PV; ++v) acc[o][v] += s * xv[v];
-    }
-  }
+  simd::outer_product_sums<T, RB, PV>(w, col + p0, P, R, acc);
   for (int o = 0; o < valid; ++o)
     for (int v = 0; v < PV; ++v) {
       const int64_t p = p0 + v * L;
@@ -67,19 +56,20 @@ __attribute__((always_inline)) inline void tile(const T* const* w, const T* col,
     }
 }
 
-// col: [N][R][P] followed by at least one vector of padding, experts [K][C_out][R], routing
-// [N][K], bias [N][C_out] (mixed) or null, y [N][C_out][P].
-// Mixed rows are kept for blocks of samples of at most `budget` bytes (at least one sample).
+// col: [N][R][P] followed by at least one vector of padding, experts [K][C_out][R], bias
+// [N][C_out] (mixed) or null, y [N][C_out][P]. mix(n0, count, o0, rows, out) writes the mixed
+// kernel rows o0 .. o0 + rows − 1 of samples n0 .. n0 + count − 1 to out ([count][rows][R]); they
+// are kept for blocks of samples of at most `budget` bytes (at least one sample).
 // Returns false where the experts hold a NaN or inf (checked as they are first read).
-template <typename T>
-bool forward(const T* col, const T* experts, const T* routing, const T* bias, int64_t N,
+template <typename T, typename Mix>
+bool forward(const T* col, const T* experts, const Mix& mix, const T* bias, int64_t N,
              int64_t C_out, int64_t R, int64_t P, int64_t K, T* y, int64_t budget) {
   constexpr int L = kLanes<T>, RB = kRowBlock, PV = kPixelVectors;
   const int64_t tiles = (C_out + RB - 1) / RB;
   const int64_t samples = std::clamp<int64_t>(budget / (RB * R * int64_t(sizeof(T))), 1, N);
   std::atomic<bool> finite{true};
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> mixed(samples * RB * R, T(0));
+    std::vector<T> mixed(samples * RB * R);
     for (int64_t tile_index = begin; tile_index < end; ++tile_index) {
       const int64_t o0 = tile_index * RB;
       const int valid = static_cast<int>(std::min<int64_t>(RB, C_out - o0));
@@ -88,22 +78,11 @@ bool forward(const T* col, const T* experts, const T* routing, const T* bias, in
           if (!all_finite(experts + (k * C_out + o0 + o) * R, R)) finite = false;
       for (int64_t n0 = 0; n0 < N; n0 += samples) {
         const int64_t count = std::min(samples, N - n0);
-        // Rows past C_out (valid < RB) are computed from what the buffer holds and not stored.
-        for (int o = 0; o < valid; ++o)
-          for (int64_t n = 0; n < count; ++n) {
-            T* __restrict dst = mixed.data() + (n * RB + o) * R;
-            const T* r = routing + (n0 + n) * K;
-            for (int64_t j = 0; j < R; ++j) dst[j] = T(0);
-            for (int64_t k = 0; k < K; ++k) {
-              const T* __restrict src = experts + (k * C_out + o0 + o) * R;
-              const T rk = r[k];
-#pragma omp simd
-              for (int64_t j = 0; j < R; ++j) dst[j] += rk * src[j];
-            }
-          }
+        mix(n0, count, o0, valid, mixed.data());
         for (int64_t n = 0; n < count; ++n) {
+          // rows past C_out (valid < RB) repeat the last one: computed, not stored
           const T* w[RB];
-          for (int o = 0; o < RB; ++o) w[o] = mixed.data() + (n * RB + o) * R;
+          for (int o = 0; o < RB; ++o) w[o] = mixed.data() + (n * valid + std::min(o, valid - 1)) * R;
           const T* cn = col + (n0 + n) * R * P;
           const T* b = bias != nullptr ? bias + (n0 + n) * C_out + o0 : nullptr;
           T bias_rows[RB] = {};

@@ -42,6 +42,25 @@ constexpr int kOuterRows = 6;
 constexpr int kOuterRows = 2;
 #endif
 
+// An outer-product tile's sums over `steps` steps: acc[r][v] += rows[r][s] · panel[s·stride + v·L]
+// for s < steps (per step: PV vector loads, one broadcast per row, RB·PV FMAs).
+template <typename T, int RB, int PV>
+__attribute__((always_inline)) inline void outer_product_sums(const T* const* rows, const T* panel,
+                                                              int64_t stride, int64_t steps,
+                                                              Vec<T> (&acc)[RB][PV]) {
+  for (int64_t s = 0; s < steps; ++s) {
+    Vec<T> xv[PV];
+#pragma GCC unroll 4
+    for (int v = 0; v < PV; ++v) xv[v] = load(panel + s * stride + v * kLanes<T>);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const T b = rows[r][s];
+#pragma GCC unroll 4
+      for (int v = 0; v < PV; ++v) acc[r][v] += b * xv[v];
+    }
+  }
+}
+
 // A tile's accumulators: acc[c][v] = b[c] in every lane (0 where b is null).
 template <typename T, int CB, int PV>
 __attribute__((always_inline)) inline void fill(Vec<T> (&acc)[CB][PV], const T* b) {

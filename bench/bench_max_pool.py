@@ -5,8 +5,8 @@
     .venv/bin/python bench/summary.py pool.json
 
 Shapes: LightAWNet's pooled tensors at batch 8 and 128² input (16 channels at 128², 32 at 64²)
-and at batch 1 and 256² input (16 at 256², 32 at 128², 64 at 64²), plus 64 at 32² (narrower than
-``fastseg.ops.pool.MIN_WIDTH``: the cpu backend hands it to ATen). Modes: forward, and forward +
+and at batch 1 and 256² input (16 at 256², 32 at 128², 64 at 64²), plus 64 at 32² (rows of 16
+outputs: the kernel's short-row path). Modes: forward, and forward +
 backward (the gradient of x for a fixed random upstream gradient).
 """
 import pytest

@@ -14,14 +14,18 @@ pytestmark = pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None,
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Every width takes the kernel; counts its calls."""
-    monkeypatch.setattr(ops_pool, "MIN_WIDTH", 0)
+    """Counts the kernel's calls."""
     return count_calls(monkeypatch, ops_pool, "_cpp")
 
 
 # odd H and W (the last row and column belong to no window), 2×2 (one window), one row of
-# windows, widths around the vector length (16 and 8 outputs per row for float32 / float64)
-SHAPES = [(2, 3, 7, 9), (1, 2, 2, 2), (3, 1, 3, 34), (2, 4, 6, 33), (1, 3, 10, 66)]
+# windows, widths around the vector length (16 and 8 outputs per row for float32 / float64).
+# Rows of fewer than 32 outputs (csrc/cpu/max_pool.cpp's kShortRow) run in blocks of
+# 1024 // OW rows: 444 rows of 5 (two blocks of 204 and a rest of 36, odd H) and 1000 of 31
+# (30 blocks of 33 and a rest of 10, odd H and W), then 32 outputs, the first row length of the
+# per-row loop.
+SHAPES = [(2, 3, 7, 9), (1, 2, 2, 2), (3, 1, 3, 34), (2, 4, 6, 33), (1, 3, 10, 66),
+          (3, 37, 9, 10), (1, 40, 51, 63), (2, 3, 5, 64)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -52,12 +56,11 @@ def test_ties_and_nan_pick_as_aten(calls):
 
 def test_size_and_layout_switches(monkeypatch):
     count = count_calls(monkeypatch, ops_pool, "_cpp")
-    assert ops_pool.MIN_WIDTH == 64
     for shape, fmt, backend, expected in [
-            ((1, 2, 4, 63), torch.contiguous_format, "cpu", 0),   # narrower than MIN_WIDTH
-            ((1, 2, 4, 64), torch.contiguous_format, "cpu", 1),
-            ((1, 2, 4, 64), torch.channels_last, "cpu", 1),       # ATen's channels-last kernel
-            ((1, 2, 4, 64), torch.contiguous_format, "reference", 1)]:
+            ((1, 2, 4, 6), torch.contiguous_format, "cpu", 1),
+            ((1, 2, 4, 64), torch.contiguous_format, "cpu", 2),
+            ((1, 2, 4, 64), torch.channels_last, "cpu", 2),       # ATen's channels-last kernel
+            ((1, 2, 4, 64), torch.contiguous_format, "reference", 2)]:
         x = torch.randn(shape).contiguous(memory_format=fmt)
         y = max_pool2x2(x, backend=backend)
         assert count[0] == expected and torch.equal(y, F.max_pool2d(x, 2))

@@ -116,9 +116,8 @@ def test_backends_agree_with_the_reference(name, backend, train, monkeypatch):
     fused.load_state_dict(reference.state_dict())
     reference.train(train), fused.train(train)
     y_ref, g_ref = _run(reference, x)
-    # every BatchNormAct2d and NCHW max pooling takes the fused op, however small its input
+    # every BatchNormAct2d takes the fused op, however small its input
     monkeypatch.setattr(BatchNormAct2d, "min_numel", 0)
-    monkeypatch.setattr(fastseg.ops.pool, "MIN_WIDTH", 0)
     # LGMSNet on the cpu backend computes in channels-last whatever the input's layout
     # (cpu_channels_last); both settings are checked, and which layout its stages ran in
     internal = (True, False) if hasattr(fused, "cpu_channels_last") else (None,)

@@ -7,6 +7,13 @@
 // several). Windows do not overlap, so the backward writes every input position once: the output
 // gradient where it won, 0 elsewhere (an odd last row or column, outside every window, gets 0).
 // Channels-last tensors take ATen's kernel, which is fast in that layout.
+//
+// The loop over a row's outputs reads every other value; GCC vectorises it only from 32 outputs
+// a row on, and shorter rows ran its scalar remainder, with a branch per window position (8×64×32²:
+// 1.1 ms forward against 0.16 ms at 8×32×64², the same number of rows of twice the length).
+// Rows shorter than kShortRow therefore go through per-thread block buffers: a block's top and
+// bottom input rows are copied one after another, and one flat loop runs over the whole block
+// (8×64×32²: 0.09 ms forward; the backward likewise, 0.14–0.17 ms).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,10 +34,43 @@ inline void pick(T a, T b, T c, T d, T& m, uint8_t& k) {
   if (d > m || d != d) { m = d; k = 3; }
 }
 
+constexpr int64_t kShortRow = 32;         // output rows shorter than this take the block buffers
+constexpr int64_t kBlockOutputs = 1024;  // outputs per block of short rows
+
+// The window's input rows 2·oh and 2·oh + 1 of output row r (over all planes): the top one's start.
+template <typename T>
+inline T* top_row(T* xs, int64_t r, int64_t OH, int64_t H, int64_t W) {
+  return xs + ((r / OH) * H + 2 * (r % OH)) * W;
+}
+
+// Short rows: a block of output rows [r0, r0 + count) with their top and bottom input rows
+// gathered into `top` and `bottom` (2·OW values a row, back to back).
+template <typename T>
+void forward_short(const T* xs, T* ys, uint8_t* ks, int64_t rows, int64_t H, int64_t W) {
+  const int64_t OH = H / 2, OW = W / 2, block = kBlockOutputs / OW;
+  at::parallel_for(0, at::divup(rows, block), 1, [&](int64_t begin, int64_t end) {
+    alignas(64) T top[2 * kBlockOutputs], bottom[2 * kBlockOutputs];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r0 = b * block, count = std::min(block, rows - r0), n = count * OW;
+      for (int64_t i = 0; i < count; ++i) {
+        const T* src = top_row(xs, r0 + i, OH, H, W);
+        std::copy(src, src + 2 * OW, top + i * 2 * OW);
+        std::copy(src + W, src + W + 2 * OW, bottom + i * 2 * OW);
+      }
+      T* out = ys + r0 * OW;
+      uint8_t* k = ks + r0 * OW;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j)
+        pick(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1], out[j], k[j]);
+    }
+  });
+}
+
 // one output row per task: input rows 2·oh and 2·oh + 1 of its plane
 template <typename T>
 void forward_kernel(const T* xs, T* ys, uint8_t* ks, int64_t planes, int64_t H, int64_t W) {
   const int64_t OH = H / 2, OW = W / 2;
+  if (OW < kShortRow) return forward_short(xs, ys, ks, planes * OH, H, W);
   at::parallel_for(0, planes * OH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / OH, oh = r % OH;
@@ -45,10 +85,43 @@ void forward_kernel(const T* xs, T* ys, uint8_t* ks, int64_t planes, int64_t H, 
   });
 }
 
+// Short rows: a block of output rows' gradients spread into `top` and `bottom` by one flat loop,
+// then copied to their input rows (with the odd last column, and the odd last row of a plane, 0).
+template <typename T>
+void backward_short(const T* gs, const uint8_t* ks, T* gx, int64_t rows, int64_t H, int64_t W) {
+  const int64_t OH = H / 2, OW = W / 2, block = kBlockOutputs / OW;
+  at::parallel_for(0, at::divup(rows, block), 1, [&](int64_t begin, int64_t end) {
+    alignas(64) T top[2 * kBlockOutputs], bottom[2 * kBlockOutputs];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r0 = b * block, count = std::min(block, rows - r0), n = count * OW;
+      const T* g = gs + r0 * OW;
+      const uint8_t* k = ks + r0 * OW;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {  // (read once into locals: GCC then vectorises it)
+        const T v = g[j];
+        const uint8_t kj = k[j];
+        top[2 * j] = kj == 0 ? v : T(0);
+        top[2 * j + 1] = kj == 1 ? v : T(0);
+        bottom[2 * j] = kj == 2 ? v : T(0);
+        bottom[2 * j + 1] = kj == 3 ? v : T(0);
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = r0 + i;
+        T* dst = top_row(gx, r, OH, H, W);
+        std::copy(top + i * 2 * OW, top + (i + 1) * 2 * OW, dst);
+        std::copy(bottom + i * 2 * OW, bottom + (i + 1) * 2 * OW, dst + W);
+        if (W % 2) dst[W - 1] = dst[2 * W - 1] = T(0);
+        if (H % 2 && r % OH == OH - 1) std::fill(dst + 2 * W, dst + 3 * W, T(0));
+      }
+    }
+  });
+}
+
 // one input row per task
 template <typename T>
 void backward_kernel(const T* gs, const uint8_t* ks, T* gx, int64_t planes, int64_t H, int64_t W) {
   const int64_t OH = H / 2, OW = W / 2;
+  if (OW < kShortRow) return backward_short(gs, ks, gx, planes * OH, H, W);
   at::parallel_for(0, planes * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / H, h = r % H, oh = h / 2;

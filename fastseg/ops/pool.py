@@ -22,10 +22,6 @@ def max_pool2x2_reference(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 2)
 
 
-#: narrower inputs take the reference: the kernel's per-row loop costs more than it saves on
-#: short rows (8×64×32²: 1.3 ms against ATen's 2.4; 8×32×64²: 0.18 against 5.1)
-MIN_WIDTH = 64
-
 _cpp = cpp_op("max_pool2x2")
 _cpp_backward = cpp_op("max_pool2x2_backward")
 
@@ -61,9 +57,8 @@ def max_pool2x2(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     Args:
         x: ``[N, C, H, W]`` with H, W ≥ 2 (an odd last row or column is dropped, as
             ``F.max_pool2d`` does).
-        backend: ``"cpu"`` runs the kernel on NCHW-contiguous CPU tensors of float32/float64
-            at least :data:`MIN_WIDTH` wide; every other case (channels-last too) runs the
-            reference.
+        backend: ``"cpu"`` runs the kernel on NCHW-contiguous CPU tensors of float32/float64;
+            every other case (channels-last too) runs the reference.
 
     Returns:
         ``[N, C, H // 2, W // 2]`` in ``x``'s memory format.
@@ -75,7 +70,7 @@ def max_pool2x2(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     if x.shape[2] < 2 or x.shape[3] < 2:
         raise ValueError(f"x must have H and W of at least 2, got {tuple(x.shape)}")
     fused = (_cpp is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-             and x.is_contiguous() and x.shape[3] >= MIN_WIDTH and not torch.is_autocast_enabled("cpu")
+             and x.is_contiguous() and not torch.is_autocast_enabled("cpu")
              and resolve_backend(backend, x.device, x.dtype) == "cpu")
     if not fused:
         return max_pool2x2_reference(x)

@@ -5,6 +5,11 @@ its speedup over the eager and compiled references, and the fraction of the op's
 
 The floor of an op is max(bytes / bandwidth, flops / flop_rate): each input read once and each
 output written once at the machine's copy rate, or its arithmetic at the float32 matmul rate.
+Peak memory, where a benchmark recorded it, in the column of its kind: ``peak_bytes`` (the most
+memory the call held at once beyond its inputs, from the profiler's allocation events: the
+attention gates) as "peak MiB held", ``peak_mb`` (peak resident set size of a fresh process
+running one call, minus that of one that only builds the inputs: bench/peak_memory.py) as
+"peak MB RSS".
 """
 import argparse
 import json
@@ -21,25 +26,32 @@ def load(path):
         if "impl" not in info:
             continue
         key = (info["op"], tuple(info["shape"]), info["mode"])
+        held = info.get("peak_bytes")
         rows[key][info["impl"]] = (b["stats"]["median"], info["bytes"], info["flops"],
-                                   info.get("peak_bytes"))
+                                   (held / 2**20 if held is not None else None, info.get("peak_mb")))
     return data.get("machine_info", {}), rows
 
 
+# The peak-memory columns: (header, index into a row's peaks)
+PEAK_COLUMNS = (("peak MiB held", 0), ("peak MB RSS", 1))
+
+
 def table(rows, bandwidth, flop_rate):
-    peaks = any(v[3] is not None for impls in rows.values() for v in impls.values())
+    shown = [(head, i) for head, i in PEAK_COLUMNS
+             if any(v[3][i] is not None for impls in rows.values() for v in impls.values())]
     lines = ["| op | shape | mode | impl | median ms | vs reference | vs compiled | % of floor |"
-             + (" peak MiB |" if peaks else ""),
-             "|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if peaks else "")]
+             + "".join(f" {head} |" for head, _ in shown),
+             "|---|---|---|---|---:|---:|---:|---:|" + "---:|" * len(shown)]
     for (op, shape, mode), impls in sorted(rows.items()):
         ref = impls.get("reference", (None,))[0]
         comp = impls.get("reference-compiled", (None,))[0]
-        for impl, (t, nbytes, flops, peak) in sorted(impls.items(), key=lambda kv: -kv[1][0]):
+        for impl, (t, nbytes, flops, peaks) in sorted(impls.items(), key=lambda kv: -kv[1][0]):
             floor = max(nbytes / bandwidth, flops / flop_rate)
             vs = lambda base: f"{base / t:.2f}×" if base else "–"  # noqa: E731
             lines.append(f"| {op} | {'×'.join(map(str, shape))} | {mode} | {impl} | {t * 1e3:.2f} | "
                          f"{vs(ref)} | {vs(comp)} | {100 * floor / t:.0f}% |"
-                         + (f" {peak / 2**20:.1f} |" if peak is not None else (" – |" if peaks else "")))
+                         + "".join(f" {peaks[i]:.1f} |" if peaks[i] is not None else " – |"
+                                   for _, i in shown))
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """The interleaved benchmark scripts of bench/ (run by hand for bench/RESULTS.md, not by
 `pytest bench`) run end to end at tiny sizes and print their tables."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,34 @@ def test_compiled_references_stay_compiled_past_eight_shapes():
     for n in range(1, 13):
         assert torch.equal(fn(torch.ones(n)), torch.full((n,), 3.0))
     assert len(graphs) == 12
+
+
+def test_summary_shows_each_kind_of_peak_memory_in_its_own_column(tmp_path):
+    """bench/summary.py: ratios to the eager and compiled references, the floor's share, and
+    peak memory under the header of how it was measured (the gates' profiler bytes held, the
+    other benchmarks' fresh-process RSS), '–' where a case has none."""
+    def case(op, impl, median, **peak):
+        return {"stats": {"median": median},
+                "extra_info": {"op": op, "impl": impl, "mode": "forward", "shape": [1, 2, 3, 4],
+                               "bytes": 22e6, "flops": 0, **peak}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2}},
+                                "benchmarks": [
+        case("gate", "reference", 0.004, peak_bytes=3 * 2**20),
+        case("gate", "reference-compiled", 0.002, peak_bytes=2**20),
+        case("gate", "cpu", 0.001, peak_bytes=2**19),
+        case("conv", "reference", 0.002, peak_mb=12.5),
+        case("conv", "reference-compiled", 0.002),
+        case("conv", "cpu", 0.004, peak_mb=7.25)]}))
+    out = run("summary.py", str(path))
+    assert "Test CPU, 2 logical cores" in out
+    lines = {tuple(c.strip() for c in line.split("|")[1:-1]) for line in out.splitlines()
+             if line.startswith("| gate") or line.startswith("| conv")}
+    assert ("gate", "1×2×3×4", "forward", "cpu", "1.00", "4.00×", "2.00×", "100%", "0.5", "–") in lines
+    assert ("gate", "1×2×3×4", "forward", "reference", "4.00", "1.00×", "0.50×", "25%", "3.0",
+            "–") in lines
+    assert ("conv", "1×2×3×4", "forward", "cpu", "4.00", "0.50×", "0.50×", "25%", "–", "7.2") in lines
+    assert ("conv", "1×2×3×4", "forward", "reference-compiled", "2.00", "1.00×", "1.00×", "50%", "–",
+            "–") in lines
+    header = next(line for line in out.splitlines() if line.startswith("| op |"))
+    assert header.endswith("| % of floor | peak MiB held | peak MB RSS |")

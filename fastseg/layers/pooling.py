@@ -13,8 +13,8 @@ class MaxPool2x2(nn.Module):
     """2×2 max pooling with stride 2, as ``nn.MaxPool2d(2)`` (no parameters). Input
     ``[N, C, H, W]``, output ``[N, C, H // 2, W // 2]`` in the input's memory format.
 
-    On the ``cpu`` backend NCHW inputs run :func:`fastseg.ops.max_pool2x2`'s kernel; everything else, and under ``torch.compile``
-    (inductor lowers the pooling itself), ``F.max_pool2d``.
+    On the ``cpu`` backend NCHW inputs run :func:`fastseg.ops.max_pool2x2`'s kernel; everything
+    else, and under ``torch.compile`` (inductor lowers the pooling itself), ``F.max_pool2d``.
     """
 
     def __init__(self, backend: str = "auto"):

@@ -38,7 +38,6 @@ namespace direct_conv {
 
 using simd::kLanes;
 using simd::load;
-using simd::UnalignedVec;
 using simd::Vec;
 
 #if defined(__AVX512F__)
@@ -97,13 +96,8 @@ __attribute__((always_inline)) inline void tile(const T* rows, int64_t cs, int64
 #pragma GCC unroll 4
   for (int v = 0; v < PV; ++v) {
     const Slot& s = slots[v];
-    if (s.lanes == kLanes<T>) {
 #pragma GCC unroll 8
-      for (int c = 0; c < CB; ++c) *reinterpret_cast<UnalignedVec<T>*>(y + c * HW + s.out) = acc[c][v];
-    } else {
-      for (int c = 0; c < CB; ++c)
-        for (int l = 0; l < s.lanes; ++l) y[c * HW + s.out + l] = acc[c][v][l];
-    }
+    for (int c = 0; c < CB; ++c) simd::store_lanes<T>(y + c * HW + s.out, acc[c][v], s.lanes);
   }
 }
 

@@ -28,7 +28,6 @@ namespace fastseg {
 namespace mixed_gemm {
 
 using simd::kLanes;
-using simd::UnalignedVec;
 using simd::Vec;
 
 constexpr int kRowBlock = simd::kOuterRows;
@@ -48,11 +47,7 @@ __attribute__((always_inline)) inline void tile(const T* const* w, const T* col,
   for (int o = 0; o < valid; ++o)
     for (int v = 0; v < PV; ++v) {
       const int64_t p = p0 + v * L;
-      if (p + L <= P) {
-        *reinterpret_cast<UnalignedVec<T>*>(y + o * P + p) = acc[o][v];
-      } else {
-        for (int l = 0; p + l < P; ++l) y[o * P + p + l] = acc[o][v][l];
-      }
+      simd::store_lanes<T>(y + o * P + p, acc[o][v], static_cast<int>(std::min<int64_t>(L, P - p)));
     }
 }
 

@@ -32,6 +32,17 @@ inline T* aligned(T* p) {
   return p + (kVectorBytes - address % kVectorBytes) % kVectorBytes / sizeof(T);
 }
 
+// Stores the first `lanes` values of v to p (all of them with one vector store when lanes is
+// kLanes<T>): a tile's last vector of a row that ends inside it.
+template <typename T>
+__attribute__((always_inline)) inline void store_lanes(T* p, const Vec<T>& v, int lanes) {
+  if (lanes == kLanes<T>) {
+    *reinterpret_cast<UnalignedVec<T>*>(p) = v;
+  } else {
+    for (int l = 0; l < lanes; ++l) p[l] = v[l];
+  }
+}
+
 // Outer-product register tiles (expert_grad3x3.h, mixed_gemm.h): kOuterRows rows × kOuterVectors
 // vectors of accumulators, one broadcast per row and kOuterVectors loads per step. AVX-512: 6 × 4
 // accumulators + 4 loaded vectors + a broadcast of 32 registers; AVX2: 2 × 4 + 4 + 1 of 16.

@@ -43,26 +43,35 @@ inline T* top_row(T* xs, int64_t r, int64_t OH, int64_t H, int64_t W) {
   return xs + ((r / OH) * H + 2 * (r % OH)) * W;
 }
 
-// Short rows: a block of output rows [r0, r0 + count) with their top and bottom input rows
-// gathered into `top` and `bottom` (2·OW values a row, back to back).
-template <typename T>
-void forward_short(const T* xs, T* ys, uint8_t* ks, int64_t rows, int64_t H, int64_t W) {
-  const int64_t OH = H / 2, OW = W / 2, block = kBlockOutputs / OW;
+// Short rows (OW < kShortRow) in blocks of kBlockOutputs / OW output rows, blocks in parallel:
+// f(r0, count, top, bottom) for output rows [r0, r0 + count), with per-thread buffers of
+// 2·kBlockOutputs values for their top and bottom input rows (2·OW values a row, back to back).
+template <typename T, typename F>
+void for_each_short_block(int64_t rows, int64_t OW, F&& f) {
+  const int64_t block = kBlockOutputs / OW;
   at::parallel_for(0, at::divup(rows, block), 1, [&](int64_t begin, int64_t end) {
     alignas(64) T top[2 * kBlockOutputs], bottom[2 * kBlockOutputs];
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t r0 = b * block, count = std::min(block, rows - r0), n = count * OW;
-      for (int64_t i = 0; i < count; ++i) {
-        const T* src = top_row(xs, r0 + i, OH, H, W);
-        std::copy(src, src + 2 * OW, top + i * 2 * OW);
-        std::copy(src + W, src + W + 2 * OW, bottom + i * 2 * OW);
-      }
-      T* out = ys + r0 * OW;
-      uint8_t* k = ks + r0 * OW;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j)
-        pick(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1], out[j], k[j]);
+    for (int64_t b = begin; b < end; ++b)
+      f(b * block, std::min(block, rows - b * block), top, bottom);
+  });
+}
+
+// Short rows: a block's top and bottom input rows gathered into the buffers, then one flat loop.
+template <typename T>
+void forward_short(const T* xs, T* ys, uint8_t* ks, int64_t rows, int64_t H, int64_t W) {
+  const int64_t OH = H / 2, OW = W / 2;
+  for_each_short_block<T>(rows, OW, [&](int64_t r0, int64_t count, T* top, T* bottom) {
+    const int64_t n = count * OW;
+    for (int64_t i = 0; i < count; ++i) {
+      const T* src = top_row(xs, r0 + i, OH, H, W);
+      std::copy(src, src + 2 * OW, top + i * 2 * OW);
+      std::copy(src + W, src + W + 2 * OW, bottom + i * 2 * OW);
     }
+    T* out = ys + r0 * OW;
+    uint8_t* k = ks + r0 * OW;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      pick(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1], out[j], k[j]);
   });
 }
 
@@ -73,8 +82,7 @@ void forward_kernel(const T* xs, T* ys, uint8_t* ks, int64_t planes, int64_t H, 
   if (OW < kShortRow) return forward_short(xs, ys, ks, planes * OH, H, W);
   at::parallel_for(0, planes * OH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t plane = r / OH, oh = r % OH;
-      const T* top = xs + (plane * H + 2 * oh) * W;
+      const T* top = top_row(xs, r, OH, H, W);
       const T* bottom = top + W;
       T* out = ys + r * OW;
       uint8_t* k = ks + r * OW;
@@ -89,30 +97,27 @@ void forward_kernel(const T* xs, T* ys, uint8_t* ks, int64_t planes, int64_t H, 
 // then copied to their input rows (with the odd last column, and the odd last row of a plane, 0).
 template <typename T>
 void backward_short(const T* gs, const uint8_t* ks, T* gx, int64_t rows, int64_t H, int64_t W) {
-  const int64_t OH = H / 2, OW = W / 2, block = kBlockOutputs / OW;
-  at::parallel_for(0, at::divup(rows, block), 1, [&](int64_t begin, int64_t end) {
-    alignas(64) T top[2 * kBlockOutputs], bottom[2 * kBlockOutputs];
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t r0 = b * block, count = std::min(block, rows - r0), n = count * OW;
-      const T* g = gs + r0 * OW;
-      const uint8_t* k = ks + r0 * OW;
+  const int64_t OH = H / 2, OW = W / 2;
+  for_each_short_block<T>(rows, OW, [&](int64_t r0, int64_t count, T* top, T* bottom) {
+    const int64_t n = count * OW;
+    const T* g = gs + r0 * OW;
+    const uint8_t* k = ks + r0 * OW;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {  // (read once into locals: GCC then vectorises it)
-        const T v = g[j];
-        const uint8_t kj = k[j];
-        top[2 * j] = kj == 0 ? v : T(0);
-        top[2 * j + 1] = kj == 1 ? v : T(0);
-        bottom[2 * j] = kj == 2 ? v : T(0);
-        bottom[2 * j + 1] = kj == 3 ? v : T(0);
-      }
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t r = r0 + i;
-        T* dst = top_row(gx, r, OH, H, W);
-        std::copy(top + i * 2 * OW, top + (i + 1) * 2 * OW, dst);
-        std::copy(bottom + i * 2 * OW, bottom + (i + 1) * 2 * OW, dst + W);
-        if (W % 2) dst[W - 1] = dst[2 * W - 1] = T(0);
-        if (H % 2 && r % OH == OH - 1) std::fill(dst + 2 * W, dst + 3 * W, T(0));
-      }
+    for (int64_t j = 0; j < n; ++j) {  // (read once into locals: GCC then vectorises it)
+      const T v = g[j];
+      const uint8_t kj = k[j];
+      top[2 * j] = kj == 0 ? v : T(0);
+      top[2 * j + 1] = kj == 1 ? v : T(0);
+      bottom[2 * j] = kj == 2 ? v : T(0);
+      bottom[2 * j + 1] = kj == 3 ? v : T(0);
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t r = r0 + i;
+      T* dst = top_row(gx, r, OH, H, W);
+      std::copy(top + i * 2 * OW, top + (i + 1) * 2 * OW, dst);
+      std::copy(bottom + i * 2 * OW, bottom + (i + 1) * 2 * OW, dst + W);
+      if (W % 2) dst[W - 1] = dst[2 * W - 1] = T(0);
+      if (H % 2 && r % OH == OH - 1) std::fill(dst + 2 * W, dst + 3 * W, T(0));
     }
   });
 }

@@ -112,6 +112,32 @@ def test_cpu_rows_wider_than_a_block(dtype, width, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("grad_layout", ["channels_last", "nchw"])
+def test_cpu_channels_last_blocks_of_channels(dtype, residual, grad_layout):
+    """Channels-last inputs are computed in blocks of 16 channels of a sample (kChannelBlock):
+    37 channels are two whole blocks and a partial one, whose groups straddle the blocks; the
+    output gradient arrives in either layout."""
+    if unavailable_reason("cpu", "cpu"):
+        pytest.skip(unavailable_reason("cpu", "cpu"))
+    x, weights, biases = make_inputs(2, 37, 6, 9, [10, 9, 9, 9], [3, 5, 7, 9], dtype=dtype)
+    x = LAYOUTS["channels_last"](x)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    if grad_layout == "channels_last":
+        grad_y = LAYOUTS["channels_last"](grad_y)
+    y_ref, g_ref = reference_grads(x, weights, biases, residual, grad_y)
+    leaves = [t.clone().requires_grad_() for t in [x, *weights, *biases]]
+    y = mixed_depthwise_conv2d(leaves[0], leaves[1:5], leaves[5:], residual, backend="cpu")
+    g = torch.autograd.grad(y, leaves, grad_y)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert g[0].is_contiguous(memory_format=torch.channels_last)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_close(y, y_ref, tol, "output")
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert_close(a, b, tol, f"grad {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("blocks", [dict(block_h=4, block_w=8, num_warps=1), {}],
                          ids=["4x8-tiles", "launch_config"])

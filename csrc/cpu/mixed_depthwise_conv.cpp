@@ -4,7 +4,13 @@
 // copied into a zero-padded per-thread buffer, then each output row is computed in blocks of BW
 // columns whose accumulators stay in vector registers (common/mixed_depthwise_conv.h, shared with
 // the CUDA kernels). The same routine with the kernel rotated by 180° gives the input gradient;
-// the weight gradient is one dot product per (row block, tap). The extension is built for the
+// the weight gradient is one dot product per (row block, tap).
+//
+// Channels-last tensors are computed in their own layout, with no NCHW copy of the tensor (an LMS
+// block's forward and backward made five): the work unit is then a block of up to kChannelBlock
+// channels of one sample, whose planes are gathered into the padded buffers in one pass over the
+// sample's pixels (each pixel's channels are adjacent), computed as above into per-thread planes,
+// and written back in one pass (the residual added there). The extension is built for the
 // machine it is installed on (-march=native, see setup.py), so these loops use its widest vectors.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,17 +39,56 @@ constexpr int kBlock = 256 / sizeof(T);
 template <typename T>
 struct PaddedPlane {
   std::vector<T> data;
-  int stride = 0;
-  void fill(const T* plane, int H, int W, int k) {
-    const int p = k / 2;
+  int stride = 0, pad = 0;
+  // all zeros, sized for an H×W plane and a k×k kernel
+  void reset(int H, int W, int k) {
+    pad = k / 2;
     const int width = (W + kBlock<T> - 1) / kBlock<T> * kBlock<T>;
-    stride = width + 2 * p;
-    data.assign(static_cast<size_t>(H + 2 * p) * stride, T(0));
-    for (int r = 0; r < H; ++r)
-      std::memcpy(&data[static_cast<size_t>(r + p) * stride + p], plane + static_cast<int64_t>(r) * W,
-                  sizeof(T) * W);
+    stride = width + 2 * pad;
+    data.assign(static_cast<size_t>(H + 2 * pad) * stride, T(0));
+  }
+  // where the plane's row r starts
+  T* row(int r) { return &data[static_cast<size_t>(r + pad) * stride + pad]; }
+  const T* row(int r) const { return &data[static_cast<size_t>(r + pad) * stride + pad]; }
+  void fill(const T* plane, int H, int W, int k) {
+    reset(H, W, k);
+    for (int r = 0; r < H; ++r) std::memcpy(row(r), plane + static_cast<int64_t>(r) * W, sizeof(T) * W);
   }
 };
+
+// Channels-last: the channels of one block that a task gathers at once (a 64-byte line of
+// float32 values per pixel).
+constexpr int kChannelBlock = 16;
+
+// planes[i] = channel i of the n ≤ kChannelBlock channels at `sample` (a channels-last [H, W, C]
+// image, from the block's first channel), zero-padded for kernel ks[i]: one pass over the
+// pixels, each reading its n adjacent values.
+template <typename T>
+void gather_planes(PaddedPlane<T>* planes, const int* ks, int n, const T* sample, int64_t C, int H,
+                   int W) {
+  T* rows[kChannelBlock];
+  for (int i = 0; i < n; ++i) planes[i].reset(H, W, ks[i]);
+  for (int r = 0; r < H; ++r) {
+    for (int i = 0; i < n; ++i) rows[i] = planes[i].row(r);
+    const T* src = sample + static_cast<int64_t>(r) * W * C;
+    for (int c = 0; c < W; ++c)
+      for (int i = 0; i < n; ++i) rows[i][c] = src[c * C + i];
+  }
+}
+
+// out[q·C + i] = planes[i·HW + q] (+ addend[q·C + i]) for the HW pixels q of a channels-last
+// image and the block's n channels (out and addend from the block's first channel): the block's
+// computed planes written back in one pass.
+template <typename T>
+void scatter_planes(const T* planes, int n, int64_t HW, const T* addend, T* out, int64_t C) {
+  for (int64_t q = 0; q < HW; ++q) {
+    T* dst = out + q * C;
+    if (addend)
+      for (int i = 0; i < n; ++i) dst[i] = planes[i * HW + q] + addend[q * C + i];
+    else
+      for (int i = 0; i < n; ++i) dst[i] = planes[i * HW + q];
+  }
+}
 
 // out = correlate(padded, kernel) + bias (+ addend) over one plane; `flip` for the input grad.
 template <typename T>
@@ -66,9 +111,10 @@ FASTSEG_HD void conv_plane(const PaddedPlane<T>& in, const T* kernel, int k, boo
 }
 
 // grad_kernel[i·k + j] = Σ_{r,c} grad_out[r, c] · x[r + i - p, c + j - p]; returns Σ grad_out.
+// grad_out's row r starts at grad_out + r·row_stride.
 template <typename T>
-FASTSEG_HD acc_t<T> weight_grad_plane(const PaddedPlane<T>& x, const T* grad_out, int k, int H,
-                                      int W, acc_t<T>* grad_kernel) {
+FASTSEG_HD acc_t<T> weight_grad_plane(const PaddedPlane<T>& x, const T* grad_out, int64_t row_stride,
+                                      int k, int H, int W, acc_t<T>* grad_kernel) {
   using A = acc_t<T>;
   constexpr int BW = kBlock<T>;
   A grad_bias = 0;
@@ -76,7 +122,7 @@ FASTSEG_HD acc_t<T> weight_grad_plane(const PaddedPlane<T>& x, const T* grad_out
   for (int r = 0; r < H; ++r) {
     for (int c0 = 0; c0 < W; c0 += BW) {
       const int n = std::min(BW, W - c0);
-      const T* gy = grad_out + static_cast<int64_t>(r) * W + c0;
+      const T* gy = grad_out + static_cast<int64_t>(r) * row_stride + c0;
       if (n < BW) {  // the row's tail: zeros past the image contribute nothing
         std::fill(row_block, row_block + BW, T(0));
         std::copy(gy, gy + n, row_block);
@@ -100,13 +146,13 @@ void conv_plane_simd(const PaddedPlane<double>& in, const double* kernel,
                                          int H, int W, double* out) {
   conv_plane(in, kernel, k, flip, bias, addend, H, W, out);
 }
-float weight_grad_plane_simd(const PaddedPlane<float>& x, const float* gy,
-                                                 int k, int H, int W, float* grad_kernel) {
-  return weight_grad_plane(x, gy, k, H, W, grad_kernel);
+float weight_grad_plane_simd(const PaddedPlane<float>& x, const float* gy, int64_t row_stride, int k,
+                             int H, int W, float* grad_kernel) {
+  return weight_grad_plane(x, gy, row_stride, k, H, W, grad_kernel);
 }
-double weight_grad_plane_simd(const PaddedPlane<double>& x, const double* gy,
-                                                  int k, int H, int W, double* grad_kernel) {
-  return weight_grad_plane(x, gy, k, H, W, grad_kernel);
+double weight_grad_plane_simd(const PaddedPlane<double>& x, const double* gy, int64_t row_stride,
+                              int k, int H, int W, double* grad_kernel) {
+  return weight_grad_plane(x, gy, row_stride, k, H, W, grad_kernel);
 }
 
 // Per-channel view of the groups: kernel size and pointer to the channel's k×k kernel.
@@ -133,10 +179,12 @@ at::Tensor forward_cpu(const at::Tensor& x_in, at::TensorList weights,
                        const std::optional<at::Tensor>& bias_in, bool residual) {
   check_cpu(x_in);
   const auto groups = check_and_group(x_in, weights);
-  const at::Tensor x = x_in.contiguous();
+  // computed in x's output layout (csrc/utils.h): channels-last or NCHW
+  const at::MemoryFormat format = output_memory_format(x_in);
+  const at::Tensor x = x_in.contiguous(format);
   const int64_t N = x.size(0), C = x.size(1);
   const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3));
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = at::empty_like(x, format);
   at::Tensor bias;
   if (bias_in.has_value()) {
     TORCH_CHECK(bias_in->numel() == C, "mixed_depthwise_conv2d: bias must have C=", C, " entries");
@@ -149,6 +197,27 @@ at::Tensor forward_cpu(const at::Tensor& x_in, at::TensorList weights,
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t plane = static_cast<int64_t>(H) * W;
+    if (format == at::MemoryFormat::ChannelsLast) {
+      const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+      at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<PaddedPlane<scalar_t>> padded(kChannelBlock);
+        std::vector<scalar_t> out(kChannelBlock * plane);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t c0 = task % blocks * kChannelBlock, start = task / blocks * plane * C + c0;
+          const int n = static_cast<int>(std::min<int64_t>(kChannelBlock, C - c0));
+          gather_planes(padded.data(), &table.k[c0], n, xp + start, C, H, W);
+          for (int i = 0; i < n; ++i) {
+            // the plane as copied (its zero border adds nothing)
+            if (!all_finite(padded[i].data.data(), static_cast<int64_t>(padded[i].data.size())))
+              non_finite = true;
+            conv_plane_simd(padded[i], table.kernel[c0 + i], table.k[c0 + i], false,
+                            bp ? bp[c0 + i] : scalar_t(0), nullptr, H, W, out.data() + i * plane);
+          }
+          scatter_planes(out.data(), n, plane, residual ? xp + start : nullptr, yp + start, C);
+        }
+      });
+      return;
+    }
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       PaddedPlane<scalar_t> padded;
       for (int64_t nc = begin; nc < end; ++nc) {
@@ -161,7 +230,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, at::TensorList weights,
     });
   });
   TORCH_CHECK_VALUE(!non_finite, "mixed_depthwise_conv2d: x contains NaN or inf");
-  return to_output_layout(y, x_in);
+  return y;
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cpu(
@@ -170,12 +239,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cpu(
   const auto groups = check_and_group(x_in, weights);
   TORCH_CHECK(grad_out_in.sizes() == x_in.sizes() && grad_out_in.scalar_type() == x_in.scalar_type(),
               "mixed_depthwise_conv2d_backward: grad_out must match x in shape and dtype");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor gy = grad_out_in.contiguous();
+  // computed in x's output layout (csrc/utils.h); grad_out is brought to it
+  const at::MemoryFormat format = output_memory_format(x_in);
+  const at::Tensor x = x_in.contiguous(format);
+  const at::Tensor gy = grad_out_in.contiguous(format);
   const int64_t N = x.size(0), C = x.size(1);
   const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3));
   const int kmax = [&] { int m = 0; for (const auto& g : groups) m = imax(m, g.k); return m; }();
-  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor gx = at::empty_like(x, format);
   // Per-plane partial weight/bias gradients, reduced over the batch afterwards: deterministic.
   auto acc_dtype = x.scalar_type();
   at::Tensor gk_partial = at::zeros({N, C, kmax * kmax}, x.options().dtype(acc_dtype));
@@ -188,6 +259,29 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cpu(
     scalar_t* gkp = gk_partial.data_ptr<scalar_t>();
     scalar_t* gbp = gb_partial.data_ptr<scalar_t>();
     const int64_t plane = static_cast<int64_t>(H) * W;
+    if (format == at::MemoryFormat::ChannelsLast) {
+      const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+      at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<PaddedPlane<scalar_t>> padded_gy(kChannelBlock), padded_x(kChannelBlock);
+        std::vector<scalar_t> out(kChannelBlock * plane);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t c0 = task % blocks * kChannelBlock, nc0 = task / blocks * C + c0;
+          const int64_t start = task / blocks * plane * C + c0;
+          const int n = static_cast<int>(std::min<int64_t>(kChannelBlock, C - c0));
+          gather_planes(padded_gy.data(), &table.k[c0], n, gyp + start, C, H, W);
+          gather_planes(padded_x.data(), &table.k[c0], n, xp + start, C, H, W);
+          for (int i = 0; i < n; ++i) {
+            const int k = table.k[c0 + i];
+            conv_plane_simd(padded_gy[i], table.kernel[c0 + i], k, true, scalar_t(0), nullptr, H, W,
+                            out.data() + i * plane);
+            gbp[nc0 + i] = weight_grad_plane_simd(padded_x[i], padded_gy[i].row(0), padded_gy[i].stride,
+                                                  k, H, W, gkp + (nc0 + i) * kmax * kmax);
+          }
+          scatter_planes(out.data(), n, plane, residual ? gyp + start : nullptr, gxp + start, C);
+        }
+      });
+      return;
+    }
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       PaddedPlane<scalar_t> padded;
       for (int64_t nc = begin; nc < end; ++nc) {
@@ -197,11 +291,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cpu(
         conv_plane_simd(padded, table.kernel[c], k, true, scalar_t(0),
                         residual ? gyp + nc * plane : nullptr, H, W, gxp + nc * plane);
         padded.fill(xp + nc * plane, H, W, k);
-        gbp[nc] = weight_grad_plane_simd(padded, gyp + nc * plane, k, H, W, gkp + nc * kmax * kmax);
+        gbp[nc] = weight_grad_plane_simd(padded, gyp + nc * plane, W, k, H, W, gkp + nc * kmax * kmax);
       }
     });
   });
-  return {to_output_layout(gx, x_in), split_weight_grads(gk_partial.sum(0), groups, x.scalar_type()),
+  return {gx, split_weight_grads(gk_partial.sum(0), groups, x.scalar_type()),
           gb_partial.sum(0)};
 }
 

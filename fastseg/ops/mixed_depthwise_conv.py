@@ -5,8 +5,11 @@ kernel with stride 1 and 'same' zero padding, plus an optional per-channel bias 
 fused residual ``+ x``. Backends: ``reference`` (split → one conv per group → concat), ``cpu`` and
 ``cuda`` (``fastseg._C``), ``triton`` (``fastseg.kernels.mixed_depthwise_conv``).
 
-Layouts: the fused kernels compute on NCHW-contiguous data; a channels-last or non-contiguous
-``x`` is copied once to NCHW on entry, and the output is returned in ``x``'s memory format.
+Layouts: the ``cpu`` kernels compute NCHW- and channels-last-contiguous ``x`` in its own layout
+(channels-last in blocks of 16 channels of a sample, gathered into planes and written back in one
+pass each); the ``cuda`` and ``triton`` kernels compute on NCHW-contiguous data, copying a
+channels-last ``x`` once on entry. Any other ``x`` (a strided view) is copied once to NCHW. The
+output is returned in ``x``'s memory format.
 """
 from __future__ import annotations
 

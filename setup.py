@@ -51,7 +51,9 @@ def _extensions():
     # Built from the checkout on the machine that runs it, so the CPU kernels target that machine's
     # vector units; FASTSEG_CPU_ARCH (e.g. x86-64-v3) overrides it for a portable build.
     arch = os.environ.get("FASTSEG_CPU_ARCH", "native")
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast", f"-march={arch}"]
+    # -Wno-psabi: GCC notes on AVX2 builds that 64-byte vector arguments (csrc/cpu/simd.h, inlined)
+    # are passed differently with AVX-512
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast", f"-march={arch}", "-Wno-psabi"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
     with_cuda, why = _want_cuda()

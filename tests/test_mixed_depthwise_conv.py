@@ -114,13 +114,16 @@ def test_cpu_rows_wider_than_a_block(dtype, width, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("grad_layout", ["channels_last", "nchw"])
-def test_cpu_channels_last_blocks_of_channels(dtype, residual, grad_layout):
+@pytest.mark.parametrize("hw", [(6, 9), (3, 37)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
+def test_cpu_channels_last_blocks_of_channels(dtype, residual, grad_layout, hw):
     """Channels-last inputs are computed in blocks of 16 channels of a sample (kChannelBlock):
     37 channels are two whole blocks and a partial one, whose groups straddle the blocks; the
-    output gradient arrives in either layout."""
+    output gradient arrives in either layout. float32 whole blocks move 16 pixels at a time
+    (transposed in registers) with the rest one by one: 37 columns are two such runs and 5 left
+    (the gather into planes, per row), 3 × 37 pixels six and 15 left (the write-back)."""
     if unavailable_reason("cpu", "cpu"):
         pytest.skip(unavailable_reason("cpu", "cpu"))
-    x, weights, biases = make_inputs(2, 37, 6, 9, [10, 9, 9, 9], [3, 5, 7, 9], dtype=dtype)
+    x, weights, biases = make_inputs(2, 37, *hw, [10, 9, 9, 9], [3, 5, 7, 9], dtype=dtype)
     x = LAYOUTS["channels_last"](x)
     grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
     if grad_layout == "channels_last":

@@ -19,9 +19,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/finite.h"
+#include "cpu/simd.h"
 #include "common/mixed_depthwise_conv.h"
 #include "mixed_depthwise_conv.h"
 #include "utils.h"
@@ -71,7 +73,16 @@ void gather_planes(PaddedPlane<T>* planes, const int* ks, int n, const T* sample
   for (int r = 0; r < H; ++r) {
     for (int i = 0; i < n; ++i) rows[i] = planes[i].row(r);
     const T* src = sample + static_cast<int64_t>(r) * W * C;
-    for (int c = 0; c < W; ++c)
+    int c = 0;
+    if constexpr (std::is_same_v<T, float>)
+      if (n == kChannelBlock)  // 16 pixels × 16 channels at a time, transposed in registers
+        for (; c + 16 <= W; c += 16) {
+          simd::Float16 v[16];
+          for (int p = 0; p < 16; ++p) v[p] = simd::load16(src + (c + p) * C);
+          simd::transpose16(v);
+          for (int i = 0; i < 16; ++i) simd::store16(rows[i] + c, v[i]);
+        }
+    for (; c < W; ++c)
       for (int i = 0; i < n; ++i) rows[i][c] = src[c * C + i];
   }
 }
@@ -81,7 +92,19 @@ void gather_planes(PaddedPlane<T>* planes, const int* ks, int n, const T* sample
 // computed planes written back in one pass.
 template <typename T>
 void scatter_planes(const T* planes, int n, int64_t HW, const T* addend, T* out, int64_t C) {
-  for (int64_t q = 0; q < HW; ++q) {
+  int64_t q = 0;
+  if constexpr (std::is_same_v<T, float>)
+    if (n == kChannelBlock)  // 16 pixels × 16 channels at a time, transposed in registers
+      for (; q + 16 <= HW; q += 16) {
+        simd::Float16 v[16];
+        for (int i = 0; i < 16; ++i) v[i] = simd::load16(planes + i * HW + q);
+        simd::transpose16(v);
+        for (int p = 0; p < 16; ++p) {
+          if (addend) v[p] += simd::load16(addend + (q + p) * C);
+          simd::store16(out + (q + p) * C, v[p]);
+        }
+      }
+  for (; q < HW; ++q) {
     T* dst = out + q * C;
     if (addend)
       for (int i = 0; i < n; ++i) dst[i] = planes[i * HW + q] + addend[q * C + i];

@@ -7,6 +7,12 @@ the first implementation (the reference).
     .venv/bin/python bench/interleaved_models.py --model lgmsnet --size 128 --rounds 9
     .venv/bin/python bench/interleaved_models.py --model lgmsnet --mode inference --batch 1 --size 256 \\
         --impls reference cpu cpu-folded
+    .venv/bin/python bench/interleaved_models.py --model lgmsnet --size 128 \\
+        --impls reference reference-compiled cpu --against reference-compiled
+
+``--against IMPL`` adds a column: each implementation's per-round speedup over IMPL, median over
+rounds (issue 11's "≥ 1.3× the compiled reference" is that column with ``--against
+reference-compiled``; the ratio of two medians of the first column only approximates it).
 
 Implementations as in ``bench_models.py`` (the same weights, inputs and step), plus the layout
 variants of its ``make_step``: ``reference-channels-last`` and ``cpu-nchw``. Compiled ones are
@@ -30,18 +36,24 @@ def main(argv=None):
     parser.add_argument("--impls", nargs="+",
                         default=["reference", "reference-channels-last", "cpu-nchw", "cpu"])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--against", metavar="IMPL",
+                        help="one of --impls: add a column of speedups over it (median of rounds)")
     args = parser.parse_args(argv)
+    if args.against is not None and args.against not in args.impls:
+        parser.error(f"--against {args.against!r} must be one of --impls {args.impls}")
     steps = {impl: make_step(args.model, impl, args.mode, args.batch, args.size) for impl in args.impls}
     times = interleaved_times(steps, args.rounds)
     print(f"{args.model}, {args.mode} {args.batch}×{args.size}², {args.rounds} interleaved rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'freed memory retained' if RETAINED else 'default allocator settings'}\n")
-    print(f"| impl | median ms | min ms | speedup vs {args.impls[0]} (median of rounds) |")
-    print("|---|---:|---:|---:|")
+    bases = [args.impls[0]] + ([args.against] if args.against else [])
+    print("| impl | median ms | min ms | "
+          + " | ".join(f"speedup vs {b} (median of rounds)" for b in bases) + " |")
+    print("|---|---:|---:|" + "---:|" * len(bases))
     for impl in args.impls:
-        ratio = median_ratio(times, args.impls[0], impl)
+        ratios = " | ".join(f"{median_ratio(times, b, impl):.2f}×" for b in bases)
         print(f"| {impl} | {statistics.median(times[impl]) * 1e3:.1f} | {min(times[impl]) * 1e3:.1f} "
-              f"| {ratio:.2f}× |")
+              f"| {ratios} |")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,19 @@ def test_interleaved_models():
     assert "| reference |" in out and "| cpu-folded |" in out, out
 
 
+def test_interleaved_models_against_a_second_implementation():
+    out = run("interleaved_models.py", "--model", "lightawnet", "--mode", "inference",
+              "--batch", "1", "--size", "32", "--rounds", "2", "--impls", "reference", "cpu-folded",
+              "--against", "cpu-folded")
+    assert "speedup vs cpu-folded (median of rounds)" in out, out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines()
+            if line.startswith(("| reference |", "| cpu-folded |"))}
+    assert rows["cpu-folded"].rstrip().endswith("| 1.00× |"), out  # itself, every round
+    assert all(row.count("|") == 6 for row in rows.values()), out
+    result = script("interleaved_models.py", "--impls", "reference", "--against", "cpu")
+    assert result.returncode == 2 and "must be one of --impls" in result.stderr
+
+
 def test_interleaved_pointwise_conv():
     out = run("bench_pointwise_conv.py", "--mode", "forward+backward", "--rounds", "2", "--calls",
               "1", "--shapes", "2", "9", "5", "7", "4", "--impls", "reference", "gemm", "cpu")

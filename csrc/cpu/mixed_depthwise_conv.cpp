@@ -77,7 +77,7 @@ void gather_planes(PaddedPlane<T>* planes, const int* ks, int n, const T* sample
     if constexpr (std::is_same_v<T, float>)
       if (n == kChannelBlock)  // 16 pixels × 16 channels at a time, transposed in registers
         for (; c + 16 <= W; c += 16) {
-          simd::Float16 v[16];
+          simd::Float32x16 v[16];
           for (int p = 0; p < 16; ++p) v[p] = simd::load16(src + (c + p) * C);
           simd::transpose16(v);
           for (int i = 0; i < 16; ++i) simd::store16(rows[i] + c, v[i]);
@@ -86,6 +86,19 @@ void gather_planes(PaddedPlane<T>* planes, const int* ks, int n, const T* sample
       for (int i = 0; i < n; ++i) rows[i][c] = src[c * C + i];
   }
 }
+
+// The channels-last tasks: blocks of up to kChannelBlock channels of one sample, N·blocks of them.
+struct ChannelBlocks {
+  int64_t C, HW, blocks;
+  ChannelBlocks(int64_t C, int64_t HW) : C(C), HW(HW), blocks((C + kChannelBlock - 1) / kChannelBlock) {}
+  // task t's first plane (n·C + c0), its first value's offset in the tensor, its channel count
+  void task(int64_t t, int64_t& plane, int64_t& offset, int& n) const {
+    const int64_t c0 = t % blocks * kChannelBlock;
+    plane = t / blocks * C + c0;
+    offset = t / blocks * HW * C + c0;
+    n = static_cast<int>(std::min<int64_t>(kChannelBlock, C - c0));
+  }
+};
 
 // out[q·C + i] = planes[i·HW + q] (+ addend[q·C + i]) for the HW pixels q of a channels-last
 // image and the block's n channels (out and addend from the block's first channel): the block's
@@ -96,7 +109,7 @@ void scatter_planes(const T* planes, int n, int64_t HW, const T* addend, T* out,
   if constexpr (std::is_same_v<T, float>)
     if (n == kChannelBlock)  // 16 pixels × 16 channels at a time, transposed in registers
       for (; q + 16 <= HW; q += 16) {
-        simd::Float16 v[16];
+        simd::Float32x16 v[16];
         for (int i = 0; i < 16; ++i) v[i] = simd::load16(planes + i * HW + q);
         simd::transpose16(v);
         for (int p = 0; p < 16; ++p) {
@@ -221,13 +234,15 @@ at::Tensor forward_cpu(const at::Tensor& x_in, at::TensorList weights,
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t plane = static_cast<int64_t>(H) * W;
     if (format == at::MemoryFormat::ChannelsLast) {
-      const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-      at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+      const ChannelBlocks tasks(C, plane);
+      at::parallel_for(0, N * tasks.blocks, 1, [&](int64_t begin, int64_t end) {
         std::vector<PaddedPlane<scalar_t>> padded(kChannelBlock);
         std::vector<scalar_t> out(kChannelBlock * plane);
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t c0 = task % blocks * kChannelBlock, start = task / blocks * plane * C + c0;
-          const int n = static_cast<int>(std::min<int64_t>(kChannelBlock, C - c0));
+          int64_t nc0, start;
+          int n;
+          tasks.task(task, nc0, start, n);
+          const int64_t c0 = nc0 % C;
           gather_planes(padded.data(), &table.k[c0], n, xp + start, C, H, W);
           for (int i = 0; i < n; ++i) {
             // the plane as copied (its zero border adds nothing)
@@ -283,14 +298,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cpu(
     scalar_t* gbp = gb_partial.data_ptr<scalar_t>();
     const int64_t plane = static_cast<int64_t>(H) * W;
     if (format == at::MemoryFormat::ChannelsLast) {
-      const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-      at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+      const ChannelBlocks tasks(C, plane);
+      at::parallel_for(0, N * tasks.blocks, 1, [&](int64_t begin, int64_t end) {
         std::vector<PaddedPlane<scalar_t>> padded_gy(kChannelBlock), padded_x(kChannelBlock);
         std::vector<scalar_t> out(kChannelBlock * plane);
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t c0 = task % blocks * kChannelBlock, nc0 = task / blocks * C + c0;
-          const int64_t start = task / blocks * plane * C + c0;
-          const int n = static_cast<int>(std::min<int64_t>(kChannelBlock, C - c0));
+          int64_t nc0, start;
+          int n;
+          tasks.task(task, nc0, start, n);
+          const int64_t c0 = nc0 % C;
           gather_planes(padded_gy.data(), &table.k[c0], n, gyp + start, C, H, W);
           gather_planes(padded_x.data(), &table.k[c0], n, xp + start, C, H, W);
           for (int i = 0; i < n; ++i) {

@@ -88,30 +88,30 @@ __attribute__((always_inline)) inline void fill(Vec<T> (&acc)[CB][PV], const T* 
 // 16 × 16 float32 transposes (channels-last ↔ planes, mixed_depthwise_conv.cpp): 16 vectors of
 // 16 values (64 bytes whatever the build targets; GCC splits them on AVX2), transposed in
 // registers by four rounds of swapping off-diagonal blocks (16, then 8, 4, 2 rows square).
-using Float16 __attribute__((vector_size(64))) = float;
-using UnalignedFloat16 __attribute__((vector_size(64), aligned(4))) = float;
+using Float32x16 __attribute__((vector_size(64))) = float;
+using UnalignedFloat32x16 __attribute__((vector_size(64), aligned(4))) = float;
 
 // (On AVX2 builds GCC notes that passing a 64-byte vector differs from AVX-512's ABI; these are
 // inlined, never called across translation units: setup.py passes -Wno-psabi.)
-__attribute__((always_inline)) inline Float16 load16(const float* p) {
-  return *reinterpret_cast<const UnalignedFloat16*>(p);
+__attribute__((always_inline)) inline Float32x16 load16(const float* p) {
+  return *reinterpret_cast<const UnalignedFloat32x16*>(p);
 }
-__attribute__((always_inline)) inline void store16(float* p, Float16 v) {
-  *reinterpret_cast<UnalignedFloat16*>(p) = v;
+__attribute__((always_inline)) inline void store16(float* p, Float32x16 v) {
+  *reinterpret_cast<UnalignedFloat32x16*>(p) = v;
 }
 
 namespace detail {
 // Rows a and a + K, with K × K blocks: a keeps its own lanes j without bit K and takes b's block
 // before them; b takes a's block after them and keeps its own.
 template <int K, std::size_t... J>
-__attribute__((always_inline)) inline void swap_blocks(Float16& a, Float16& b, std::index_sequence<J...>) {
-  const Float16 upper = __builtin_shufflevector(a, b, ((J & K) ? 16 + J - K : J)...);
-  const Float16 lower = __builtin_shufflevector(a, b, ((J & K) ? 16 + J : J + K)...);
+__attribute__((always_inline)) inline void swap_blocks(Float32x16& a, Float32x16& b, std::index_sequence<J...>) {
+  const Float32x16 upper = __builtin_shufflevector(a, b, ((J & K) ? 16 + J - K : J)...);
+  const Float32x16 lower = __builtin_shufflevector(a, b, ((J & K) ? 16 + J : J + K)...);
   a = upper;
   b = lower;
 }
 template <int K>
-__attribute__((always_inline)) inline void transpose_round(Float16 (&v)[16]) {
+__attribute__((always_inline)) inline void transpose_round(Float32x16 (&v)[16]) {
 #pragma GCC unroll 16
   for (int a = 0; a < 16; ++a)
     if (!(a & K)) swap_blocks<K>(v[a], v[a + K], std::make_index_sequence<16>{});
@@ -119,7 +119,7 @@ __attribute__((always_inline)) inline void transpose_round(Float16 (&v)[16]) {
 }  // namespace detail
 
 // v[r][c] → v[c][r]
-__attribute__((always_inline)) inline void transpose16(Float16 (&v)[16]) {
+__attribute__((always_inline)) inline void transpose16(Float32x16 (&v)[16]) {
   detail::transpose_round<8>(v);
   detail::transpose_round<4>(v);
   detail::transpose_round<2>(v);

@@ -87,18 +87,29 @@ void gather_planes(PaddedPlane<T>* planes, const int* ks, int n, const T* sample
   }
 }
 
-// The channels-last tasks: blocks of up to kChannelBlock channels of one sample, N·blocks of them.
-struct ChannelBlocks {
-  int64_t C, HW, blocks;
-  ChannelBlocks(int64_t C, int64_t HW) : C(C), HW(HW), blocks((C + kChannelBlock - 1) / kChannelBlock) {}
-  // task t's first plane (n·C + c0), its first value's offset in the tensor, its channel count
-  void task(int64_t t, int64_t& plane, int64_t& offset, int& n) const {
-    const int64_t c0 = t % blocks * kChannelBlock;
-    plane = t / blocks * C + c0;
-    offset = t / blocks * HW * C + c0;
-    n = static_cast<int>(std::min<int64_t>(kChannelBlock, C - c0));
-  }
+// A channels-last task's per-thread buffers: two blocks of padded planes and one of HW-value
+// output planes.
+template <typename T>
+struct BlockBuffers {
+  std::vector<PaddedPlane<T>> a, b;
+  std::vector<T> out;
+  explicit BlockBuffers(int64_t HW) : a(kChannelBlock), b(kChannelBlock), out(kChannelBlock * HW) {}
 };
+
+// The channels-last tasks of an [N, C, H, W] tensor, in parallel: task(buffers, c0, offset, n)
+// for each block of n ≤ kChannelBlock channels from c0 of each sample, offset being where the
+// block's first value is (n·HW·C + c0).
+template <typename T, typename F>
+void for_each_channel_block(int64_t N, int64_t C, int64_t HW, F&& task) {
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    BlockBuffers<T> buffers(HW);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = t % blocks * kChannelBlock;
+      task(buffers, c0, t / blocks * HW * C + c0, static_cast<int>(std::min<int64_t>(kChannelBlock, C - c0)));
+    }
+  });
+}
 
 // out[q·C + i] = planes[i·HW + q] (+ addend[q·C + i]) for the HW pixels q of a channels-last
 // image and the block's n channels (out and addend from the block's first channel): the block's
@@ -234,25 +245,17 @@ at::Tensor forward_cpu(const at::Tensor& x_in, at::TensorList weights,
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t plane = static_cast<int64_t>(H) * W;
     if (format == at::MemoryFormat::ChannelsLast) {
-      const ChannelBlocks tasks(C, plane);
-      at::parallel_for(0, N * tasks.blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<PaddedPlane<scalar_t>> padded(kChannelBlock);
-        std::vector<scalar_t> out(kChannelBlock * plane);
-        for (int64_t task = begin; task < end; ++task) {
-          int64_t nc0, start;
-          int n;
-          tasks.task(task, nc0, start, n);
-          const int64_t c0 = nc0 % C;
-          gather_planes(padded.data(), &table.k[c0], n, xp + start, C, H, W);
-          for (int i = 0; i < n; ++i) {
-            // the plane as copied (its zero border adds nothing)
-            if (!all_finite(padded[i].data.data(), static_cast<int64_t>(padded[i].data.size())))
-              non_finite = true;
-            conv_plane_simd(padded[i], table.kernel[c0 + i], table.k[c0 + i], false,
-                            bp ? bp[c0 + i] : scalar_t(0), nullptr, H, W, out.data() + i * plane);
-          }
-          scatter_planes(out.data(), n, plane, residual ? xp + start : nullptr, yp + start, C);
+      for_each_channel_block<scalar_t>(N, C, plane, [&](BlockBuffers<scalar_t>& buf, int64_t c0,
+                                                        int64_t start, int n) {
+        gather_planes(buf.a.data(), &table.k[c0], n, xp + start, C, H, W);
+        for (int i = 0; i < n; ++i) {
+          // the plane as copied (its zero border adds nothing)
+          if (!all_finite(buf.a[i].data.data(), static_cast<int64_t>(buf.a[i].data.size())))
+            non_finite = true;
+          conv_plane_simd(buf.a[i], table.kernel[c0 + i], table.k[c0 + i], false,
+                          bp ? bp[c0 + i] : scalar_t(0), nullptr, H, W, buf.out.data() + i * plane);
         }
+        scatter_planes(buf.out.data(), n, plane, residual ? xp + start : nullptr, yp + start, C);
       });
       return;
     }
@@ -298,26 +301,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cpu(
     scalar_t* gbp = gb_partial.data_ptr<scalar_t>();
     const int64_t plane = static_cast<int64_t>(H) * W;
     if (format == at::MemoryFormat::ChannelsLast) {
-      const ChannelBlocks tasks(C, plane);
-      at::parallel_for(0, N * tasks.blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<PaddedPlane<scalar_t>> padded_gy(kChannelBlock), padded_x(kChannelBlock);
-        std::vector<scalar_t> out(kChannelBlock * plane);
-        for (int64_t task = begin; task < end; ++task) {
-          int64_t nc0, start;
-          int n;
-          tasks.task(task, nc0, start, n);
-          const int64_t c0 = nc0 % C;
-          gather_planes(padded_gy.data(), &table.k[c0], n, gyp + start, C, H, W);
-          gather_planes(padded_x.data(), &table.k[c0], n, xp + start, C, H, W);
-          for (int i = 0; i < n; ++i) {
-            const int k = table.k[c0 + i];
-            conv_plane_simd(padded_gy[i], table.kernel[c0 + i], k, true, scalar_t(0), nullptr, H, W,
-                            out.data() + i * plane);
-            gbp[nc0 + i] = weight_grad_plane_simd(padded_x[i], padded_gy[i].row(0), padded_gy[i].stride,
-                                                  k, H, W, gkp + (nc0 + i) * kmax * kmax);
-          }
-          scatter_planes(out.data(), n, plane, residual ? gyp + start : nullptr, gxp + start, C);
+      // buffers: a the planes of grad_out, b those of x
+      for_each_channel_block<scalar_t>(N, C, plane, [&](BlockBuffers<scalar_t>& buf, int64_t c0,
+                                                        int64_t start, int n) {
+        const int64_t nc0 = start / (plane * C) * C + c0;  // the block's first plane
+        gather_planes(buf.a.data(), &table.k[c0], n, gyp + start, C, H, W);
+        gather_planes(buf.b.data(), &table.k[c0], n, xp + start, C, H, W);
+        for (int i = 0; i < n; ++i) {
+          const int k = table.k[c0 + i];
+          conv_plane_simd(buf.a[i], table.kernel[c0 + i], k, true, scalar_t(0), nullptr, H, W,
+                          buf.out.data() + i * plane);
+          gbp[nc0 + i] = weight_grad_plane_simd(buf.b[i], buf.a[i].row(0), buf.a[i].stride, k, H, W,
+                                                gkp + (nc0 + i) * kmax * kmax);
         }
+        scatter_planes(buf.out.data(), n, plane, residual ? gyp + start : nullptr, gxp + start, C);
       });
       return;
     }

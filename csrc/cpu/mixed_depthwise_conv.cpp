@@ -96,9 +96,9 @@ struct BlockBuffers {
   explicit BlockBuffers(int64_t HW) : a(kChannelBlock), b(kChannelBlock), out(kChannelBlock * HW) {}
 };
 
-// The channels-last tasks of an [N, C, H, W] tensor, in parallel: task(buffers, c0, offset, n)
-// for each block of n ≤ kChannelBlock channels from c0 of each sample, offset being where the
-// block's first value is (n·HW·C + c0).
+// The channels-last tasks of an [N, C, H, W] tensor, in parallel: task(buffers, s, c0, count)
+// for each block of count ≤ kChannelBlock channels from c0 of each sample s (the block's first
+// value is at s·HW·C + c0, its first plane s·C + c0).
 template <typename T, typename F>
 void for_each_channel_block(int64_t N, int64_t C, int64_t HW, F&& task) {
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
@@ -106,7 +106,7 @@ void for_each_channel_block(int64_t N, int64_t C, int64_t HW, F&& task) {
     BlockBuffers<T> buffers(HW);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = t % blocks * kChannelBlock;
-      task(buffers, c0, t / blocks * HW * C + c0, static_cast<int>(std::min<int64_t>(kChannelBlock, C - c0)));
+      task(buffers, t / blocks, c0, static_cast<int>(std::min<int64_t>(kChannelBlock, C - c0)));
     }
   });
 }
@@ -245,8 +245,9 @@ at::Tensor forward_cpu(const at::Tensor& x_in, at::TensorList weights,
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t plane = static_cast<int64_t>(H) * W;
     if (format == at::MemoryFormat::ChannelsLast) {
-      for_each_channel_block<scalar_t>(N, C, plane, [&](BlockBuffers<scalar_t>& buf, int64_t c0,
-                                                        int64_t start, int n) {
+      for_each_channel_block<scalar_t>(N, C, plane, [&](BlockBuffers<scalar_t>& buf, int64_t sample,
+                                                        int64_t c0, int n) {
+        const int64_t start = sample * plane * C + c0;
         gather_planes(buf.a.data(), &table.k[c0], n, xp + start, C, H, W);
         for (int i = 0; i < n; ++i) {
           // the plane as copied (its zero border adds nothing)
@@ -302,9 +303,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cpu(
     const int64_t plane = static_cast<int64_t>(H) * W;
     if (format == at::MemoryFormat::ChannelsLast) {
       // buffers: a the planes of grad_out, b those of x
-      for_each_channel_block<scalar_t>(N, C, plane, [&](BlockBuffers<scalar_t>& buf, int64_t c0,
-                                                        int64_t start, int n) {
-        const int64_t nc0 = start / (plane * C) * C + c0;  // the block's first plane
+      for_each_channel_block<scalar_t>(N, C, plane, [&](BlockBuffers<scalar_t>& buf, int64_t sample,
+                                                        int64_t c0, int n) {
+        const int64_t start = sample * plane * C + c0, nc0 = sample * C + c0;  // first value, plane
         gather_planes(buf.a.data(), &table.k[c0], n, gyp + start, C, H, W);
         gather_planes(buf.b.data(), &table.k[c0], n, xp + start, C, H, W);
         for (int i = 0; i < n; ++i) {

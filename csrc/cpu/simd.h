@@ -87,7 +87,8 @@ __attribute__((always_inline)) inline void fill(Vec<T> (&acc)[CB][PV], const T* 
 
 // 16 × 16 float32 transposes (channels-last ↔ planes, mixed_depthwise_conv.cpp): 16 vectors of
 // 16 values (64 bytes whatever the build targets; GCC splits them on AVX2), transposed in
-// registers by four rounds of swapping off-diagonal blocks (16, then 8, 4, 2 rows square).
+// registers by four rounds: round K swaps the two off-diagonal K × K blocks of every 2K × 2K
+// diagonal square, K = 8, 4, 2, 1.
 using Float32x16 __attribute__((vector_size(64))) = float;
 using UnalignedFloat32x16 __attribute__((vector_size(64), aligned(4))) = float;
 

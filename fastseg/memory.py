@@ -64,3 +64,54 @@ def retain_freed_memory_from_environment(default: bool) -> bool:
     if value == "0" or (value == "" and not default):
         return False
     return retain_freed_memory()
+
+
+# The CPU kernels' output cache (csrc/cpu/output_cache.h): outputs and input gradients of at least
+# 1 MiB reuse the storage of earlier ones that no tensor holds any more.
+
+def _ops():
+    """``torch.ops.fastseg``, or None where the C++ extension is not built."""
+    from .backend import extension
+    if extension() is None:
+        return None
+    import torch
+    return torch.ops.fastseg
+
+
+def set_output_cache_limit(limit_bytes: int) -> int:
+    """Set how many bytes of output storage the fused CPU kernels' cache may reference, in use or
+    not; 0 switches it off and releases what it holds. The first limit is
+    ``FASTSEG_OUTPUT_CACHE_MB`` (MiB; default 2048).
+
+    The cache: every output or input gradient of at least 1 MiB that a ``cpu`` kernel returns is
+    referenced by the cache too; a later output of the same byte size takes the storage of one
+    that no tensor holds any more (most recently used first), instead of fresh memory whose pages
+    the operating system zero-fills one fault at a time (≈ 12 ms for a 32 MiB output on the
+    machines of bench/RESULTS.md, "The output cache"). What it keeps alive that no tensor uses is
+    below the limit at all times; :func:`release_cached_outputs` frees it.
+
+    Returns:
+        The previous limit in bytes (0 where the C++ extension is not built: nothing is cached).
+
+    Raises:
+        ValueError: ``limit_bytes`` is negative.
+    """
+    if limit_bytes < 0:
+        raise ValueError(f"limit_bytes must be >= 0, got {limit_bytes}")
+    ops = _ops()
+    return 0 if ops is None else int(ops.set_output_cache_limit(int(limit_bytes)))
+
+
+def release_cached_outputs() -> int:
+    """Free the cached output storages that no tensor uses; returns their bytes."""
+    ops = _ops()
+    return 0 if ops is None else int(ops.release_cached_outputs())
+
+
+def cached_output_bytes() -> tuple[int, int]:
+    """Bytes of the storages the output cache references: ``(in use by a tensor, used by none)``."""
+    ops = _ops()
+    if ops is None:
+        return 0, 0
+    used, unused = ops.cached_output_bytes()
+    return int(used), int(unused)

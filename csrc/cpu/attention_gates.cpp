@@ -39,6 +39,7 @@
 #include "cpu/pointwise.h"
 #include "common/attention_gates.h"
 #include "utils.h"
+#include "cpu/output_cache.h"
 
 namespace fastseg {
 namespace gates {
@@ -72,7 +73,7 @@ at::Tensor spatial_gate_cpu(const at::Tensor& x_in, const at::Tensor& w_in, cons
   check_vector(op, "b", b_in, 1, x_in);
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = cpu::empty_output(x.sizes(), x.options());
   std::atomic<bool> non_finite{false};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spatial_gate_cpu", [&] {
     using T = scalar_t;
@@ -125,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_gate_backward_cpu(
   TORCH_CHECK(gy_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape");
   const at::Tensor x = x_in.contiguous(), gy = gy_in.contiguous(), w = w_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor gx = cpu::empty_output(x.sizes(), x.options());
   at::Tensor partial;  // [tasks, C + 1]: Σ gz·x per channel, then Σ gz
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spatial_gate_backward_cpu", [&] {
     using T = scalar_t;
@@ -322,7 +323,7 @@ at::Tensor gated_pointwise_gemm(const at::Tensor& a_in, const at::Tensor& w_s, c
   const at::Tensor a = a_in.contiguous(), bias = bias_in.contiguous();
   const at::Tensor weight = stacked_weight(w_s, w_a, w_b);
   const int64_t rows = 2 * C_out + 1;
-  at::Tensor y = at::empty({N, C_out, H, W}, a.options());
+  at::Tensor y = cpu::empty_output({N, C_out, H, W}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_cpu", [&] {
     using T = scalar_t;
     const int64_t C_in = a.size(1);
@@ -372,7 +373,7 @@ gated_pointwise_backward_gemm(const at::Tensor& gy_in, const at::Tensor& a_in, c
               op, ": grad_out must be [N, C_out, H, W]");
   const at::Tensor a = a_in.contiguous(), gy = gy_in.contiguous();
   const at::Tensor weight = stacked_weight(w_s, w_a, w_b);
-  at::Tensor ga = at::empty_like(a, at::MemoryFormat::Contiguous);
+  at::Tensor ga = cpu::empty_output(a.sizes(), a.options());
   at::Tensor gw = at::zeros({rows, C_in}, a.options());       // d/d[W_a; W_b; w_s]
   at::Tensor gbias = at::zeros({rows}, a.options());          // Σ over pixels of the stacked grads
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_backward_cpu", [&] {
@@ -439,7 +440,7 @@ at::Tensor gated_pointwise_cpu(const at::Tensor& a_in, const at::Tensor& w_s, co
   if (use_gemm(C_in, 2 * C_out + 1)) return gated_pointwise_gemm(a_in, w_s, b_s, w_a, w_b, bias_in);
   const at::Tensor a = a_in.contiguous(), bias = bias_in.contiguous();
   const at::Tensor weight = stacked_weight(w_s, w_a, w_b);  // [W_a; W_b; w_s]
-  at::Tensor y = at::empty({N, C_out, H, W}, a.options());
+  at::Tensor y = cpu::empty_output({N, C_out, H, W}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_cpu", [&] {
     using T = scalar_t;
     constexpr int BW = kProjBlock<T>;
@@ -481,7 +482,7 @@ gated_pointwise_backward_cpu(const at::Tensor& gy_in, const at::Tensor& a_in, co
   const at::Tensor a = a_in.contiguous(), gy = gy_in.contiguous();
   const at::Tensor weight = stacked_weight(w_s, w_a, w_b);
   const at::Tensor weight_t = weight.t().contiguous();  // [C_in, rows]: a channel's weights together
-  at::Tensor ga = at::empty_like(a, at::MemoryFormat::Contiguous);
+  at::Tensor ga = cpu::empty_output(a.sizes(), a.options());
   // Per task: d[W_a; W_b; w_s] ([rows, C_in]), then Σ over pixels of d[W_a·a; W_b·a; w_s·a].
   at::Tensor partial = at::zeros({pixel_tasks(N, HW), rows * C_in + rows}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gated_pointwise_backward_cpu", [&] {
@@ -755,7 +756,7 @@ at::Tensor channel_gate_cpu(const at::Tensor& x_in, const at::Tensor& w1, const 
     skip = skip_in->contiguous();
   }
   const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty({s.N, s.C, s.H, s.W}, x.options());
+  at::Tensor y = cpu::empty_output({s.N, s.C, s.H, s.W}, x.options());
   std::atomic<bool> non_finite{false}, skip_non_finite{false};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_gate_cpu", [&] {
     using T = scalar_t;
@@ -822,7 +823,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_gate_backward_cpu(
   TORCH_CHECK(gy_in.size(0) == s.N && gy_in.size(1) == s.C && gy_in.size(2) == s.H &&
                   gy_in.size(3) == s.W, op, ": grad_out must be [N, C, H, W] of the output");
   const at::Tensor x = x_in.contiguous(), gy = gy_in.contiguous();
-  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor gx = cpu::empty_output(x.sizes(), x.options());
   at::Tensor gw1, gw2;
   std::atomic<bool> non_finite{false};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_gate_backward_cpu", [&] {
@@ -885,7 +886,7 @@ at::Tensor cross_gate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, bool a
   const int64_t NC = a.size(0) * a.size(1);
   const int H = a.size(2), W = a.size(3), h = b.size(2), w = b.size(3);
   const bool same_size = h == H && w == W;  // the resize is the identity: no row buffers
-  at::Tensor y = at::empty_like(a, at::MemoryFormat::Contiguous);
+  at::Tensor y = cpu::empty_output(a.sizes(), a.options());
   std::atomic<bool> a_non_finite{false}, b_non_finite{false};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cross_gate_cpu", [&] {
     using T = scalar_t;
@@ -933,8 +934,8 @@ std::tuple<at::Tensor, at::Tensor> cross_gate_backward_cpu(const at::Tensor& gy_
   const int64_t NC = a.size(0) * a.size(1);
   const int H = a.size(2), W = a.size(3), h = b.size(2), w = b.size(3);
   const bool same_size = h == H && w == W;
-  at::Tensor ga = at::empty_like(a, at::MemoryFormat::Contiguous);
-  at::Tensor gb = at::empty_like(b, at::MemoryFormat::Contiguous);
+  at::Tensor ga = cpu::empty_output(a.sizes(), a.options());
+  at::Tensor gb = cpu::empty_output(b.sizes(), b.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cross_gate_backward_cpu", [&] {
     using T = scalar_t;
     const AxisTaps<T> rows(h, H, align_corners), cols(w, W, align_corners);
@@ -1029,7 +1030,7 @@ at::Tensor attention_gate_blocked(const at::Tensor& x_in, const at::Tensor& g_in
                    w_g = w_g_in.contiguous(), b = b_in.contiguous(), psi_w = psi_w_in.contiguous();
   const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
                 HW = x.size(2) * x.size(3);
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = cpu::empty_output(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_cpu", [&] {
     using T = scalar_t;
     const int64_t BW = gemm_block(2 * C_x + C_g + C_i, HW, sizeof(T));  // x, y, g, projection
@@ -1070,8 +1071,8 @@ attention_gate_backward_blocked(const at::Tensor& gy_in, const at::Tensor& x_in,
                    psi_w = psi_w_in.contiguous();
   const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
                 HW = x.size(2) * x.size(3);
-  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor gg = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor gx = cpu::empty_output(x.sizes(), x.options());
+  at::Tensor gg = cpu::empty_output(g.sizes(), g.options());
   // Per task: d W_x [C_i, C_x], d W_g [C_i, C_g], d b [C_i], d psi_w [C_i], d psi_b.
   const int64_t width = C_i * (C_x + C_g + 2) + 1;
   at::Tensor partial;
@@ -1153,7 +1154,7 @@ at::Tensor attention_gate_cpu(const at::Tensor& x_in, const at::Tensor& g_in, co
                    w_g = w_g_in.contiguous(), b = b_in.contiguous(), psi_w = psi_w_in.contiguous();
   const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
                 HW = x.size(2) * x.size(3);
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = cpu::empty_output(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_cpu", [&] {
     using T = scalar_t;
     constexpr int BW = kProjBlock<T>;
@@ -1206,8 +1207,8 @@ attention_gate_backward_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, con
   const at::Tensor w_x_t = w_x.t().contiguous(), w_g_t = w_g.t().contiguous();
   const int64_t N = x.size(0), C_x = x.size(1), C_g = g.size(1), C_i = w_x.size(0),
                 HW = x.size(2) * x.size(3);
-  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor gg = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor gx = cpu::empty_output(x.sizes(), x.options());
+  at::Tensor gg = cpu::empty_output(g.sizes(), g.options());
   // Per task: d W_x [C_i, C_x], d W_g [C_i, C_g], d b [C_i], d psi_w [C_i], d psi_b.
   const int64_t width = C_i * (C_x + C_g + 2) + 1;
   at::Tensor partial = at::zeros({pixel_tasks(N, HW), width}, x.options());

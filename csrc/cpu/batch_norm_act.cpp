@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/attention_gates.h"
+#include "cpu/output_cache.h"
 #include "utils.h"
 
 namespace fastseg {
@@ -321,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   TORCH_CHECK_VALUE(!training || N * HW > 1, op, ": training needs more than one value per channel, got x ",
                     x.sizes());
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(format));
+  at::Tensor y = cpu::empty_output(x.sizes(), x.options(), format);
   at::Tensor mean = at::empty({C}, x.options()), var = at::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_cpu", [&] {
     using T = scalar_t;
@@ -482,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const at::Tensor mean = mean_in.contiguous(), var = var_in.contiguous();
   const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
-  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(format));
+  at::Tensor grad_x = cpu::empty_output(x.sizes(), x.options(), format);
   at::Tensor grad_weight = at::empty({C}, x.options()), grad_bias = at::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_backward_cpu", [&] {
     std::vector<scalar_t> invstd(C);

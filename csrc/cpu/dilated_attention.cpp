@@ -26,6 +26,7 @@
 
 #include "common/dilated_attention.h"
 #include "dilated_attention.h"
+#include "cpu/output_cache.h"
 
 namespace fastseg {
 namespace attn {
@@ -430,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
                                                double scale) {
   check_cpu(q);
   check_dilated_attention(q, k, v, dilation);
-  at::Tensor out = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = cpu::empty_output(v.sizes(), v.options());
   at::Tensor lse = at::empty(q.sizes().slice(0, 4), q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dilated_attention2d_cpu", [&] {
     dispatch_dims<scalar_t>(q.size(4), v.size(4), [&]<typename T, int D, int DV>() {
@@ -446,9 +447,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   check_cpu(q);
   check_dilated_attention(q, k, v, dilation);
   check_dilated_attention_backward(grad_out, q, v, out, lse);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = cpu::empty_output(q.sizes(), q.options());
+  at::Tensor dk = cpu::empty_output(k.sizes(), k.options());
+  at::Tensor dv = cpu::empty_output(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dilated_attention2d_backward_cpu", [&] {
     dispatch_dims<scalar_t>(q.size(4), v.size(4), [&]<typename T, int D, int DV>() {
       backward_impl<T, D, DV>(grad_out, q, k, v, out, lse, dilation, scale, dq, dk, dv);

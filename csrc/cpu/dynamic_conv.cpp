@@ -57,6 +57,7 @@
 #include "common/dynamic_conv.h"
 #include "dynamic_conv.h"
 #include "utils.h"
+#include "cpu/output_cache.h"
 
 namespace fastseg {
 namespace dyconv {
@@ -454,7 +455,7 @@ at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tens
   if (bias.defined()) folded_bias = mix_bias(routing, bias).view({-1});
   if (direct(g)) {
     // the kernels are mixed while the direct convolution packs them
-    at::Tensor y = at::empty({g.N, g.C_out, g.Ho, g.Wo}, x.options());
+    at::Tensor y = cpu::empty_output({g.N, g.C_out, g.Ho, g.Wo}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct", [&] {
       const scalar_t* e = experts.data_ptr<scalar_t>();
       const scalar_t* r = routing.data_ptr<scalar_t>();
@@ -544,7 +545,7 @@ Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::T
     // grad_out with every kernel transposed (C_in ↔ C_out) and turned by 180°. Mixing is linear:
     // the experts are turned so once, and each sample's kernel is mixed from them while the
     // convolution packs it, as in the forward.
-    grad_x = at::empty({g.N, g.C_in, g.H, g.W}, x.options());
+    grad_x = cpu::empty_output({g.N, g.C_in, g.H, g.W}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct_grad_x", [&] {
       const at::Tensor turned = turn_experts<scalar_t>(g, experts);  // [K, C_in, C_out, 3, 3]
       const scalar_t* e = turned.data_ptr<scalar_t>();
@@ -562,7 +563,7 @@ Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::T
   // and its expert values stay in cache across the reduction's passes. Per-segment partial
   // routing gradients, summed in segment order afterwards: deterministic.
   const int64_t kernel = g.C_out * g.R(), segments = ceil_div(kernel, kFoldedSegment);
-  at::Tensor grad_experts = at::empty({g.K, kernel}, x.options());
+  at::Tensor grad_experts = cpu::empty_output({g.K, kernel}, x.options());
   at::Tensor grad_routing_parts = at::zeros({segments, g.N, g.K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_reduce", [&] {
     const scalar_t* gw = grad_w.data_ptr<scalar_t>();
@@ -632,7 +633,7 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
                         const at::Tensor& routing, const at::Tensor& bias) {
   const Blocking b = blocking(g, x.element_size());
   const int64_t P = g.P(), R = g.R(), taps = g.taps(), rows_per_group = ceil_div(g.co, b.rows);
-  at::Tensor y = at::empty({g.N, g.C_out, P}, x.options());
+  at::Tensor y = cpu::empty_output({g.N, g.C_out, P}, x.options());
   // groups 1: mixed_gemm.h's products instead of the BLAS blocks below (forward at batch 8, 21
   // alternating rounds, twice, new / BLAS time: 0.63 and 0.77 at 256 channels, 8²; 0.83 and 0.84
   // at 128, 8²; 0.80 and 0.86 at one sample of 256, 8²). Its last vector of a row may read past
@@ -716,8 +717,8 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
   const int64_t blocks_per_group = ceil_div(g.ci, b.bwd_channels);
   const int64_t tasks = g.groups * blocks_per_group;
   const int64_t block_cols = b.bwd_channels * taps;
-  at::Tensor grad_x = at::empty({g.N, g.C_in, g.H, g.W}, x.options());
-  at::Tensor grad_experts = at::empty({g.K, g.C_out * R}, x.options());
+  at::Tensor grad_x = cpu::empty_output({g.N, g.C_in, g.H, g.W}, x.options());
+  at::Tensor grad_experts = cpu::empty_output({g.K, g.C_out * R}, x.options());
   at::Tensor grad_sum = at::empty({g.N, g.C_out}, x.options());
   // Per-task partial routing gradients, summed in task order afterwards: deterministic.
   at::Tensor grad_routing_parts = at::zeros({tasks, g.N, g.K}, x.options());

@@ -20,6 +20,8 @@
 
 #include <algorithm>
 
+#include "cpu/output_cache.h"
+
 namespace fastseg {
 namespace pool {
 namespace {
@@ -155,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x_in) {
                     "max_pool2x2: H and W must be at least 2, got x ", x_in.sizes());
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  at::Tensor y = at::empty({N, C, H / 2, W / 2}, x.options());
-  at::Tensor index = at::empty({N, C, H / 2, W / 2}, x.options().dtype(at::kByte));
+  at::Tensor y = cpu::empty_output({N, C, H / 2, W / 2}, x.options());
+  at::Tensor index = cpu::empty_output({N, C, H / 2, W / 2}, x.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool2x2_cpu", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                              index.data_ptr<uint8_t>(), N * C, H, W);
@@ -176,7 +178,7 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
   TORCH_CHECK_VALUE(index_in.sizes() == grad_in.sizes() && index_in.scalar_type() == at::kByte,
                     "max_pool2x2_backward: index must be uint8 of grad_out's shape");
   const at::Tensor g = grad_in.contiguous(), index = index_in.contiguous();
-  at::Tensor grad_x = at::empty(x_size, g.options());
+  at::Tensor grad_x = cpu::empty_output(x_size, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "max_pool2x2_backward_cpu", [&] {
     backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), index.data_ptr<uint8_t>(),
                               grad_x.data_ptr<scalar_t>(), N * C, H, W);

@@ -27,6 +27,7 @@
 #include "common/mixed_depthwise_conv.h"
 #include "mixed_depthwise_conv.h"
 #include "utils.h"
+#include "cpu/output_cache.h"
 
 namespace fastseg {
 namespace mdc {
@@ -231,7 +232,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, at::TensorList weights,
   const at::Tensor x = x_in.contiguous(format);
   const int64_t N = x.size(0), C = x.size(1);
   const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3));
-  at::Tensor y = at::empty_like(x, format);
+  at::Tensor y = cpu::empty_output(x.sizes(), x.options(), format);
   at::Tensor bias;
   if (bias_in.has_value()) {
     TORCH_CHECK(bias_in->numel() == C, "mixed_depthwise_conv2d: bias must have C=", C, " entries");
@@ -288,7 +289,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cpu(
   const int64_t N = x.size(0), C = x.size(1);
   const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3));
   const int kmax = [&] { int m = 0; for (const auto& g : groups) m = imax(m, g.k); return m; }();
-  at::Tensor gx = at::empty_like(x, format);
+  at::Tensor gx = cpu::empty_output(x.sizes(), x.options(), format);
   // Per-plane partial weight/bias gradients, reduced over the batch afterwards: deterministic.
   auto acc_dtype = x.scalar_type();
   at::Tensor gk_partial = at::zeros({N, C, kmax * kmax}, x.options().dtype(acc_dtype));

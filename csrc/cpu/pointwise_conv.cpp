@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/pointwise.h"
+#include "cpu/output_cache.h"
 
 namespace fastseg {
 namespace pointwise {
@@ -78,7 +79,7 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight
                       bias.scalar_type());
   }
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  at::Tensor y = at::empty({N, C_out, x.size(2), x.size(3)}, x.options());
+  at::Tensor y = cpu::empty_output({N, C_out, x.size(2), x.size(3)}, x.options());
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] {
     using T = scalar_t;
@@ -101,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_conv2d_backward_cpu(
                     op, ": grad_out must be [", N, ", ", C_out, ", ", x_in.size(2), ", ",
                     x_in.size(3), "] of x's dtype, got ", grad_in.sizes());
   const at::Tensor x = x_in.contiguous(), gy = grad_in.contiguous(), weight = weight_in.contiguous();
-  at::Tensor gx = at::empty({N, C_in, x.size(2), x.size(3)}, x.options());
+  at::Tensor gx = cpu::empty_output({N, C_in, x.size(2), x.size(3)}, x.options());
   at::Tensor gw = at::zeros({C_out, C_in}, x.options());
   if (gx.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_backward_cpu", [&] {

@@ -1,12 +1,16 @@
-"""Page faults and wall time of a training step with the C library's default allocator settings
-and with freed memory retained (``fastseg.memory``), each in a fresh process.
+"""Page faults and wall time of a training step under two memory settings, each in a fresh process:
+``--compare retain`` (the default), the C library's default allocator settings against freed
+memory retained (``fastseg.retain_freed_memory``); ``--compare output-cache``, the fused CPU
+kernels' output cache switched off (``FASTSEG_OUTPUT_CACHE_MB=0``) against its default
+(``fastseg.memory.set_output_cache_limit``), both with the C library's defaults.
 
     .venv/bin/python bench/page_faults.py                       # both models, 128² and 256²
     .venv/bin/python bench/page_faults.py --models lgmsnet --sizes 256 --repeats 2
+    .venv/bin/python bench/page_faults.py --compare output-cache --impls cpu --steps 7
 
 The step is ``bench_models.py``'s (batch 8, forward, BCE-with-logits, backward, SGD step). Each
-row runs one warm-up step and three measured ones in its own process; ``faults / step`` is the
-fewest minor page faults (``getrusage``'s ``ru_minflt``) of the three, ``ms`` the fastest
+row runs one warm-up step and ``--steps`` (3) measured ones in its own process; ``faults / step``
+is the fewest minor page faults (``getrusage``'s ``ru_minflt``) of them, ``ms`` the fastest
 step. The two settings of a row run back to back, so their ratio carries less of the machine's
 drift than rows far apart do.
 """
@@ -23,14 +27,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def child(model: str, size: int, impl: str) -> None:
+#: per comparison: the column names and the environment of its two settings
+SETTINGS = {
+    "retain": (("default", {"FASTSEG_RETAIN_FREED_MEMORY": "0"}),
+               ("retained", {"FASTSEG_RETAIN_FREED_MEMORY": "1"})),
+    "output-cache": (("no output cache", {"FASTSEG_RETAIN_FREED_MEMORY": "0", "FASTSEG_OUTPUT_CACHE_MB": "0"}),
+                     ("output cache", {"FASTSEG_RETAIN_FREED_MEMORY": "0", "FASTSEG_OUTPUT_CACHE_MB": ""})),
+}
+
+
+def child(model: str, size: int, impl: str, steps: int) -> None:
     sys.path.insert(0, str(HERE))
     from bench_models import make_step  # applies FASTSEG_RETAIN_FREED_MEMORY on import
 
     step = make_step(model, impl, "train", 8, size)
     step()
     times, faults = [], []
-    for _ in range(3):
+    for _ in range(steps):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         step()
@@ -39,9 +52,10 @@ def child(model: str, size: int, impl: str) -> None:
     print(min(faults), min(times))
 
 
-def measure(model: str, size: int, impl: str, retain: bool) -> tuple[int, float]:
-    env = dict(os.environ, FASTSEG_RETAIN_FREED_MEMORY="1" if retain else "0")
-    out = subprocess.run([sys.executable, __file__, "--child", model, str(size), impl], env=env,
+def measure(model: str, size: int, impl: str, env: dict, steps: int) -> tuple[int, float]:
+    """(faults, seconds) of the fewest-faults and the fastest step in a fresh process."""
+    env = {**os.environ, **env}
+    out = subprocess.run([sys.executable, __file__, "--child", model, str(size), impl, str(steps)], env=env,
                          check=True, capture_output=True, text=True, timeout=1800).stdout.split()
     return int(out[-2]), float(out[-1])
 
@@ -52,20 +66,25 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[128, 256])
     parser.add_argument("--impls", nargs="+", default=["reference", "cpu"])
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per process")
+    parser.add_argument("--compare", choices=sorted(SETTINGS), default="retain")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        model, size, impl = args.child
-        return child(model, int(size), impl)
-    print("| model | step | impl | repeat | faults / step, default | faults / step, retained | "
-          "ms, default | ms, retained | default / retained |")
+        model, size, impl, steps = args.child
+        return child(model, int(size), impl, int(steps))
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    (a, env_a), (b, env_b) = SETTINGS[args.compare]
+    print(f"| model | step | impl | repeat | faults / step, {a} | faults / step, {b} | "
+          f"ms, {a} | ms, {b} | {a} / {b} |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for repeat in range(1, args.repeats + 1):
         for model in args.models:
             for size in args.sizes:
                 for impl in args.impls:
-                    f0, t0 = measure(model, size, impl, False)
-                    f1, t1 = measure(model, size, impl, True)
+                    f0, t0 = measure(model, size, impl, env_a, args.steps)
+                    f1, t1 = measure(model, size, impl, env_b, args.steps)
                     print(f"| {model} | train 8×{size}² | {impl} | {repeat} | {f0} | {f1} | "
                           f"{t0 * 1e3:.0f} | {t1 * 1e3:.0f} | {t0 / t1:.2f}× |", flush=True)
 

@@ -11,7 +11,8 @@ kernels' output cache switched off (``FASTSEG_OUTPUT_CACHE_MB=0``) against its d
 The step is ``bench_models.py``'s (batch 8, forward, BCE-with-logits, backward, SGD step). Each
 row runs one warm-up step and ``--steps`` (3) measured ones in its own process; ``faults / step``
 is the fewest minor page faults (``getrusage``'s ``ru_minflt``) of them, ``ms`` the fastest
-step. The two settings of a row run back to back, so their ratio carries less of the machine's
+step, ``peak MB`` the peak resident memory of the measured steps above the resident memory after
+the warm-up (``VmHWM`` reset, as ``peak_memory.py`` does). The two settings of a row run back to back, so their ratio carries less of the machine's
 drift than rows far apart do.
 """
 from __future__ import annotations
@@ -38,10 +39,13 @@ SETTINGS = {
 
 def child(model: str, size: int, impl: str, steps: int) -> None:
     sys.path.insert(0, str(HERE))
+    import peak_memory
     from bench_models import make_step  # applies FASTSEG_RETAIN_FREED_MEMORY on import
 
     step = make_step(model, impl, "train", 8, size)
     step()
+    start_kib = _resident_kib()
+    peak_memory.reset_high_water()
     times, faults = [], []
     for _ in range(steps):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -49,15 +53,22 @@ def child(model: str, size: int, impl: str, steps: int) -> None:
         step()
         times.append(time.perf_counter() - start)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(min(faults), min(times))
+    print(min(faults), min(times), (peak_memory.high_water_kib() - start_kib) / 1024)
 
 
-def measure(model: str, size: int, impl: str, env: dict, steps: int) -> tuple[int, float]:
-    """(faults, seconds) of the fewest-faults and the fastest step in a fresh process."""
+def _resident_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def measure(model: str, size: int, impl: str, env: dict, steps: int) -> tuple[int, float, float]:
+    """In a fresh process: the fewest page faults of a measured step, the fastest step's seconds,
+    and the peak resident memory (MB) of the measured steps above the resident memory before
+    them (after the warm-up step)."""
     env = {**os.environ, **env}
     out = subprocess.run([sys.executable, __file__, "--child", model, str(size), impl, str(steps)], env=env,
                          check=True, capture_output=True, text=True, timeout=1800).stdout.split()
-    return int(out[-2]), float(out[-1])
+    return int(out[-3]), float(out[-2]), float(out[-1])
 
 
 def main(argv=None) -> None:
@@ -77,16 +88,17 @@ def main(argv=None) -> None:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     (a, env_a), (b, env_b) = SETTINGS[args.compare]
     print(f"| model | step | impl | repeat | faults / step, {a} | faults / step, {b} | "
-          f"ms, {a} | ms, {b} | {a} / {b} |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+          f"ms, {a} | ms, {b} | {a} / {b} | peak MB, {a} | peak MB, {b} |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for repeat in range(1, args.repeats + 1):
         for model in args.models:
             for size in args.sizes:
                 for impl in args.impls:
-                    f0, t0 = measure(model, size, impl, env_a, args.steps)
-                    f1, t1 = measure(model, size, impl, env_b, args.steps)
+                    f0, t0, m0 = measure(model, size, impl, env_a, args.steps)
+                    f1, t1, m1 = measure(model, size, impl, env_b, args.steps)
                     print(f"| {model} | train 8×{size}² | {impl} | {repeat} | {f0} | {f1} | "
-                          f"{t0 * 1e3:.0f} | {t1 * 1e3:.0f} | {t0 / t1:.2f}× |", flush=True)
+                          f"{t0 * 1e3:.0f} | {t1 * 1e3:.0f} | {t0 / t1:.2f}× | {m0:.0f} | {m1:.0f} |",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ kernels' output cache switched off (``FASTSEG_OUTPUT_CACHE_MB=0``) against its d
 The step is ``bench_models.py``'s (batch 8, forward, BCE-with-logits, backward, SGD step). Each
 row runs one warm-up step and ``--steps`` (3) measured ones in its own process; ``faults / step``
 is the fewest minor page faults (``getrusage``'s ``ru_minflt``) of them, ``ms`` the fastest
-step, ``peak MB`` the peak resident memory of the measured steps above the resident memory after
-the warm-up (``VmHWM`` reset, as ``peak_memory.py`` does). The two settings of a row run back to back, so their ratio carries less of the machine's
+step, ``peak MB`` the peak resident memory of all its steps above the resident memory before the
+first (``VmHWM`` reset, as ``peak_memory.py`` does), which counts what a setting keeps between
+steps. The two settings of a row run back to back, so their ratio carries less of the machine's
 drift than rows far apart do.
 """
 from __future__ import annotations
@@ -43,9 +44,9 @@ def child(model: str, size: int, impl: str, steps: int) -> None:
     from bench_models import make_step  # applies FASTSEG_RETAIN_FREED_MEMORY on import
 
     step = make_step(model, impl, "train", 8, size)
-    step()
     start_kib = _resident_kib()
     peak_memory.reset_high_water()
+    step()
     times, faults = [], []
     for _ in range(steps):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -63,8 +64,7 @@ def _resident_kib() -> int:
 
 def measure(model: str, size: int, impl: str, env: dict, steps: int) -> tuple[int, float, float]:
     """In a fresh process: the fewest page faults of a measured step, the fastest step's seconds,
-    and the peak resident memory (MB) of the measured steps above the resident memory before
-    them (after the warm-up step)."""
+    and the peak resident memory (MB) of all its steps above the resident memory before them."""
     env = {**os.environ, **env}
     out = subprocess.run([sys.executable, __file__, "--child", model, str(size), impl, str(steps)], env=env,
                          check=True, capture_output=True, text=True, timeout=1800).stdout.split()

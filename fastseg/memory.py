@@ -14,6 +14,10 @@ than the peak of what is alive (LGMSNet's fused 256² training step: 2.7 → 3.1
 a process that repeats one kind of step (training, evaluation, prediction, benchmarks) rather than
 a long-lived service. ``fastseg train``, ``evaluate`` and ``predict`` apply it unless the
 environment sets ``FASTSEG_RETAIN_FREED_MEMORY=0``.
+
+Independently of that, and without any process-wide setting, the fused CPU kernels reuse their own
+large outputs' memory: :func:`set_output_cache_limit`, :func:`release_cached_outputs`,
+:func:`cached_output_bytes`.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 storage of earlier outputs no tensor holds any more, never one that is held, and every kernel writes
 all of a reused storage."""
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -84,13 +85,10 @@ def test_limit_and_release():
     # 0 switches the cache off and releases everything
     memory.set_output_cache_limit(0)
     assert memory.cached_output_bytes() == (0, 0)
-    a = _bn(x)
-    ptr = a.data_ptr()
-    del a
+    _bn(x)
     assert memory.cached_output_bytes() == (0, 0)
     with pytest.raises(ValueError, match="limit_bytes"):
         memory.set_output_cache_limit(-1)
-    assert ptr  # the pointer is only read above
 
 
 def test_channels_last_outputs_keep_their_layout_on_reuse():
@@ -231,5 +229,4 @@ def test_environment_sets_the_first_limit():
 
 
 def _env():
-    import os
     return {k: v for k, v in os.environ.items() if k != "FASTSEG_OUTPUT_CACHE_MB"}

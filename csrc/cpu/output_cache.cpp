@@ -5,7 +5,7 @@
 
 #include <cstdlib>
 #include <mutex>
-#include <string>
+#include <utility>
 #include <vector>
 
 namespace fastseg::cpu {
@@ -99,7 +99,7 @@ class OutputCache {
   std::mutex mutex_;
   std::vector<Entry> entries_;  // least recently used first
   int64_t bytes_ = 0;           // sum of entries_' nbytes
-  int64_t limit_ = -1;                 // -1: not read from the environment yet
+  int64_t limit_ = -1;          // -1: not read from the environment yet
 };
 
 // Never destroyed: storages it references may be freed at exit after static destructors ran.

@@ -143,6 +143,12 @@ CPU_BLOCKS = {
     "gated-blocks": lambda dt: gated(2, 5, 6, 30, 31),                             # 930 px
     "channel": lambda dt: channel(2, 3, 2, 5, 37, True, True),                     # 74-wide rows
     "cross": lambda dt: cross(2, 2, 9, 70, 5, 33, True),
+    # cross_gate's bands of output rows (4096 values: cross_band_rows), several per plane with a
+    # partial last one, for each side the horizontal resize and its adjoint can run on: rows and
+    # columns upsampled (3 bands), rows down and columns up (2), rows up and columns down (2).
+    "cross-bands-up": lambda dt: cross(1, 2, 70, 130, 33, 65, True),
+    "cross-bands-rows-down": lambda dt: cross(1, 2, 300, 20, 450, 9, False),
+    "cross-bands-cols-down": lambda dt: cross(1, 2, 300, 20, 100, 45, True),
     "attention-blocks": lambda dt: attention(1, 3, 2, 20, 23, 29),                 # 667 px
     # ≥ 8 channels on both sides of the 1×1 product: the GEMM path.
     "gated-gemm": lambda dt: gated(2, 40, 16, 9, 13),

@@ -21,7 +21,8 @@
 //   grad_out (into grad_x; an ×2 upsample sums four output rows per input row first, then runs
 //   the horizontal adjoint once per input row) and dots it with x; pass B rescales grad_x in
 //   place.
-// * cross_gate: one plane at a time, resizing b row by row on the fly.
+// * cross_gate: one plane at a time, in bands of output rows (cross_gate_band): b resized into
+//   an L1-sized band, then the gate applied to the band in one vectorised pass.
 // Per-block (or per-task) partial sums of the weight gradients are reduced afterwards in a fixed
 // order, so the results do not depend on the thread count.
 #include <ATen/Parallel.h>
@@ -604,17 +605,19 @@ void gather_taps(const AxisTaps<T>& cols, const T* tmp, int lo, int hi, T* row) 
   for (int c = lo; c < hi; ++c) row[c] = l0[c] * tmp[c0[c]] + l1[c] * tmp[c1[c]];
 }
 
-// tmp[i] for i in [lo, hi): the adjoint of the taps applied to `row` (gathers).
+// tmp[i] for i in [lo, hi): the adjoint of the taps applied to `row` (gathers). One pass per
+// read k, each a vectorised gather over i (a loop over k inside the one over i stayed scalar).
 template <typename T>
 void gather_adjoint(const AxisTaps<T>& cols, const T* row, int in_w, int lo, int hi, T* tmp) {
   const int* from_o = cols.from_o.data();
   const T* from_l = cols.from_l.data();
-  const int reads = cols.reads;
 _Pragma("omp simd")
-  for (int i = lo; i < hi; ++i) {
-    T acc = 0;
-    for (int k = 0; k < reads; ++k) acc += from_l[k * in_w + i] * row[from_o[k * in_w + i]];
-    tmp[i] = acc;
+  for (int i = lo; i < hi; ++i) tmp[i] = from_l[i] * row[from_o[i]];
+  for (int k = 1; k < cols.reads; ++k) {
+    const int* fo = from_o + static_cast<int64_t>(k) * in_w;
+    const T* fl = from_l + static_cast<int64_t>(k) * in_w;
+_Pragma("omp simd")
+    for (int i = lo; i < hi; ++i) tmp[i] += fl[i] * row[fo[i]];
   }
 }
 
@@ -878,6 +881,44 @@ _Pragma("omp simd")
 
 // --- cross_gate --------------------------------------------------------------------------------
 
+// Output rows per band of a plane: about 4096 values, so that a band of the resized gate, of a
+// and of grad_out stays in L1 between the passes over it.
+int cross_band_rows(int W) { return std::max(1, 4096 / std::max(1, W)); }
+
+// The resized b of output rows [r0, r1) of one plane, into gate[(r - r0)·W + c]. The horizontal
+// resize (the gathers) runs on whichever side has fewer rows: where b has fewer rows than the
+// output (an upsample), each input row the band needs is resized horizontally once (into `wide`)
+// and the output rows blend two of them (contiguous); otherwise each output row blends two input
+// rows (into `tmp`, w values) and resizes that horizontally.
+template <typename T>
+void cross_gate_band(const T* bplane, int h, int w, const AxisTaps<T>& rows,
+                     const AxisTaps<T>& cols, int r0, int r1, std::vector<T>& tmp,
+                     std::vector<T>& wide, T* gate) {
+  const int W = static_cast<int>(cols.i0.size()), H = static_cast<int>(rows.i0.size());
+  if (h >= H) {
+    for (int r = r0; r < r1; ++r)
+      resize_row(bplane, w, rows, cols, r, tmp.data(), gate + static_cast<int64_t>(r - r0) * W);
+    return;
+  }
+  int lo = h, hi = -1;
+  for (int r = r0; r < r1; ++r) {
+    lo = imin(lo, imin(rows.i0[r], rows.i1[r]));
+    hi = imax(hi, imax(rows.i0[r], rows.i1[r]));
+  }
+  wide.resize(static_cast<size_t>(hi - lo + 1) * W);
+  for (int i = lo; i <= hi; ++i)
+    resize_columns(cols, bplane + static_cast<int64_t>(i) * w, w,
+                   wide.data() + static_cast<int64_t>(i - lo) * W);
+  for (int r = r0; r < r1; ++r) {
+    const T *top = wide.data() + static_cast<int64_t>(rows.i0[r] - lo) * W,
+            *bottom = wide.data() + static_cast<int64_t>(rows.i1[r] - lo) * W;
+    const T wt = rows.l0[r], wb = rows.l1[r];
+    T* g = gate + static_cast<int64_t>(r - r0) * W;
+_Pragma("omp simd")
+    for (int c = 0; c < W; ++c) g[c] = wt * top[c] + wb * bottom[c];
+  }
+}
+
 at::Tensor cross_gate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, bool align_corners) {
   constexpr const char* op = "cross_gate";
   check_cpu(op, a_in);
@@ -894,8 +935,9 @@ at::Tensor cross_gate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, bool a
     const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>();
     T* yp = y.data_ptr<T>();
     const int64_t plane = int64_t(H) * W;
+    const int band = cross_band_rows(W);
     at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> gate(W), tmp(w);
+      std::vector<T> gate(same_size ? 0 : static_cast<size_t>(imin(band, H)) * W), tmp(w), wide;
       for (int64_t nc = begin; nc < end; ++nc) {
         const T *aplane = ap + nc * plane, *bplane = bp + nc * h * w;
         T* yplane = yp + nc * plane;
@@ -906,12 +948,13 @@ _Pragma("omp simd")
           for (int64_t i = 0; i < plane; ++i) yplane[i] = aplane[i] * sigmoid(bplane[i]);
           continue;
         }
-        for (int r = 0; r < H; ++r) {
-          resize_row(bplane, w, rows, cols, r, tmp.data(), gate.data());
-          const T* ar = aplane + int64_t(r) * W;
-          T* yr = yplane + int64_t(r) * W;
+        for (int r0 = 0; r0 < H; r0 += band) {
+          const int r1 = imin(H, r0 + band);
+          cross_gate_band(bplane, h, w, rows, cols, r0, r1, tmp, wide, gate.data());
+          const int64_t o = int64_t(r0) * W, n = int64_t(r1 - r0) * W;
+          const T* g = gate.data();
 _Pragma("omp simd")
-          for (int c = 0; c < W; ++c) yr[c] = ar[c] * sigmoid(gate[c]);
+          for (int64_t i = 0; i < n; ++i) yplane[o + i] = aplane[o + i] * sigmoid(g[i]);
         }
       }
     });
@@ -921,6 +964,13 @@ _Pragma("omp simd")
   return to_output_layout(y, a_in);
 }
 
+// Backward by bands of output rows as the forward: the band's resized gate, then grad_a and
+// d = grad_out·a·σ'(gate) in one pass, then the resize's adjoint of d, with the horizontal part
+// (the gathers) on whichever side has fewer rows. Where b has fewer rows than the output, d's
+// rows are summed into b's rows (contiguous, into `tall`, h × W) and the horizontal adjoint runs
+// once per row of b after the last band; otherwise each output row's horizontal adjoint goes
+// into `short_rows` (H × w), and after the last band each row of grad_b is written once as the
+// sum of the rows that read it.
 std::tuple<at::Tensor, at::Tensor> cross_gate_backward_cpu(const at::Tensor& gy_in,
                                                            const at::Tensor& a_in,
                                                            const at::Tensor& b_in,
@@ -942,8 +992,13 @@ std::tuple<at::Tensor, at::Tensor> cross_gate_backward_cpu(const at::Tensor& gy_
     const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>(), *gyp = gy.data_ptr<T>();
     T *gap = ga.data_ptr<T>(), *gbp = gb.data_ptr<T>();
     const int64_t plane = int64_t(H) * W;
+    const int band = cross_band_rows(W);
+    const bool rows_first = h < H;  // the adjoint's vertical part first (see above)
     at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> gate(W), tmp(w);
+      const size_t band_values = same_size ? 0 : static_cast<size_t>(imin(band, H)) * W;
+      std::vector<T> gate(band_values), tmp(imax(w, W)), wide;
+      std::vector<T> tall(rows_first ? static_cast<size_t>(h) * W : 0);
+      std::vector<T> short_rows(rows_first ? 0 : static_cast<size_t>(H) * w);
       for (int64_t nc = begin; nc < end; ++nc) {
         T* gbplane = gbp + nc * h * w;
         if (same_size) {
@@ -956,17 +1011,50 @@ _Pragma("omp simd")
           }
           continue;
         }
-        std::fill(gbplane, gbplane + int64_t(h) * w, T(0));
-        for (int r = 0; r < H; ++r) {
-          resize_row(bp + nc * h * w, w, rows, cols, r, tmp.data(), gate.data());
-          const int64_t o = (nc * H + r) * W;
+        if (rows_first) std::fill(tall.begin(), tall.end(), T(0));
+        for (int r0 = 0; r0 < H; r0 += band) {
+          const int r1 = imin(H, r0 + band);
+          T* g = gate.data();
+          cross_gate_band(bp + nc * h * w, h, w, rows, cols, r0, r1, tmp, wide, g);
+          const int64_t o = nc * plane + int64_t(r0) * W, n = int64_t(r1 - r0) * W;
 _Pragma("omp simd")
-          for (int c = 0; c < W; ++c) {
-            const T sg = sigmoid(gate[c]);
-            gap[o + c] = gyp[o + c] * sg;
-            gate[c] = gyp[o + c] * ap[o + c] * sg * (T(1) - sg);  // d resized b
+          for (int64_t i = 0; i < n; ++i) {
+            const T sg = sigmoid(g[i]);
+            gap[o + i] = gyp[o + i] * sg;
+            g[i] = gyp[o + i] * ap[o + i] * sg * (T(1) - sg);  // d resized b
           }
-          resize_row_adjoint(gate.data(), rows, cols, r, w, tmp.data(), gbplane);
+          for (int r = r0; r < r1; ++r) {
+            const T* d = g + static_cast<int64_t>(r - r0) * W;
+            if (!rows_first) {
+              resize_columns_adjoint(cols, d, w, short_rows.data() + static_cast<int64_t>(r) * w);
+              continue;
+            }
+            T *top = tall.data() + static_cast<int64_t>(rows.i0[r]) * W,
+              *bottom = tall.data() + static_cast<int64_t>(rows.i1[r]) * W;
+            const T wt = rows.l0[r], wb = rows.l1[r];
+_Pragma("omp simd")
+            for (int c = 0; c < W; ++c) top[c] += wt * d[c];
+_Pragma("omp simd")
+            for (int c = 0; c < W; ++c) bottom[c] += wb * d[c];
+          }
+        }
+        if (rows_first) {
+          for (int i = 0; i < h; ++i)
+            resize_columns_adjoint(cols, tall.data() + static_cast<int64_t>(i) * W, w,
+                                   gbplane + static_cast<int64_t>(i) * w);
+          continue;
+        }
+        for (int i = 0; i < h; ++i) {  // grad_b's row i: the rows that read it, from the taps
+          T* out = gbplane + static_cast<int64_t>(i) * w;
+          std::fill(out, out + w, T(0));
+          for (int k = 0; k < rows.reads; ++k) {
+            const T l = rows.from_l[static_cast<int64_t>(k) * h + i];
+            if (l == T(0)) continue;  // padding of the gather lists
+            const T* src = short_rows.data() +
+                           static_cast<int64_t>(rows.from_o[static_cast<int64_t>(k) * h + i]) * w;
+_Pragma("omp simd")
+            for (int c = 0; c < w; ++c) out[c] += l * src[c];
+          }
         }
       }
     });

@@ -33,3 +33,24 @@ def test_leaves_no_autograd_record():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         check_finite([("x", x)])
     assert saved == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_kernels_check_finds_every_position(dtype, bad):
+    """The cpu kernels' own check (csrc/cpu/finite.h: four vector sums of 64 bytes each, then a
+    tail) through cross_gate's forward, which checks each plane of a and b: a non-finite value at
+    any position of a 13 × 23 plane (299 values: 4 or 9 whole steps and a partial tail) is found."""
+    from fastseg.backend import unavailable_reason
+    why = unavailable_reason("cpu", "cpu")
+    if why:
+        pytest.skip(why)
+    from fastseg.ops import attention_gates  # noqa: F401  (registers the op)
+    a = torch.randn(1, 1, 13, 23, dtype=dtype)
+    b = torch.randn(1, 1, 13, 23, dtype=dtype)
+    torch.ops.fastseg.cross_gate(a, b, True)  # finite: no error
+    for i in range(a.numel()):
+        bad_a = a.clone()
+        bad_a.view(-1)[i] = bad
+        with pytest.raises(ValueError, match="a contains NaN or inf"):
+            torch.ops.fastseg.cross_gate(bad_a, b, True)

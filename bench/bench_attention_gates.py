@@ -124,11 +124,11 @@ def peak_bytes(run):
     return peak
 
 
-@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{n}-{s}" for n, s, _ in CASES])
-def test_attention_gates(benchmark, index, impl, mode):
-    name, label, build = CASES[index]
+def make_run(index, impl, mode):
+    """``(run, expected, args)`` for case ``index`` of CASES: run() calls ``impl`` in ``mode``
+    (forward without autograd; forward+backward: the gradients of a fixed random upstream gradient
+    with respect to every tensor argument), expected is the reference's forward output."""
+    name, _, build = CASES[index]
     args = build()
     fn = implementation(name, impl)
     expected = REFERENCES[name](*args)
@@ -143,6 +143,15 @@ def test_attention_gates(benchmark, index, impl, mode):
 
         def run():
             return torch.autograd.grad(fn(*leaves), tensors, grad_y)
+    return run, expected, args
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{n}-{s}" for n, s, _ in CASES])
+def test_attention_gates(benchmark, index, impl, mode):
+    name, label, _ = CASES[index]
+    run, expected, args = make_run(index, impl, mode)
     out = run()  # warm-up (and compilation for the compiled reference)
     if mode == "forward":  # what is timed must compute the right thing
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

@@ -149,6 +149,11 @@ CPU_BLOCKS = {
     "cross-bands-up": lambda dt: cross(1, 2, 70, 130, 33, 65, True),
     "cross-bands-rows-down": lambda dt: cross(1, 2, 300, 20, 450, 9, False),
     "cross-bands-cols-down": lambda dt: cross(1, 2, 300, 20, 100, 45, True),
+    # rows of at most two vectors resized by permutes (PermuteTaps: 16 float32 / 8 float64 lanes
+    # with AVX-512), with a partly filled second vector on both sides: float32 19 → 27 columns,
+    # float64 11 → 13 (float32's 27 → 19 and 11 → 13 in one vector, float64's 19, 27 by gathers)
+    "cross-permute-rows": lambda dt: cross(2, 3, 7, 27, 5, 19, True),
+    "cross-permute-rows-short": lambda dt: cross(2, 3, 6, 13, 9, 11, False),
     "attention-blocks": lambda dt: attention(1, 3, 2, 20, 23, 29),                 # 667 px
     # ≥ 8 channels on both sides of the 1×1 product: the GEMM path.
     "gated-gemm": lambda dt: gated(2, 40, 16, 9, 13),

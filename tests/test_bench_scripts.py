@@ -123,3 +123,16 @@ def test_summary_shows_each_kind_of_peak_memory_in_its_own_column(tmp_path):
             "–") in lines
     header = next(line for line in out.splitlines() if line.startswith("| op |"))
     assert header.endswith("| % of floor | peak MiB held | peak MB RSS |")
+
+
+def test_interleaved_gates():
+    out = run("interleaved_gates.py", "--cases", "cross_gate-8x128x32x32", "spatial_gate-8x512",
+              "--rounds", "2", "--impls", "reference", "cpu")
+    rows = [line for line in out.splitlines() if line.startswith(("| cross_gate |",
+                                                                  "| spatial_gate |"))]
+    assert len(rows) == 2 and all(row.count("|") == 5 for row in rows), out
+
+
+def test_interleaved_gates_rejects_an_unknown_case():
+    result = script("interleaved_gates.py", "--cases", "no_such_gate")
+    assert result.returncode == 2 and "no case starts with" in result.stderr

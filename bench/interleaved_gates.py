@@ -1,0 +1,64 @@
+"""The attention gates at LightAWNet's shapes, implementations interleaved in one process: per
+case, every round runs each implementation once, in an order that rotates from round to round, so
+a slow phase of the (shared, 2-core) machine hits all of them alike (``bench_attention_gates.py``
+runs each implementation's rounds one after another, and its cells move by up to 2× between
+runs). Prints, per case, each implementation's median and, for the cpu backend, the median over
+rounds of the per-round ratio of the eager and the compiled reference's time to its own: issue
+10's targets (≥ 3× and ≥ 1.5×).
+
+    .venv/bin/python bench/interleaved_gates.py                         # every case, fwd+bwd
+    .venv/bin/python bench/interleaved_gates.py --cases cross_gate spatial_gate-8x256 --rounds 21
+    .venv/bin/python bench/interleaved_gates.py --mode forward --impls reference cpu
+
+Cases, inputs and implementations as in ``bench_attention_gates.py``; ``--cases`` keeps those
+whose ``op-shape`` label starts with one of the given prefixes. Compiled implementations are
+compiled before the first round.
+"""
+import argparse
+import statistics
+
+import torch
+
+from bench_attention_gates import CASES, IMPLS, make_run
+from interleave import interleaved_times, median_ratio
+
+LABELS = [f"{name}-{shape}" for name, shape, _ in CASES]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["forward", "forward+backward"],
+                        default="forward+backward")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS,
+                        default=["reference", "reference-compiled", "cpu"])
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--cases", nargs="+", metavar="PREFIX",
+                        help="label prefixes, e.g. cross_gate or spatial_gate-8x256 (default: all)")
+    args = parser.parse_args(argv)
+    if "cpu" not in args.impls:
+        parser.error("--impls must include cpu (the ratios are of its time)")
+    chosen = [i for i, label in enumerate(LABELS)
+              if not args.cases or label.startswith(tuple(args.cases))]
+    if not chosen:
+        parser.error(f"no case starts with {args.cases}; cases: {', '.join(LABELS)}")
+    print(f"attention gates, {args.mode}, {args.rounds} interleaved rounds per case, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; median ms, and in brackets the "
+          f"median over rounds of the per-round ratio of that implementation's time to cpu's\n")
+    others = [i for i in args.impls if i != "cpu"]
+    print("| op | shape | cpu ms | " + " | ".join(f"{i} ms (/ cpu)" for i in others) + " |")
+    print("|---|---|---:|" + "---:|" * len(others))
+    for index in chosen:
+        name, shape, _ = CASES[index]
+        times = interleaved_times({impl: make_run(index, impl, args.mode)[0]
+                                   for impl in args.impls}, args.rounds)
+
+        def ms(impl):
+            return statistics.median(times[impl]) * 1e3
+
+        cells = [name, shape, f"{ms('cpu'):.2f}"]
+        cells += [f"{ms(i):.2f} ({median_ratio(times, i, 'cpu'):.2f}×)" for i in others]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

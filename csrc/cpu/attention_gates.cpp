@@ -986,10 +986,11 @@ _Pragma("omp simd")
 int cross_band_rows(int W) { return std::max(1, 4096 / std::max(1, W)); }
 
 // The resized b of output rows [r0, r1) of one plane, into gate[(r - r0)·W + c]. The horizontal
-// resize (the gathers) runs on whichever side has fewer rows: where b has fewer rows than the
-// output (an upsample), each input row the band needs is resized horizontally once (into `wide`)
-// and the output rows blend two of them (contiguous); otherwise each output row blends two input
-// rows (into `tmp`, w values) and resizes that horizontally.
+// resize (gathers, or permutes for short rows: PermuteTaps) runs on whichever side has fewer
+// rows: where b has fewer rows than the output (an upsample), each input row the band needs is
+// resized horizontally once (into `wide`) and the output rows blend two of them (contiguous);
+// otherwise each output row blends two input rows (into `tmp`, w values) and resizes that
+// horizontally.
 template <typename T>
 void cross_gate_band(const T* bplane, int h, int w, const AxisTaps<T>& rows,
                      const AxisTaps<T>& cols, int r0, int r1, std::vector<T>& tmp,
@@ -1066,11 +1067,11 @@ _Pragma("omp simd")
 
 // Backward by bands of output rows as the forward: the band's resized gate, then grad_a and
 // d = grad_out·a·σ'(gate) in one pass, then the resize's adjoint of d, with the horizontal part
-// (the gathers) on whichever side has fewer rows. Where b has fewer rows than the output, d's
-// rows are summed into b's rows (contiguous, into `tall`, h × W) and the horizontal adjoint runs
-// once per row of b after the last band; otherwise each output row's horizontal adjoint goes
-// into `short_rows` (H × w), and after the last band each row of grad_b is written once as the
-// sum of the rows that read it.
+// (gathers or permutes) on whichever side has fewer rows. Where b has fewer rows than the
+// output, d's rows are summed into b's rows (contiguous, into `tall`, h × W) and the horizontal
+// adjoint runs once per row of b after the last band; otherwise each output row's horizontal
+// adjoint goes into `short_rows` (H × w), and after the last band each row of grad_b is written
+// once as the sum of the rows that read it.
 std::tuple<at::Tensor, at::Tensor> cross_gate_backward_cpu(const at::Tensor& gy_in,
                                                            const at::Tensor& a_in,
                                                            const at::Tensor& b_in,

@@ -339,6 +339,20 @@ def test_gradcheck_float64(variant):
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=variant == "triton")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", [None, "channels_last"])
+@pytest.mark.parametrize("case", [Case("gemm-conv-input-side", 3, 9, 11, 16, 17, 3, (3, 3)),
+                                  Case("gemm-blas-input-side", 3, 9, 11, 15, 17, 3, (3, 3))],
+                         ids=repr)
+def test_gemm_plan_input_side_on_each_side_of_16x16(monkeypatch, case, layout, dtype):
+    """The gemm plan's backward computes a 3×3 kernel's input gradient by the folded plan's
+    convolution from 256 output pixels on (16×17 here) and by per-sample products below (15×17)."""
+    skip_unless("cpu")
+    monkeypatch.setenv("FASTSEG_DYNAMIC_CONV_CPU_PLAN", "gemm")
+    layout = (lambda t: t.contiguous(memory_format=torch.channels_last)) if layout else None
+    check_against_reference(case, "cpu", dtype, layout)
+
+
 def test_auto_plans_differ_between_forward_and_backward(monkeypatch):
     """At 16² with more output channels than pixels the cpu backend's forward takes the folded
     plan (its 3×3 convolution) and the backward the gemm plan: each recomputes from the inputs."""

@@ -25,7 +25,8 @@
 //   im2col(x_n)ᵀ is reduced while in cache into grad_experts (Σ_n routing[n, k] · gW_n) and
 //   grad_routing (⟨gW_n, E_k⟩). Each expert value is read once per block of samples. For 3×3
 //   kernels at stride 1, padding 1 that weight side is csrc/cpu/expert_grad3x3.h's kernel instead,
-//   which folds each register tile of gW_n into both gradients as soon as it is summed.
+//   which folds each register tile of gW_n into both gradients as soon as it is summed, and from
+//   16² outputs on their input gradient is the folded plan's 3×3 convolution (grad_x_3x3).
 //
 // Neither plan keeps a per-sample kernel between forward and backward: the backward recomputes.
 // Layouts: x and grad_out are used NCHW-contiguous (a channels-last or strided input is copied
@@ -518,6 +519,28 @@ at::Tensor turn_experts(const Geometry& g, const at::Tensor& experts) {
 // (grad_x, grad_experts [K, C_out·R], grad_routing without the bias term, Σ_hw grad_out [N, C_out]).
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The input gradient of a 3×3 convolution at stride 1, padding 1 (direct(g)): the 3×3 convolution
+// of grad_out with every kernel transposed (C_in ↔ C_out) and turned by 180°. Mixing is linear:
+// the experts are turned so once, and each sample's kernel is mixed from them while the
+// convolution packs it, as in the forward.
+at::Tensor grad_x_3x3(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& experts,
+                      const at::Tensor& routing) {
+  at::Tensor grad_x = cpu::empty_output({g.N, g.C_in, g.H, g.W}, grad_out.options());
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "dynamic_conv2d_direct_grad_x", [&] {
+    const at::Tensor turned = turn_experts<scalar_t>(g, experts);  // [K, C_in, C_out, 3, 3]
+    const scalar_t* e = turned.data_ptr<scalar_t>();
+    const scalar_t* r = routing.data_ptr<scalar_t>();
+    const int64_t row = g.C_out * 9, kernel = g.C_in * row;
+    const direct_conv::MixRows<scalar_t> mix = [&](int64_t n, int64_t ci, int channels,
+                                                   scalar_t* out) {
+      mix_kernels(r + n * g.K, 1, g.K, e + ci * row, kernel, row, channels, row, out);
+    };
+    conv3x3<scalar_t>(grad_out.data_ptr<scalar_t>(), e, 0, &mix, nullptr, 0,
+                      grad_x.data_ptr<scalar_t>(), g.N, g.C_out, g.C_in, g.H, g.W);
+  });
+  return grad_x;
+}
+
 Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
                       const at::Tensor& experts, const at::Tensor& routing) {
   const bool direct_grad_x = direct(g);
@@ -540,25 +563,7 @@ Grads backward_folded(const Geometry& g, const at::Tensor& grad_out, const at::T
         std::nullopt, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, g.groups * g.N,
         {!direct_grad_x, true, false});
   }
-  if (direct_grad_x) {
-    // The input gradient of a 3×3 convolution at stride 1, padding 1 is the 3×3 convolution of
-    // grad_out with every kernel transposed (C_in ↔ C_out) and turned by 180°. Mixing is linear:
-    // the experts are turned so once, and each sample's kernel is mixed from them while the
-    // convolution packs it, as in the forward.
-    grad_x = cpu::empty_output({g.N, g.C_in, g.H, g.W}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_direct_grad_x", [&] {
-      const at::Tensor turned = turn_experts<scalar_t>(g, experts);  // [K, C_in, C_out, 3, 3]
-      const scalar_t* e = turned.data_ptr<scalar_t>();
-      const scalar_t* r = routing.data_ptr<scalar_t>();
-      const int64_t row = g.C_out * 9, kernel = g.C_in * row;
-      const direct_conv::MixRows<scalar_t> mix = [&](int64_t n, int64_t ci, int channels,
-                                                     scalar_t* out) {
-        mix_kernels(r + n * g.K, 1, g.K, e + ci * row, kernel, row, channels, row, out);
-      };
-      conv3x3<scalar_t>(grad_out.data_ptr<scalar_t>(), e, 0, &mix, nullptr, 0,
-                        grad_x.data_ptr<scalar_t>(), g.N, g.C_out, g.C_in, g.H, g.W);
-    });
-  }
+  if (direct_grad_x) grad_x = grad_x_3x3(g, grad_out, experts, routing);
   // The reduction in segments of the kernel, in parallel: a segment's gradients of all samples
   // and its expert values stay in cache across the reduction's passes. Per-segment partial
   // routing gradients, summed in segment order afterwards: deterministic.
@@ -713,6 +718,11 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
   // 256 channels, 8²; 0.81 and 0.86 at 256, 16²; 0.90 and 0.95 at 128, 16²; 1.01 and 1.05 at one
   // sample of 256, 8²), and the loop below computes only the input gradient.
   const bool blas_weight_side = !direct(g);
+  // From 16² outputs on, the input side of those kernels is grad_x_3x3 (the folded plan's), not
+  // the loop's per-sample BLAS products: forward + backward through autograd, 21 paired rounds,
+  // three runs, BLAS / conv time: 1.06–1.09 at 128 channels, 16², 1.02–1.04 at 256, 16² (batch
+  // 8), 0.97–1.01 at one sample of 128, 16², but 0.78–0.82 at 256, 8², which keeps the products.
+  const bool conv_input_side = direct(g) && g.P() >= 256;
   const int64_t P = g.P(), R = g.R(), taps = g.taps();
   const int64_t blocks_per_group = ceil_div(g.ci, b.bwd_channels);
   const int64_t tasks = g.groups * blocks_per_group;
@@ -725,9 +735,10 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
   // Per thread: im2col rows of the task's channels, mixed W-blocks, weight-gradient blocks, and
   // the input-gradient columns of one sample.
   const int64_t col_size = blas_weight_side ? b.bwd_samples * block_cols * P : 0;
-  const int64_t mix_size = b.mix_samples * g.co * block_cols;
+  const int64_t mix_size = conv_input_side ? 0 : b.mix_samples * g.co * block_cols;
   const int64_t gw_size = blas_weight_side ? b.bwd_samples * b.bwd_rows * block_cols : 0;
-  at::Tensor scratch = at::empty({at::get_num_threads(), col_size + mix_size + gw_size + block_cols * P},
+  const int64_t gcol_size = conv_input_side ? 0 : block_cols * P;
+  at::Tensor scratch = at::empty({at::get_num_threads(), col_size + mix_size + gw_size + gcol_size},
                                  x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_backward_gemm", [&] {
     using A = acc_t<scalar_t>;
@@ -742,6 +753,7 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
       for (int64_t n = begin; n < end; ++n)
         row_sums(gyp + n * g.C_out * P, g.C_out, P, grad_sum.data_ptr<scalar_t>() + n * g.C_out);
     });
+    if (conv_input_side) return;
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       scalar_t* colb = slot<scalar_t>(scratch);
       scalar_t* w = colb + col_size;
@@ -783,6 +795,7 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
     });
   });
   if (blas_weight_side) return {grad_x, grad_experts, grad_routing_parts.sum(0), grad_sum};
+  if (conv_input_side) grad_x = grad_x_3x3(g, grad_out, experts, routing);
   at::Tensor grad_routing = at::empty({g.N, g.K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_expert_grads3x3", [&] {
     expert_grad::expert_grads3x3<scalar_t>(

@@ -727,7 +727,8 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
   const int64_t blocks_per_group = ceil_div(g.ci, b.bwd_channels);
   const int64_t tasks = g.groups * blocks_per_group;
   const int64_t block_cols = b.bwd_channels * taps;
-  at::Tensor grad_x = cpu::empty_output({g.N, g.C_in, g.H, g.W}, x.options());
+  at::Tensor grad_x = conv_input_side ? grad_x_3x3(g, grad_out, experts, routing)
+                                      : cpu::empty_output({g.N, g.C_in, g.H, g.W}, x.options());
   at::Tensor grad_experts = cpu::empty_output({g.K, g.C_out * R}, x.options());
   at::Tensor grad_sum = at::empty({g.N, g.C_out}, x.options());
   // Per-task partial routing gradients, summed in task order afterwards: deterministic.
@@ -795,7 +796,6 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
     });
   });
   if (blas_weight_side) return {grad_x, grad_experts, grad_routing_parts.sum(0), grad_sum};
-  if (conv_input_side) grad_x = grad_x_3x3(g, grad_out, experts, routing);
   at::Tensor grad_routing = at::empty({g.N, g.K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_expert_grads3x3", [&] {
     expert_grad::expert_grads3x3<scalar_t>(

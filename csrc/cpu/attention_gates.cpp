@@ -734,16 +734,50 @@ void resize_columns(const AxisTaps<T>& cols, const T* in, int in_w, T* out) {
   gather_taps(cols, in, W - 2, W, out);
 }
 
+// The vertical resize on rows of n values (`rows`: the taps along the rows):
+// out = output row r, the blend of its two input rows; src holds the input rows from row `first`.
+template <typename T>
+void blend_rows(const AxisTaps<T>& rows, int r, const T* src, int first, int n, T* out) {
+  const T *top = src + static_cast<int64_t>(rows.i0[r] - first) * n,
+          *bottom = src + static_cast<int64_t>(rows.i1[r] - first) * n;
+  const T wt = rows.l0[r], wb = rows.l1[r];
+_Pragma("omp simd")
+  for (int c = 0; c < n; ++c) out[c] = wt * top[c] + wb * bottom[c];
+}
+
+// The vertical resize's adjoint for output row r (`v`), added into its two input rows of dst.
+template <typename T>
+void scatter_row(const AxisTaps<T>& rows, int r, const T* v, int n, T* dst) {
+  T *top = dst + static_cast<int64_t>(rows.i0[r]) * n,
+    *bottom = dst + static_cast<int64_t>(rows.i1[r]) * n;
+  const T wt = rows.l0[r], wb = rows.l1[r];
+_Pragma("omp simd")
+  for (int c = 0; c < n; ++c) top[c] += wt * v[c];
+_Pragma("omp simd")
+  for (int c = 0; c < n; ++c) bottom[c] += wb * v[c];
+}
+
+// The vertical resize's adjoint for input row i, written once: out = Σ of the output rows of src
+// that read row i, each times its weight (from the taps' gather lists).
+template <typename T>
+void gather_rows(const AxisTaps<T>& rows, int i, const T* src, int n, T* out) {
+  const int64_t in = static_cast<int64_t>(rows.weight_sum.size());
+  std::fill(out, out + n, T(0));
+  for (int k = 0; k < rows.reads; ++k) {
+    const T l = rows.from_l[k * in + i];
+    if (l == T(0)) continue;  // padding of the gather lists
+    const T* g = src + static_cast<int64_t>(rows.from_o[k * in + i]) * n;
+_Pragma("omp simd")
+    for (int c = 0; c < n; ++c) out[c] += l * g[c];
+  }
+}
+
 // row[c] = resized plane at output row r, c < cols.i0.size(): the two input rows are blended
 // first (contiguous, vectorised) into `tmp` (in_w values), then each output gathers two taps.
 template <typename T>
 void resize_row(const T* plane, int in_w, const AxisTaps<T>& rows, const AxisTaps<T>& cols, int r,
                 T* tmp, T* row) {
-  const T *top = plane + static_cast<int64_t>(rows.i0[r]) * in_w,
-          *bottom = plane + static_cast<int64_t>(rows.i1[r]) * in_w;
-  const T wt = rows.l0[r], wb = rows.l1[r];
-  _Pragma("omp simd")
-  for (int c = 0; c < in_w; ++c) tmp[c] = wt * top[c] + wb * bottom[c];
+  blend_rows(rows, r, plane, 0, in_w, tmp);
   resize_columns(cols, tmp, in_w, row);
 }
 
@@ -765,13 +799,7 @@ template <typename T>
 void resize_row_adjoint(const T* row, const AxisTaps<T>& rows, const AxisTaps<T>& cols, int r,
                         int in_w, T* tmp, T* plane) {
   resize_columns_adjoint(cols, row, in_w, tmp);
-  T *top = plane + static_cast<int64_t>(rows.i0[r]) * in_w,
-    *bottom = plane + static_cast<int64_t>(rows.i1[r]) * in_w;
-  const T wt = rows.l0[r], wb = rows.l1[r];
-_Pragma("omp simd")
-  for (int c = 0; c < in_w; ++c) top[c] += wt * tmp[c];
-_Pragma("omp simd")
-  for (int c = 0; c < in_w; ++c) bottom[c] += wb * tmp[c];
+  scatter_row(rows, r, tmp, in_w, plane);
 }
 
 // The whole resize's adjoint of one plane, rows first where the rows double (an ×2 upsample
@@ -797,14 +825,7 @@ _Pragma("omp simd")
       for (int j = 0; j < out_w; ++j)
         tmp[j] = T(0) + T(0.25) * a[j] + T(0.75) * b[j] + T(0.75) * c[j] + T(0.25) * d[j];
     } else {  // the rows reading input row i, from the taps
-      std::fill(tmp, tmp + out_w, T(0));
-      for (int k = 0; k < rows.reads; ++k) {
-        const T l = rows.from_l[k * in_h + i];
-        if (l == T(0)) continue;  // padding of the gather lists
-        const T* g = grad + static_cast<int64_t>(rows.from_o[k * in_h + i]) * out_w;
-_Pragma("omp simd")
-        for (int j = 0; j < out_w; ++j) tmp[j] += l * g[j];
-      }
+      gather_rows(rows, i, grad, out_w, tmp);
     }
     resize_columns_adjoint(cols, tmp, in_w, plane + static_cast<int64_t>(i) * in_w);
   }
@@ -1010,14 +1031,8 @@ void cross_gate_band(const T* bplane, int h, int w, const AxisTaps<T>& rows,
   for (int i = lo; i <= hi; ++i)
     resize_columns(cols, bplane + static_cast<int64_t>(i) * w, w,
                    wide.data() + static_cast<int64_t>(i - lo) * W);
-  for (int r = r0; r < r1; ++r) {
-    const T *top = wide.data() + static_cast<int64_t>(rows.i0[r] - lo) * W,
-            *bottom = wide.data() + static_cast<int64_t>(rows.i1[r] - lo) * W;
-    const T wt = rows.l0[r], wb = rows.l1[r];
-    T* g = gate + static_cast<int64_t>(r - r0) * W;
-_Pragma("omp simd")
-    for (int c = 0; c < W; ++c) g[c] = wt * top[c] + wb * bottom[c];
-  }
+  for (int r = r0; r < r1; ++r)
+    blend_rows(rows, r, wide.data(), lo, W, gate + static_cast<int64_t>(r - r0) * W);
 }
 
 at::Tensor cross_gate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, bool align_corners) {
@@ -1097,7 +1112,7 @@ std::tuple<at::Tensor, at::Tensor> cross_gate_backward_cpu(const at::Tensor& gy_
     const bool rows_first = h < H;  // the adjoint's vertical part first (see above)
     at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
       const size_t band_values = same_size ? 0 : static_cast<size_t>(imin(band, H)) * W;
-      std::vector<T> gate(band_values), tmp(imax(w, W)), wide;
+      std::vector<T> gate(band_values), tmp(w), wide;
       std::vector<T> tall(rows_first ? static_cast<size_t>(h) * W : 0);
       std::vector<T> short_rows(rows_first ? 0 : static_cast<size_t>(H) * w);
       for (int64_t nc = begin; nc < end; ++nc) {
@@ -1130,13 +1145,7 @@ _Pragma("omp simd")
               resize_columns_adjoint(cols, d, w, short_rows.data() + static_cast<int64_t>(r) * w);
               continue;
             }
-            T *top = tall.data() + static_cast<int64_t>(rows.i0[r]) * W,
-              *bottom = tall.data() + static_cast<int64_t>(rows.i1[r]) * W;
-            const T wt = rows.l0[r], wb = rows.l1[r];
-_Pragma("omp simd")
-            for (int c = 0; c < W; ++c) top[c] += wt * d[c];
-_Pragma("omp simd")
-            for (int c = 0; c < W; ++c) bottom[c] += wb * d[c];
+            scatter_row(rows, r, d, W, tall.data());
           }
         }
         if (rows_first) {
@@ -1145,18 +1154,8 @@ _Pragma("omp simd")
                                    gbplane + static_cast<int64_t>(i) * w);
           continue;
         }
-        for (int i = 0; i < h; ++i) {  // grad_b's row i: the rows that read it, from the taps
-          T* out = gbplane + static_cast<int64_t>(i) * w;
-          std::fill(out, out + w, T(0));
-          for (int k = 0; k < rows.reads; ++k) {
-            const T l = rows.from_l[static_cast<int64_t>(k) * h + i];
-            if (l == T(0)) continue;  // padding of the gather lists
-            const T* src = short_rows.data() +
-                           static_cast<int64_t>(rows.from_o[static_cast<int64_t>(k) * h + i]) * w;
-_Pragma("omp simd")
-            for (int c = 0; c < w; ++c) out[c] += l * src[c];
-          }
-        }
+        for (int i = 0; i < h; ++i)  // grad_b's row i: the rows that read it, from the taps
+          gather_rows(rows, i, short_rows.data(), w, gbplane + static_cast<int64_t>(i) * w);
       }
     });
   });

@@ -6,9 +6,9 @@
 // step's large activations and gradients are then new mappings, zero-filled by the kernel one
 // 4 KiB page fault at a time: ≈ 12 ms for a 32 MiB output on the machines of bench/RESULTS.md,
 // more than the kernel that writes it takes ("The output cache"). `empty_output` keeps a strong
-// reference to the storage of every output of at least kOutputCacheMinBytes it hands out; a later request of
-// the same byte size takes a storage whose only reference is the cache's, i.e. one whose tensors
-// are all gone (use_count() == 1), most recently used first.
+// reference to the storage of every output of at least kOutputCacheMinBytes it hands out; a
+// later request of the same byte size takes a storage whose only reference is the cache's, i.e.
+// one whose tensors are all gone (use_count() == 1), most recently used first.
 //
 // Bounds: the storages the cache references, in use or not, total at most its limit (least
 // recently used dropped first), so the memory it keeps alive that no tensor uses is below the

@@ -94,6 +94,21 @@ def test_compiled_references_stay_compiled_past_eight_shapes():
     assert len(graphs) == 12
 
 
+def test_gate_floor_counts_the_backward_gradients():
+    """The gates' floor bytes: forward, inputs read and the output written; forward + backward,
+    the backward also reads the inputs and grad_y and writes one gradient per input."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_attention_gates import op_bytes
+    finally:
+        sys.path.remove(str(BENCH))
+    a, b = torch.empty(2, 3, 4, 4), torch.empty(2, 3, 2, 2)  # 96 and 24 values
+    assert op_bytes([a, b, True], 96, "forward") == (96 + 24 + 96) * 4
+    assert op_bytes([a, b, True], 96, "forward+backward") == (3 * (96 + 24) + 2 * 96) * 4
+
+
 def test_summary_shows_each_kind_of_peak_memory_in_its_own_column(tmp_path):
     """bench/summary.py: ratios to the eager and compiled references, the floor's share, and
     peak memory under the header of how it was measured (the gates' profiler bytes held, the
@@ -128,9 +143,42 @@ def test_summary_shows_each_kind_of_peak_memory_in_its_own_column(tmp_path):
 def test_interleaved_gates():
     out = run("interleaved_gates.py", "--cases", "cross_gate-8x128x32x32", "spatial_gate-8x512",
               "--rounds", "2", "--impls", "reference", "cpu")
-    rows = [line for line in out.splitlines() if line.startswith(("| cross_gate |",
-                                                                  "| spatial_gate |"))]
-    assert len(rows) == 2 and all(row.count("|") == 5 for row in rows), out
+    stages = out.split("Per op")[0]
+    rows = [line for line in stages.splitlines() if line.startswith(("| cross_gate |",
+                                                                     "| spatial_gate |"))]
+    assert len(rows) == 2 and all(row.count("|") == 6 for row in rows), out
+
+
+def test_interleaved_gates_floor_and_the_time_the_targets_allow():
+    out = run("interleaved_gates.py", "--cases", "cross_gate-8x128x32x32", "--rounds", "2")
+    row = next(line for line in out.splitlines() if line.startswith("| cross_gate |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    reference, compiled = (float(c.split()[0]) for c in cells[3:5])
+    # a and b [8, 128, 32, 32] (4 MiB each), the output 4 MiB: 3 × 8 + 2 × 4 MiB at 22 GB/s
+    floor = (3 * 2 ** 23 + 2 * 2 ** 22) / 22e9 * 1e3
+    assert cells[5] == f"{floor:.2f}", row
+    allowed = min(reference / 3, compiled / 1.5)
+    assert abs(float(cells[6].split()[0]) - allowed) <= 0.011, row
+    assert abs(float(cells[6].split("(")[1].rstrip("×)")) - allowed / floor) <= 0.011, row
+
+
+def test_interleaved_gates_sums_each_op_over_its_stages():
+    out = run("interleaved_gates.py", "--cases", "cross_gate-8x128", "spatial_gate-8x512",
+              "--rounds", "2", "--impls", "reference", "cpu")
+    lines = out.splitlines()
+    split = next(i for i, line in enumerate(lines) if line.startswith("Per op"))
+    stages = [line.split("|")[1:-1] for line in lines[:split] if line.startswith("| cross_gate |")]
+    totals = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines[split:]
+              if line.startswith(("| cross_gate |", "| spatial_gate |"))}
+    assert len(stages) == 2 and set(totals) == {"cross_gate", "spatial_gate"}, out
+    stage_count, cpu, reference = totals["cross_gate"]
+    assert int(stage_count) == 2
+    # each total is the sum of its stages' medians (each printed to 0.01 ms: 3 roundings)
+    assert abs(float(cpu) - sum(float(s[2]) for s in stages)) <= 0.016, out
+    assert abs(float(reference.split()[0]) - sum(float(s[3].split()[0]) for s in stages)) <= 0.016
+    ratio = float(reference.split("(")[1].rstrip("×) "))
+    expected = float(reference.split()[0]) / float(cpu)
+    assert abs(ratio - expected) <= 0.006 + 0.02 * expected, out
 
 
 def test_interleaved_gates_rejects_an_unknown_case():

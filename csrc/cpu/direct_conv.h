@@ -127,8 +127,22 @@ struct Finite {
 // kernel: w + n·w_stride (w_stride 0: one kernel for all samples) or, given `mix`, computed while
 // the kernels are packed (no mixed copy is written first): mix(n, co, c, out) writes rows co to
 // co + c − 1 of w_n to out ([c][C_in·9]). b_n = bias + n·b_stride ([C_out], or bias null).
-// `budget`: bytes of padded input rows per task (see rows_per_task). Finite.w: every w_n is
-// finite.
+// Samples per chunk of N samples whose packed kernels take sample_bytes each: as many as fit
+// chunk_bytes (at least one), evened out over the chunks. conv3x3 here and in winograd.h, given
+// a kernel per sample, pack one chunk's kernels and then run its tasks, which read them while
+// they are in the L3 cache. Packing every sample's at once made them stream from memory (and,
+// past glibc's 32 MB mmap threshold, page-fault in afresh on every call): at 256 → 256
+// channels, 16², the direct convolution took 2.1× as long at batch 16 as at batch 8, and
+// Winograd's (128 → 128) 7.5× as long at batch 32 as at batch 8.
+inline int64_t chunk_samples(int64_t N, int64_t sample_bytes, int64_t chunk_bytes) {
+  const int64_t fit = std::clamp<int64_t>(chunk_bytes / std::max<int64_t>(1, sample_bytes), 1,
+                                          std::max<int64_t>(1, N));
+  const int64_t chunks = (N + fit - 1) / fit;
+  return std::max<int64_t>(1, (N + chunks - 1) / chunks);
+}
+
+// `budget`: bytes of padded input rows per task (see rows_per_task); `chunk_bytes`: of one
+// chunk's packed kernels (chunk_samples). Finite.w: every w_n is finite.
 template <typename T>
 using MixRows = std::function<void(int64_t n, int64_t co, int channels, T* out)>;
 
@@ -187,76 +201,90 @@ bool copy_padded_rows(const T* xn, int64_t C_in, int64_t H, int64_t W, int64_t h
 template <typename T>
 Finite conv3x3(const T* x, const T* w, int64_t w_stride, const MixRows<T>* mix, const T* bias,
                int64_t b_stride, T* y, int64_t N, int64_t C_in, int64_t C_out, int64_t H,
-               int64_t W, int64_t budget) {
+               int64_t W, int64_t budget, int64_t chunk_bytes) {
   constexpr int L = kLanes<T>, CB = kChannelBlock;
   const int64_t HW = H * W, row = C_in * kTaps, kernel = C_out * row;
   const int64_t full_blocks = C_out / CB;
   // Packed kernels, per sample: full blocks [C_out / CB][C_in][9][CB], then the remaining
   // channels [C_in][9] each (their original layout). Not zero-filled: every value is written.
-  const int64_t samples_w = w_stride == 0 && mix == nullptr ? 1 : N;
-  std::unique_ptr<T[]> packed(new T[samples_w * kernel]);
-  // A block's CB (mixed) rows are interleaved into its packed layout.
-  const bool w_finite = for_each_kernel_block<T, CB>(
-      w, w_stride, mix, samples_w, C_out, row,
-      [&](int64_t n, int64_t co0, int channels, const T* rows) {
-        T* dst = packed.get() + n * kernel + co0 * row;
-        if (channels == CB) {
-          for (int64_t r = 0; r < row; ++r)
+  // With a kernel per sample, the samples run in chunks (chunk_samples).
+  const bool per_sample = w_stride != 0 || mix != nullptr;
+  const int64_t chunk = per_sample ? chunk_samples(N, kernel * int64_t(sizeof(T)), chunk_bytes) : N;
+  std::unique_ptr<T[]> packed(new T[(per_sample ? chunk : 1) * kernel]);
+  // samples n0 .. n0 + count − 1 (or the one shared kernel) packed; whether all are finite. A
+  // block's CB (mixed) rows are interleaved into its packed layout.
+  const auto pack_kernels = [&](int64_t n0, int64_t count) {
+    const MixRows<T> shifted = [&](int64_t n, int64_t co, int channels, T* out) {
+      (*mix)(n0 + n, co, channels, out);
+    };
+    return for_each_kernel_block<T, CB>(
+        w + n0 * w_stride, w_stride, mix != nullptr ? &shifted : nullptr, per_sample ? count : 1,
+        C_out, row, [&](int64_t n, int64_t co0, int channels, const T* rows) {
+          T* dst = packed.get() + n * kernel + co0 * row;
+          if (channels == CB) {
+            for (int64_t r = 0; r < row; ++r)
 #pragma GCC unroll 8
-            for (int c = 0; c < CB; ++c) dst[r * CB + c] = rows[c * row + r];
-        } else {
-          std::memcpy(dst, rows, row * sizeof(T));
-        }
-      });
+              for (int c = 0; c < CB; ++c) dst[r * CB + c] = rows[c * row + r];
+          } else {
+            std::memcpy(dst, rows, row * sizeof(T));
+          }
+        });
+  };
   const int64_t row_slots = (W + L - 1) / L, Wp = row_slots * L + 2, rs = C_in * Wp;
   const int64_t R = rows_per_task(C_in, H, Wp, sizeof(T), budget);
   const int64_t row_blocks = (H + R - 1) / R;
   // A task: one block of CB output channels (or all C_out mod CB remaining ones) of one block of
   // rows of one sample. A thread's consecutive tasks share their input rows, copied once.
   const int64_t units = full_blocks + (full_blocks * CB < C_out ? 1 : 0);
+  bool w_finite = true;
   std::atomic<bool> finite{true};
-  at::parallel_for(0, N * row_blocks * units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> rows;
-    std::vector<Slot> slots;
-    int64_t copied = -1;  // the (sample, row block) pair whose rows are in `rows`
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t unit = task % units, pair = task / units;
-      const int64_t n = pair / row_blocks, h0 = pair % row_blocks * R, h1 = std::min(H, h0 + R);
-      const int64_t nr = h1 - h0 + 2;
-      if (pair != copied) {
-        copied = pair;
-        // rows[r][ci][j] = x[n, ci, h0 − 1 + r, j − 1], zero outside the image. Values the vector
-        // gains are zero and only columns 1..W are ever copied to, so the padding columns stay
-        // zero; a row outside the image is zeroed, as an earlier task may have filled it.
-        rows.resize(nr * rs);
-        if (!copy_padded_rows<T, true>(x + n * C_in * HW, C_in, H, W, h0, nr, Wp, rows.data()))
-          finite = false;
-        slots.clear();
-        for (int64_t h = h0; h < h1; ++h)
-          for (int64_t j = 0; j < row_slots; ++j)
-            slots.push_back({(h - h0) * rs + j * L, h * W + j * L,
-                             static_cast<int>(std::min<int64_t>(L, W - j * L))});
-        // unused slots of the last tile: read valid rows, store nothing
-        slots.resize(slots.size() + std::max(kTileVectors, kSingleTileVectors), Slot{0, 0, 0});
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t count = std::min(chunk, N - n0);
+    if (per_sample || n0 == 0) w_finite = pack_kernels(n0, count) && w_finite;
+    at::parallel_for(0, count * row_blocks * units, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> rows;
+      std::vector<Slot> slots;
+      int64_t copied = -1;  // the (sample, row block) pair whose rows are in `rows`
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t unit = task % units, pair = task / units;
+        const int64_t n = n0 + pair / row_blocks, h0 = pair % row_blocks * R;
+        const int64_t h1 = std::min(H, h0 + R);
+        const int64_t nr = h1 - h0 + 2;
+        if (pair != copied) {
+          copied = pair;
+          // rows[r][ci][j] = x[n, ci, h0 − 1 + r, j − 1], zero outside the image. Values the vector
+          // gains are zero and only columns 1..W are ever copied to, so the padding columns stay
+          // zero; a row outside the image is zeroed, as an earlier task may have filled it.
+          rows.resize(nr * rs);
+          if (!copy_padded_rows<T, true>(x + n * C_in * HW, C_in, H, W, h0, nr, Wp, rows.data()))
+            finite = false;
+          slots.clear();
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t j = 0; j < row_slots; ++j)
+              slots.push_back({(h - h0) * rs + j * L, h * W + j * L,
+                               static_cast<int>(std::min<int64_t>(L, W - j * L))});
+          // unused slots of the last tile: read valid rows, store nothing
+          slots.resize(slots.size() + std::max(kTileVectors, kSingleTileVectors), Slot{0, 0, 0});
+        }
+        const int64_t used = (h1 - h0) * row_slots;
+        const T* wn = packed.get() + (per_sample ? (n - n0) * kernel : 0);
+        const T* bn = bias ? bias + n * b_stride : nullptr;
+        T* yn = y + n * C_out * HW;
+        if (unit < full_blocks) {
+          const T* wb = wn + unit * CB * C_in * kTaps;
+          for (int64_t s = 0; s < used; s += kTileVectors)
+            tile<T, CB, kTileVectors>(rows.data(), Wp, rs, C_in, wb, bn ? bn + unit * CB : nullptr,
+                                      slots.data() + s, yn + unit * CB * HW, HW);
+        } else {
+          for (int64_t co = full_blocks * CB; co < C_out; ++co)
+            for (int64_t s = 0; s < used; s += kSingleTileVectors)
+              tile<T, 1, kSingleTileVectors>(rows.data(), Wp, rs, C_in, wn + co * C_in * kTaps,
+                                             bn ? bn + co : nullptr, slots.data() + s, yn + co * HW,
+                                             HW);
+        }
       }
-      const int64_t used = (h1 - h0) * row_slots;
-      const T* wn = packed.get() + (samples_w == 1 ? 0 : n * kernel);
-      const T* bn = bias ? bias + n * b_stride : nullptr;
-      T* yn = y + n * C_out * HW;
-      if (unit < full_blocks) {
-        const T* wb = wn + unit * CB * C_in * kTaps;
-        for (int64_t s = 0; s < used; s += kTileVectors)
-          tile<T, CB, kTileVectors>(rows.data(), Wp, rs, C_in, wb, bn ? bn + unit * CB : nullptr,
-                                    slots.data() + s, yn + unit * CB * HW, HW);
-      } else {
-        for (int64_t co = full_blocks * CB; co < C_out; ++co)
-          for (int64_t s = 0; s < used; s += kSingleTileVectors)
-            tile<T, 1, kSingleTileVectors>(rows.data(), Wp, rs, C_in, wn + co * C_in * kTaps,
-                                           bn ? bn + co : nullptr, slots.data() + s, yn + co * HW,
-                                           HW);
-      }
-    }
-  });
+    });
+  }
   return {finite, w_finite};
 }
 

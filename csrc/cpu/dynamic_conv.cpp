@@ -438,16 +438,19 @@ Conv3x3 choose_3x3(int64_t C_in, int64_t C_out, int64_t W, int64_t item) {
              : Conv3x3::direct;
 }
 
-// direct_conv::conv3x3's contract, by the algorithm choose_3x3 picks.
+// direct_conv::conv3x3's contract, by the algorithm choose_3x3 picks. The samples' (mixed,
+// packed) kernels are made a chunk of samples at a time, 4 budgets of them (4 MB by default:
+// one sample's at 256 → 256 channels in float32; in L3 while the chunk's tasks read them).
 template <typename T>
 direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
                             const direct_conv::MixRows<T>* mix, const T* bias, int64_t b_stride,
                             T* y, int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W) {
+  const int64_t chunk_bytes = 4 * block_bytes();
   if (choose_3x3(C_in, C_out, W, sizeof(T)) == Conv3x3::winograd)
     return winograd::conv3x3<T>(x, w, w_stride, mix, bias, b_stride, y, N, C_in, C_out, H, W,
-                                block_bytes());
+                                block_bytes(), chunk_bytes);
   return direct_conv::conv3x3<T>(x, w, w_stride, mix, bias, b_stride, y, N, C_in, C_out, H, W,
-                                 block_bytes() / 4);
+                                 block_bytes() / 4, chunk_bytes);
 }
 
 at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tensor& experts,

@@ -123,17 +123,13 @@ struct Finite {
   bool x, w;
 };
 
-// y [N, C_out, H, W] = conv3x3(x [N, C_in, H, W], w_n) + b_n, where w_n is a [C_out, C_in, 3, 3]
-// kernel: w + n·w_stride (w_stride 0: one kernel for all samples) or, given `mix`, computed while
-// the kernels are packed (no mixed copy is written first): mix(n, co, c, out) writes rows co to
-// co + c − 1 of w_n to out ([c][C_in·9]). b_n = bias + n·b_stride ([C_out], or bias null).
 // Samples per chunk of N samples whose packed kernels take sample_bytes each: as many as fit
 // chunk_bytes (at least one), evened out over the chunks. conv3x3 here and in winograd.h, given
 // a kernel per sample, pack one chunk's kernels and then run its tasks, which read them while
 // they are in the L3 cache. Packing every sample's at once made them stream from memory (and,
-// past glibc's 32 MB mmap threshold, page-fault in afresh on every call): at 256 → 256
-// channels, 16², the direct convolution took 2.1× as long at batch 16 as at batch 8, and
-// Winograd's (128 → 128) 7.5× as long at batch 32 as at batch 8.
+// past glibc's 32 MB mmap threshold, page-fault in afresh on every call): per sample, twice the
+// time of batch 8 for the direct convolution at 256 → 256 channels, 16², and batch 16, and for
+// Winograd's at 128 → 128 and batch 32.
 inline int64_t chunk_samples(int64_t N, int64_t sample_bytes, int64_t chunk_bytes) {
   const int64_t fit = std::clamp<int64_t>(chunk_bytes / std::max<int64_t>(1, sample_bytes), 1,
                                           std::max<int64_t>(1, N));
@@ -141,6 +137,10 @@ inline int64_t chunk_samples(int64_t N, int64_t sample_bytes, int64_t chunk_byte
   return std::max<int64_t>(1, (N + chunks - 1) / chunks);
 }
 
+// y [N, C_out, H, W] = conv3x3(x [N, C_in, H, W], w_n) + b_n, where w_n is a [C_out, C_in, 3, 3]
+// kernel: w + n·w_stride (w_stride 0: one kernel for all samples) or, given `mix`, computed while
+// the kernels are packed (no mixed copy is written first): mix(n, co, c, out) writes rows co to
+// co + c − 1 of w_n to out ([c][C_in·9]). b_n = bias + n·b_stride ([C_out], or bias null).
 // `budget`: bytes of padded input rows per task (see rows_per_task); `chunk_bytes`: of one
 // chunk's packed kernels (chunk_samples). Finite.w: every w_n is finite.
 template <typename T>
@@ -209,7 +209,8 @@ Finite conv3x3(const T* x, const T* w, int64_t w_stride, const MixRows<T>* mix, 
   // channels [C_in][9] each (their original layout). Not zero-filled: every value is written.
   // With a kernel per sample, the samples run in chunks (chunk_samples).
   const bool per_sample = w_stride != 0 || mix != nullptr;
-  const int64_t chunk = per_sample ? chunk_samples(N, kernel * int64_t(sizeof(T)), chunk_bytes) : N;
+  const int64_t chunk =
+      per_sample ? chunk_samples(N, kernel * int64_t(sizeof(T)), chunk_bytes) : N;
   std::unique_ptr<T[]> packed(new T[(per_sample ? chunk : 1) * kernel]);
   // samples n0 .. n0 + count − 1 (or the one shared kernel) packed; whether all are finite. A
   // block's CB (mixed) rows are interleaved into its packed layout.

@@ -149,11 +149,12 @@ using MixRows = std::function<void(int64_t n, int64_t co, int channels, T* out)>
 // In parallel over the items (block of CB output channels, sample), samples inner so a block's
 // K expert rows stay in L2 while every sample's mix of them is made; the full blocks first, then
 // the remaining channels one by one: pack(n, co, channels, rows) with rows = `channels` rows
-// [C_in·9] of w_n from row co on (w + n·w_stride, or mixed by `mix` into a per-thread buffer).
-// Returns whether every row was finite. samples: N, or 1 where one kernel serves all samples.
+// [C_in·9] of w_{n0 + n} from row co on (w + (n0 + n)·w_stride, or mixed by `mix` into a
+// per-thread buffer). Returns whether every row was finite. samples n0 .. n0 + samples − 1 (a
+// chunk of them, see chunk_samples), or 1 where one kernel serves all samples.
 template <typename T, int CB, typename Pack>
-bool for_each_kernel_block(const T* w, int64_t w_stride, const MixRows<T>* mix, int64_t samples,
-                           int64_t C_out, int64_t row, Pack&& pack) {
+bool for_each_kernel_block(const T* w, int64_t w_stride, const MixRows<T>* mix, int64_t n0,
+                           int64_t samples, int64_t C_out, int64_t row, Pack&& pack) {
   const int64_t full_blocks = C_out / CB, blocks = full_blocks + (C_out - full_blocks * CB);
   std::atomic<bool> finite{true};
   at::parallel_for(0, blocks * samples, 1, [&](int64_t begin, int64_t end) {
@@ -162,9 +163,9 @@ bool for_each_kernel_block(const T* w, int64_t w_stride, const MixRows<T>* mix, 
       const int64_t n = i % samples, b = i / samples;
       const int64_t co = b < full_blocks ? b * CB : full_blocks * CB + (b - full_blocks);
       const int channels = b < full_blocks ? CB : 1;
-      const T* rows = w + n * w_stride + co * row;
+      const T* rows = w + (n0 + n) * w_stride + co * row;
       if (mix) {
-        (*mix)(n, co, channels, mixed.data());
+        (*mix)(n0 + n, co, channels, mixed.data());
         rows = mixed.data();
       }
       if (!all_finite(rows, channels * row)) finite = false;
@@ -215,12 +216,9 @@ Finite conv3x3(const T* x, const T* w, int64_t w_stride, const MixRows<T>* mix, 
   // samples n0 .. n0 + count − 1 (or the one shared kernel) packed; whether all are finite. A
   // block's CB (mixed) rows are interleaved into its packed layout.
   const auto pack_kernels = [&](int64_t n0, int64_t count) {
-    const MixRows<T> shifted = [&](int64_t n, int64_t co, int channels, T* out) {
-      (*mix)(n0 + n, co, channels, out);
-    };
     return for_each_kernel_block<T, CB>(
-        w + n0 * w_stride, w_stride, mix != nullptr ? &shifted : nullptr, per_sample ? count : 1,
-        C_out, row, [&](int64_t n, int64_t co0, int channels, const T* rows) {
+        w, w_stride, mix, n0, per_sample ? count : 1, C_out, row,
+        [&](int64_t n, int64_t co0, int channels, const T* rows) {
           T* dst = packed.get() + n * kernel + co0 * row;
           if (channels == CB) {
             for (int64_t r = 0; r < row; ++r)
@@ -241,7 +239,7 @@ Finite conv3x3(const T* x, const T* w, int64_t w_stride, const MixRows<T>* mix, 
   std::atomic<bool> finite{true};
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t count = std::min(chunk, N - n0);
-    if (per_sample || n0 == 0) w_finite = pack_kernels(n0, count) && w_finite;
+    w_finite = pack_kernels(n0, count) && w_finite;  // one chunk (n0 = 0) for a shared kernel
     at::parallel_for(0, count * row_blocks * units, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> rows;
       std::vector<Slot> slots;

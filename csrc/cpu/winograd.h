@@ -156,12 +156,8 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
   T* const packed = kernels.data();
   // samples n0 .. n0 + count − 1 (or the one shared kernel) into packed; whether all are finite
   const auto transform_kernels = [&](int64_t n0, int64_t count) {
-    const direct_conv::MixRows<T> shifted = [&](int64_t n, int64_t co, int channels, T* out) {
-      (*mix)(n0 + n, co, channels, out);
-    };
     return direct_conv::for_each_kernel_block<T, CB>(
-        w + (w_stride != 0 ? n0 * w_stride : 0), w_stride, mix != nullptr ? &shifted : nullptr,
-        per_sample ? count : 1, C_out, row,
+        w, w_stride, mix, n0, per_sample ? count : 1, C_out, row,
         [&](int64_t n, int64_t co0, int channels, const T* rows) {
           // the block's transforms first ([16][C_in·channels], each position's run padded by a
           // vector: runs of a power-of-two size put the 16 values of a transform in one L1
@@ -192,7 +188,7 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
   std::atomic<bool> finite{true};
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t count = std::min(chunk, N - n0);
-    if (per_sample || n0 == 0) w_finite = transform_kernels(n0, count) && w_finite;
+    w_finite = transform_kernels(n0, count) && w_finite;  // one chunk (n0 = 0) for a shared kernel
     const int64_t R = tile_rows_per_task(C_in, C_out, count, th, twp, sizeof(T), budget);
     const int64_t row_blocks = (th + R - 1) / R;
     at::parallel_for(0, count * row_blocks, 1, [&](int64_t begin, int64_t end) {

@@ -27,6 +27,7 @@ import torch
 
 from bench_attention_gates import CASES, IMPLS, make_run, op_bytes, op_flops
 from interleave import interleaved_times, median_ratio
+from summary import BANDWIDTH, FLOP_RATE, floor_seconds
 
 LABELS = [f"{name}-{shape}" for name, shape, _ in CASES]
 
@@ -40,8 +41,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--cases", nargs="+", metavar="PREFIX",
                         help="label prefixes, e.g. cross_gate or spatial_gate-8x256 (default: all)")
-    parser.add_argument("--bandwidth", type=float, default=22e9, help="memory copy rate, bytes/s")
-    parser.add_argument("--flops", type=float, default=200e9, help="float32 matmul rate, FLOP/s")
+    parser.add_argument("--bandwidth", type=float, default=BANDWIDTH,
+                        help="memory copy rate, bytes/s")
+    parser.add_argument("--flops", type=float, default=FLOP_RATE, help="float32 matmul rate, FLOP/s")
     args = parser.parse_args(argv)
     if "cpu" not in args.impls:
         parser.error("--impls must include cpu (the ratios are of its time)")
@@ -62,8 +64,8 @@ def main(argv=None):
         name, shape, _ = CASES[index]
         runs = {impl: make_run(index, impl, args.mode) for impl in args.impls}
         _, expected, inputs = runs["cpu"]
-        floor = max(op_bytes(inputs, expected.numel(), args.mode) / args.bandwidth,
-                    op_flops(name, inputs, args.mode) / args.flops) * 1e3
+        floor = floor_seconds(op_bytes(inputs, expected.numel(), args.mode),
+                              op_flops(name, inputs, args.mode), args.bandwidth, args.flops) * 1e3
         times = interleaved_times({impl: run for impl, (run, _, _) in runs.items()}, args.rounds)
 
         def ms(impl):

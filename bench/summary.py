@@ -32,6 +32,16 @@ def load(path):
     return data.get("machine_info", {}), rows
 
 
+# This machine's rates (the defaults of --bandwidth and --flops; interleaved_gates.py uses them too)
+BANDWIDTH = 22e9  # memory copy rate, bytes/s
+FLOP_RATE = 200e9  # float32 matmul rate, FLOP/s
+
+
+def floor_seconds(nbytes, flops, bandwidth=BANDWIDTH, flop_rate=FLOP_RATE):
+    """The floor of an op: max(bytes / bandwidth, flops / flop_rate), in seconds."""
+    return max(nbytes / bandwidth, flops / flop_rate)
+
+
 # The peak-memory columns: (header, index into a row's peaks)
 PEAK_COLUMNS = (("peak MiB held", 0), ("peak MB RSS", 1))
 
@@ -46,7 +56,7 @@ def table(rows, bandwidth, flop_rate):
         ref = impls.get("reference", (None,))[0]
         comp = impls.get("reference-compiled", (None,))[0]
         for impl, (t, nbytes, flops, peaks) in sorted(impls.items(), key=lambda kv: -kv[1][0]):
-            floor = max(nbytes / bandwidth, flops / flop_rate)
+            floor = floor_seconds(nbytes, flops, bandwidth, flop_rate)
             vs = lambda base: f"{base / t:.2f}×" if base else "–"  # noqa: E731
             lines.append(f"| {op} | {'×'.join(map(str, shape))} | {mode} | {impl} | {t * 1e3:.2f} | "
                          f"{vs(ref)} | {vs(comp)} | {100 * floor / t:.0f}% |"
@@ -58,8 +68,8 @@ def table(rows, bandwidth, flop_rate):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="output of pytest --benchmark-json")
-    p.add_argument("--bandwidth", type=float, default=22e9, help="memory copy rate, bytes/s")
-    p.add_argument("--flops", type=float, default=200e9, help="float32 matmul rate, FLOP/s")
+    p.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="memory copy rate, bytes/s")
+    p.add_argument("--flops", type=float, default=FLOP_RATE, help="float32 matmul rate, FLOP/s")
     args = p.parse_args(argv)
     machine, rows = load(args.json)
     if not rows:

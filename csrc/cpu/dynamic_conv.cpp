@@ -46,12 +46,14 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "cpu/blas.h"
 #include "cpu/direct_conv.h"
 #include "cpu/expert_grad3x3.h"
+#include "cpu/expert_grad_winograd.h"
 #include "cpu/finite.h"
 #include "cpu/mixed_gemm.h"
 #include "cpu/winograd.h"
@@ -424,14 +426,20 @@ at::Tensor mix_all(const Geometry& g, const at::Tensor& experts, const at::Tenso
 constexpr int64_t kWinogradKernelBytes = int64_t(2) << 20;  // a sample's transformed kernels
 enum class Conv3x3 { direct, winograd };
 
+// The algorithm FASTSEG_DYNAMIC_CONV_CPU_3X3 forces, if any.
+std::optional<Conv3x3> forced_3x3() {
+  const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_3X3");
+  if (env == nullptr) return std::nullopt;
+  const std::string want(env);
+  if (want == "direct") return Conv3x3::direct;
+  if (want == "winograd") return Conv3x3::winograd;
+  TORCH_CHECK_VALUE(want.empty() || want == "auto",
+                    "FASTSEG_DYNAMIC_CONV_CPU_3X3 must be direct, winograd or auto, got ", want);
+  return std::nullopt;
+}
+
 Conv3x3 choose_3x3(int64_t C_in, int64_t C_out, int64_t W, int64_t item) {
-  if (const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_3X3")) {
-    const std::string want(env);
-    if (want == "direct") return Conv3x3::direct;
-    if (want == "winograd") return Conv3x3::winograd;
-    TORCH_CHECK_VALUE(want.empty() || want == "auto",
-                      "FASTSEG_DYNAMIC_CONV_CPU_3X3 must be direct, winograd or auto, got ", want);
-  }
+  if (const auto forced = forced_3x3()) return *forced;
   return std::min(C_in, C_out) >= 16 && C_in + C_out > 32 && W >= 16 &&
                  C_in * C_out * winograd::kPositions * item <= kWinogradKernelBytes
              ? Conv3x3::winograd
@@ -713,6 +721,23 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
   return y.view({g.N, g.C_out, g.Ho, g.Wo});
 }
 
+// The gemm plan's expert and routing gradients of 3×3 kernels (direct(g)): in the Winograd domain
+// (expert_grad_winograd.h) from 16² outputs on at batch 2 and more, while its transformed inputs
+// and output gradients stay within the memory it keeps between calls; expert_grad3x3.h's
+// otherwise. The backward op, 15–21 alternating rounds, Winograd / expert_grad3x3 time: 0.88 and
+// 0.91 at 8 × 128 and 8 × 256 channels at 16², 1.04 at 2 × 128 at 16², 1.18–1.21 at one sample of
+// 128 and 256 at 16² (its transforms of the experts and their gradients, once per call, weigh
+// more), 1.20 at 8 × 256 at 8² (the folds, 16 positions per kernel of 9 taps, against products
+// over only 16 tiles). FASTSEG_DYNAMIC_CONV_CPU_3X3=direct|winograd forces one, as for the
+// convolutions.
+template <typename T>
+bool winograd_expert_grads(const Geometry& g) {
+  if (const auto forced = forced_3x3()) return *forced == Conv3x3::winograd;
+  return g.P() >= 256 && g.N >= 2 &&
+         expert_grad::panel_values<T>(g.N, g.C_in, g.C_out, g.H, g.W) * int64_t(sizeof(T)) <=
+             winograd::kKeptPanelBytes;
+}
+
 Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
                     const at::Tensor& experts, const at::Tensor& routing) {
   const Blocking b = blocking(g, x.element_size());
@@ -801,6 +826,13 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
   if (blas_weight_side) return {grad_x, grad_experts, grad_routing_parts.sum(0), grad_sum};
   at::Tensor grad_routing = at::empty({g.N, g.K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_expert_grads3x3", [&] {
+    if (winograd_expert_grads<scalar_t>(g)) {
+      expert_grad::expert_grads3x3_winograd<scalar_t>(
+          x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), experts.data_ptr<scalar_t>(),
+          routing.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W, g.K,
+          grad_experts.data_ptr<scalar_t>(), grad_routing.data_ptr<acc_t<scalar_t>>());
+      return;
+    }
     expert_grad::expert_grads3x3<scalar_t>(
         x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), experts.data_ptr<scalar_t>(),
         routing.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W, g.K,

@@ -144,9 +144,17 @@ Plan choose_plan(const Geometry& g, bool forward) {
                       want);
   }
   if (forward && direct(g) && g.P() >= 256) return Plan::folded;
-  // The backward from a kernel of half the im2col's size on: the backward op alone, 15
-  // alternating rounds, folded / gemm time: 1.07–1.09 at 128 → 128 channels, 16² (1 and 8
-  // samples; a half), 0.93 at 64 → 64, 16² (a quarter), 0.70–0.81 at 64 → 64 to 128 → 128, 32².
+  // The backward of those 3×3 kernels from 16 output pixels per output channel down: the gemm
+  // plan's expert gradients (expert_grad3x3.h, or in the Winograd domain) against the folded
+  // plan's per-sample weight gradients from oneDNN and their reductions, both with the same input
+  // gradient from 16² on. The backward op, 15 alternating rounds, two runs, gemm / folded time:
+  // 0.65–0.68 at 8 × 64 → 64 at 32², 0.83–0.85 at 8 × 128 at 32², 0.81 at 8 × 128 at 16², 0.89–0.98
+  // at one sample of 64 at 32², 128 at 32² and 16²; 1.09 at 2 × 64 at 32²; beyond the bound,
+  // 1.0 at 8 × 32 at 32², 1.03–1.07 at 8 × 64 at 64², 1.25 at 8 × 32 at 64², 1.35 at 8 × 32 at 128².
+  if (!forward && direct(g)) return 16 * g.C_out >= g.P() ? Plan::gemm : Plan::folded;
+  // Other kernels' backward from a kernel of half the im2col's size on (measured with 3×3 kernels
+  // before the bound above: the backward op alone, 15 alternating rounds, folded / gemm time:
+  // 1.07–1.09 at 128 → 128 channels, 16², 1 and 8 samples, where the kernel is half the im2col).
   const int64_t kernel = g.C_out * g.R(), im2col = g.C_in * g.taps() * g.P();
   return (forward ? kernel : 2 * kernel) >= im2col ? Plan::gemm : Plan::folded;
 }

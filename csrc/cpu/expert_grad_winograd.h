@@ -41,22 +41,40 @@
 namespace fastseg {
 namespace expert_grad {
 
-// g[a·3 + b] (3×3, at stride 1) = (Gᵀ Γ G)[a][b] for the 16 values Γ[ξ·stride], ξ = 4i + j:
-// the gradient of a 3×3 kernel from the gradient of its transform (winograd::transform_kernel).
+// u[ξ] = (G g Gᵀ)[ξ] (winograd::transform_kernel) for a vector of 3×3 kernels g (tap-major,
+// row by row), lane by lane; ξ = 4i + j.
 template <typename T>
-inline void untransform_kernel(const T* gamma, int64_t stride, T* g) {
-  T s[3][4];  // Gᵀ Γ
-  for (int j = 0; j < 4; ++j) {
-    const T g0 = gamma[j * stride], g1 = gamma[(4 + j) * stride];
-    const T g2 = gamma[(8 + j) * stride], g3 = gamma[(12 + j) * stride];
-    s[0][j] = g0 + T(0.5) * (g1 + g2);
-    s[1][j] = T(0.5) * (g1 - g2);
-    s[2][j] = T(0.5) * (g1 + g2) + g3;
+inline void transform_kernels(const Vec<T> (&g)[kTaps], Vec<T> (&u)[16]) {
+  const T half = T(0.5);
+  Vec<T> t[4][3];  // G g
+  for (int c = 0; c < 3; ++c) {
+    t[0][c] = g[c];
+    t[1][c] = (g[c] + g[3 + c] + g[6 + c]) * half;
+    t[2][c] = (g[c] - g[3 + c] + g[6 + c]) * half;
+    t[3][c] = g[6 + c];
   }
-  for (int a = 0; a < 3; ++a) {  // (Gᵀ Γ) G
-    g[3 * a + 0] = s[a][0] + T(0.5) * (s[a][1] + s[a][2]);
-    g[3 * a + 1] = T(0.5) * (s[a][1] - s[a][2]);
-    g[3 * a + 2] = T(0.5) * (s[a][1] + s[a][2]) + s[a][3];
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = t[i][0];
+    u[4 * i + 1] = (t[i][0] + t[i][1] + t[i][2]) * half;
+    u[4 * i + 2] = (t[i][0] - t[i][1] + t[i][2]) * half;
+    u[4 * i + 3] = t[i][2];
+  }
+}
+// g = Gᵀ γ G for vectors of 16 values γ[ξ]: the gradient of a 3×3 kernel from the gradient of its
+// transform, lane by lane.
+template <typename T>
+inline void untransform_kernels(const Vec<T> (&gamma)[16], Vec<T> (&g)[kTaps]) {
+  const T half = T(0.5);
+  Vec<T> s[3][4];  // Gᵀ γ
+  for (int j = 0; j < 4; ++j) {
+    s[0][j] = gamma[j] + (gamma[4 + j] + gamma[8 + j]) * half;
+    s[1][j] = (gamma[4 + j] - gamma[8 + j]) * half;
+    s[2][j] = (gamma[4 + j] + gamma[8 + j]) * half + gamma[12 + j];
+  }
+  for (int a = 0; a < 3; ++a) {
+    g[3 * a + 0] = s[a][0] + (s[a][1] + s[a][2]) * half;
+    g[3 * a + 1] = (s[a][1] - s[a][2]) * half;
+    g[3 * a + 2] = (s[a][1] + s[a][2]) * half + s[a][3];
   }
 }
 
@@ -197,21 +215,34 @@ void expert_grads3x3_winograd(const T* x, const T* gy, const T* experts, const T
   const std::vector<T> zeros(tiles, T(0));
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t S = K * rows_per_task * JB + L;  // one position's values, padded as V's
-    const winograd::Scratch<T, winograd::Use::task> task_scratch(2 * XI * S + N * K * L);
+    const winograd::Scratch<T, winograd::Use::task> task_scratch(2 * XI * S + N * K * L +
+                                                                 kTaps * JB);
     T* const et = task_scratch.data();  // Ẽ [16][K][rows][JB]
     T* const st = et + XI * S;          // Σ_n r·Γ_n, the same layout
     T* const dots = st + XI * S;
+    T* const taps_buf = dots + N * K * L;  // one row of JB kernels, tap-major
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c0 = task % col_blocks * JB, o0 = task / col_blocks * rows_per_task;
       const int64_t rows = std::min(rows_per_task, C_out - o0), cols = std::min<int64_t>(JB, C_in - c0);
       std::fill(et, et + XI * S, T(0));
       std::fill(st, st + XI * S, T(0));
       std::fill(dots, dots + N * K * L, T(0));
+      // Ẽ a row of JB kernels at a time: their taps gathered tap-major ([9][JB], zero past the
+      // block's channels), then transformed a vector at a time.
+      std::fill(taps_buf, taps_buf + kTaps * JB, T(0));
       for (int64_t k = 0; k < K; ++k)
         for (int64_t o = 0; o < rows; ++o) {
           const T* e = experts + k * kernel + (o0 + o) * R + c0 * kTaps;
+          for (int64_t c = 0; c < cols; ++c)
+            for (int tap = 0; tap < kTaps; ++tap) taps_buf[tap * JB + c] = e[c * kTaps + tap];
           T* dst = et + (k * rows_per_task + o) * JB;
-          for (int64_t c = 0; c < cols; ++c) winograd::transform_kernel(e + c * kTaps, dst + c, S);
+          for (int v = 0; v < CV; ++v) {
+            Vec<T> gv[kTaps], uv[XI];
+            for (int tap = 0; tap < kTaps; ++tap)
+              gv[tap] = *reinterpret_cast<const Vec<T>*>(taps_buf + tap * JB + v * L);
+            transform_kernels<T>(gv, uv);
+            for (int xi = 0; xi < XI; ++xi) *reinterpret_cast<Vec<T>*>(dst + xi * S + v * L) = uv[xi];
+          }
         }
       for (int xi = 0; xi < XI; ++xi) {
         const T* ex = et + xi * S;
@@ -256,7 +287,16 @@ void expert_grads3x3_winograd(const T* x, const T* gy, const T* experts, const T
         for (int64_t o = 0; o < rows; ++o) {
           T* ge = grad_experts + k * kernel + (o0 + o) * R + c0 * kTaps;
           const T* src = st + (k * rows_per_task + o) * JB;
-          for (int64_t c = 0; c < cols; ++c) untransform_kernel(src + c, S, ge + c * kTaps);
+          for (int v = 0; v < CV; ++v) {
+            Vec<T> gv[kTaps], sv[XI];
+            for (int xi = 0; xi < XI; ++xi)
+              sv[xi] = *reinterpret_cast<const Vec<T>*>(src + xi * S + v * L);
+            untransform_kernels<T>(sv, gv);
+            for (int tap = 0; tap < kTaps; ++tap)
+              *reinterpret_cast<Vec<T>*>(taps_buf + tap * JB + v * L) = gv[tap];
+          }
+          for (int64_t c = 0; c < cols; ++c)
+            for (int tap = 0; tap < kTaps; ++tap) ge[c * kTaps + tap] = taps_buf[tap * JB + c];
         }
     }
   });

@@ -732,13 +732,13 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
 // The gemm plan's expert and routing gradients of 3×3 kernels (direct(g)): in the Winograd domain
 // (expert_grad_winograd.h) from 16² outputs on at batch 4 and more, while its transformed inputs
 // and output gradients stay within the memory it keeps between calls; expert_grad3x3.h's
-// otherwise. The backward op, 21 alternating rounds, Winograd / expert_grad3x3 time: 0.90–0.94
-// at 8 × 128 channels at 16² (two runs), 0.95 at 4 × 128, 0.92 at 16 × 128; 0.97–1.01 at 4 and 8
-// × 256 (the input side, the same in both, is most of that backward); 1.03–1.13 at 2 × 128 and
-// 1.2 at one sample (the transforms of the experts and their gradients, once per call, weigh
-// more); 1.2 at 8 × 256 at 8² (16 positions to fold per kernel of 9 taps, against products over
-// only 16 tiles). FASTSEG_DYNAMIC_CONV_CPU_3X3=direct|winograd forces one, as for the
-// convolutions.
+// otherwise. The backward op (gemm plan), 21 alternating rounds, Winograd / expert_grad3x3 time:
+// 0.87 at 8 × 128 channels at 16², 0.88 at 4 × 128, 0.90 at 8 × 256, 0.74 at 8 × 64 at 32²;
+// 1.0 at 2 × 128 at 16² and 1.06–1.12 at one sample of 128 and 256 (the experts' transforms
+// and their gradients', once per call, weigh more); 1.10–1.13 at 8 × 128 and 256 at 8² (16
+// positions to fold per kernel of 9 taps, against products over only 16 tiles); 1.21 at 8 × 128
+// at 32² and 1.43 at 8 × 64 at 64², whose 34 MB of panels are allocated afresh on every call.
+// FASTSEG_DYNAMIC_CONV_CPU_3X3=direct|winograd forces one, as for the convolutions.
 template <typename T>
 bool winograd_expert_grads(const Geometry& g) {
   if (const auto forced = forced_3x3()) return *forced == Conv3x3::winograd;

@@ -117,6 +117,10 @@ void check_cpu(const at::Tensor& x) {
 
 enum class Plan { folded, gemm };
 
+// Whether the gemm plan's expert gradients of 3×3 kernels are computed in the Winograd domain
+// (winograd_expert_grads, below, where the measurements are), by shape.
+bool winograd_fits(const Geometry& g) { return g.P() >= 256 && g.N >= 4; }
+
 // Whether the folded plan runs its 3×3 convolutions itself (conv3x3 below: direct or Winograd)
 // instead of oneDNN.
 bool direct(const Geometry& g) {
@@ -144,14 +148,19 @@ Plan choose_plan(const Geometry& g, bool forward) {
                       want);
   }
   if (forward && direct(g) && g.P() >= 256) return Plan::folded;
-  // The backward of those 3×3 kernels from 16 output pixels per output channel down: the gemm
-  // plan's expert gradients (expert_grad3x3.h, or in the Winograd domain) against the folded
-  // plan's per-sample weight gradients from oneDNN and their reductions, both with the same input
-  // gradient from 16² on. The backward op, 15 alternating rounds, two runs, gemm / folded time:
-  // 0.65–0.68 at 8 × 64 → 64 at 32², 0.83–0.85 at 8 × 128 at 32², 0.81 at 8 × 128 at 16², 0.89–0.98
-  // at one sample of 64 at 32², 128 at 32² and 16²; 1.09 at 2 × 64 at 32²; beyond the bound,
-  // 1.0 at 8 × 32 at 32², 1.03–1.07 at 8 × 64 at 64², 1.25 at 8 × 32 at 64², 1.35 at 8 × 32 at 128².
-  if (!forward && direct(g)) return 16 * g.C_out >= g.P() ? Plan::gemm : Plan::folded;
+  // The backward of those 3×3 kernels: the gemm plan's expert gradients (expert_grad3x3.h, or in
+  // the Winograd domain from 16² at batch 4 on: winograd_expert_grads) against the folded plan's
+  // per-sample weight gradients (oneDNN's, reduced afterwards; up to 16 output channels
+  // direct_conv's), both with the same input gradient from 16² on. The backward op, 11–15
+  // alternating rounds, gemm / folded time, where the gemm plan is taken: 0.65–0.68 at 8 × 64 → 64
+  // at 32², 0.83–0.85 at 8 × 128 at 32², 0.81 at 8 × 128 at 16², 0.68–0.74 at 4 and 8 × 64 at 64²,
+  // 0.90 at 8 × 64 at 128², 0.89–0.98 at one sample of 64 and 128 at 32², 128 at 16²; 1.09 at 2 × 64
+  // at 32²; where it is not: 1.05–1.12 at one and two samples of 64 at 64², 1.25–1.5 at 8 × 32 at
+  // 64², 1.1 at 8 × 32 at 128², 1.9–3.3 at 8 × 16 at 16² and 32², and 0.89 at 8 × 32 at 32² (left).
+  if (!forward && direct(g))
+    return g.C_out > 16 && (16 * g.C_out >= g.P() || (g.C_out >= 64 && winograd_fits(g)))
+               ? Plan::gemm
+               : Plan::folded;
   // Other kernels' backward from a kernel of half the im2col's size on (measured with 3×3 kernels
   // before the bound above: the backward op alone, 15 alternating rounds, folded / gemm time:
   // 1.07–1.09 at 128 → 128 channels, 16², 1 and 8 samples, where the kernel is half the im2col).
@@ -742,10 +751,14 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
 template <typename T>
 bool winograd_expert_grads(const Geometry& g) {
   if (const auto forced = forced_3x3()) return *forced == Conv3x3::winograd;
-  return g.P() >= 256 && g.N >= 4 &&
-         expert_grad::panel_values<T>(g.N, g.C_in, g.C_out, g.H, g.W) * int64_t(sizeof(T)) <=
-             winograd::kKeptPanelBytes;
+  return winograd_fits(g);
 }
+// Its samples run in chunks whose transformed inputs and output gradients fit 32 budgets (32 MB
+// by default, kept between calls up to winograd::kKeptPanelBytes). Each chunk transforms the
+// experts and adds its sums back: the backward op at 8 × 256 at 16² (19 MB of panels), 15
+// rounds, took 27.8 ms in one chunk, 30.7 in two, 44.6 in eight; 8 × 64 at 64² and 8 × 128 at
+// 32² (34 MB) 19.0–21.9 ms in chunks of 4 to 32 budgets.
+constexpr int64_t kWinogradPanelBudgets = 32;
 
 Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
                     const at::Tensor& experts, const at::Tensor& routing) {
@@ -839,7 +852,8 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
       expert_grad::expert_grads3x3_winograd<scalar_t>(
           x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), experts.data_ptr<scalar_t>(),
           routing.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W, g.K,
-          grad_experts.data_ptr<scalar_t>(), grad_routing.data_ptr<acc_t<scalar_t>>());
+          grad_experts.data_ptr<scalar_t>(), grad_routing.data_ptr<acc_t<scalar_t>>(),
+          kWinogradPanelBudgets * block_bytes());
       return;
     }
     expert_grad::expert_grads3x3<scalar_t>(

@@ -17,13 +17,14 @@
 // here they are 16 positions × 64 tiles, 2.25× fewer, against transforms of x and grad_out (once
 // per sample) and of the experts and their gradients (once per call).
 //
-// How: per sample, x is copied channels-last into a zero-padded image and its patches transformed
-// vector by vector over channels into V_n [16][tiles][C_in padded to JB], and U_n [C_out][16][tiles]
-// is computed from grad_out. A task owns JB = 4 vectors of input channels and a range of output
+// How: the samples run in chunks. Per sample, x is copied channels-last into a zero-padded image
+// and its patches transformed vector by vector over channels into V_n [16][tiles][C_in padded to
+// JB], and U_n [C_out][16][tiles] is computed from grad_out. Then per chunk a task owns JB = 4 vectors of input channels and a range of output
 // channels: it transforms its experts into Ẽ [16][K][rows][JB] and accumulates Σ_n r·Γ_n in the same
 // layout, with positions outermost (one position's Ẽ and sums, ≈ 2 KB per output channel, stay in
 // L2 across the samples), then register tiles of RB output channels × JB input channels over a
-// sample's tiles (simd::outer_product_sums: per tile, 4 vector loads, RB broadcasts, 4·RB FMAs).
+// sample's tiles (simd::outer_product_sums: per tile, 4 vector loads, RB broadcasts, 4·RB FMAs),
+// and adds its sums, transformed back, to grad_experts.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -88,10 +89,13 @@ int64_t panel_values(int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t 
 
 // expert_grads3x3's contract (x [N, C_in, H, W], gy [N, C_out, H, W], experts [K, C_out, C_in, 3,
 // 3], routing [N, K], all contiguous; writes grad_experts like experts and grad_routing [N, K]).
+// The samples run in chunks whose V and U fit `chunk_bytes` (at least one sample per chunk); each
+// chunk's sums are transformed back and added to grad_experts.
 template <typename T>
 void expert_grads3x3_winograd(const T* x, const T* gy, const T* experts, const T* routing,
                               int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W,
-                              int64_t K, T* grad_experts, acc_t<T>* grad_routing) {
+                              int64_t K, T* grad_experts, acc_t<T>* grad_routing,
+                              int64_t chunk_bytes) {
   constexpr int L = kLanes<T>, CV = kColumnVectors, JB = CV * L, RB = kRowBlock;
   constexpr int XI = winograd::kPositions;
   using simd::Vec;
@@ -106,20 +110,39 @@ void expert_grads3x3_winograd(const T* x, const T* gy, const T* experts, const T
   // row's end; the next row overwrites it).
   const int64_t ut = tiles + L;
 
-  // V [N][16][tiles][Cp] and U [N][C_out][16][tiles], once per sample.
-  const winograd::Scratch<T, winograd::Use::panels> panels(panel_values<T>(N, C_in, C_out, H, W));
+  // V [chunk][16][tiles][Cp] and U [chunk][C_out][16][tiles], once per sample.
+  const int64_t sample_bytes = panel_values<T>(1, C_in, C_out, H, W) * int64_t(sizeof(T));
+  const int64_t chunk = std::clamp<int64_t>(chunk_bytes / sample_bytes, 1, N);
+  const winograd::Scratch<T, winograd::Use::panels> panels(panel_values<T>(chunk, C_in, C_out, H, W));
   T* const V = panels.data();
-  T* const U = V + N * XI * plane;
+  T* const U = V + chunk * XI * plane;
+  const int64_t col_blocks = Cp / JB;
+
+  // Tasks: a block of JB input channels × a range of output channels, at most kMaxRows of them
+  // (the task's Ẽ and sums: 2 · 16 · K · JB values per output channel), split further only where
+  // the channel blocks give a thread fewer than two tasks.
+  constexpr int64_t kMaxRows = 64;
+  const int64_t want = 2 * at::get_num_threads();
+  const int64_t row_splits = std::clamp<int64_t>((want + col_blocks - 1) / col_blocks,
+                                                 (C_out + kMaxRows - 1) / kMaxRows,
+                                                 std::max<int64_t>(1, (C_out + RB - 1) / RB));
+  const int64_t rows_per_task = ((C_out + row_splits - 1) / row_splits + RB - 1) / RB * RB;
+  const int64_t row_blocks = (C_out + rows_per_task - 1) / rows_per_task;
+  const int64_t tasks = col_blocks * row_blocks;
+  std::vector<acc_t<T>> parts(tasks * N * K, acc_t<T>(0));
+  const std::vector<T> zeros(tiles, T(0));
+
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+  const int64_t count = std::min(chunk, N - n0);
   // V per sample and block of JB channels (a zero-padded channels-last copy of the block, then
   // its patches transformed a vector of channels at a time).
-  const int64_t col_blocks = Cp / JB;
-  at::parallel_for(0, N * col_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, count * col_blocks, 1, [&](int64_t begin, int64_t end) {
     const winograd::Scratch<T, winograd::Use::task> pad_scratch(hp * wp * JB);
     T* const pad = pad_scratch.data();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / col_blocks, c0 = task % col_blocks * JB;
       const int64_t cols = std::min<int64_t>(JB, C_in - c0);
-      const T* xn = x + (n * C_in + c0) * HW;
+      const T* xn = x + ((n0 + n) * C_in + c0) * HW;
       std::fill(pad, pad + hp * wp * JB, T(0));
       for (int64_t c = 0; c < cols; ++c)
         for (int64_t h = 0; h < H; ++h) {
@@ -161,11 +184,11 @@ void expert_grads3x3_winograd(const T* x, const T* gy, const T* experts, const T
   // U per sample and output channel, L tiles of a tile row at a time: the row pair's even and odd
   // columns from zero-padded copies of the two rows.
   const int64_t vtw = (tw + L - 1) / L * L;  // a tile row in whole vectors
-  at::parallel_for(0, N * C_out, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, count * C_out, 16, [&](int64_t begin, int64_t end) {
     const winograd::Scratch<T, winograd::Use::task> line_scratch(4 * vtw);
     T* const lines = line_scratch.data();  // rows 2ty and 2ty + 1, 2·vtw values each
     for (int64_t no = begin; no < end; ++no) {
-      const T* g = gy + no * HW;
+      const T* g = gy + (n0 * C_out + no) * HW;
       T* out_row = U + no * XI * ut;
       for (int64_t ty = 0; ty < th; ++ty) {
         for (int i = 0; i < 2; ++i) {
@@ -200,33 +223,20 @@ void expert_grads3x3_winograd(const T* x, const T* gy, const T* experts, const T
     }
   });
 
-  // Tasks: a block of JB input channels × a range of output channels, at most kMaxRows of them
-  // (the task's Ẽ and sums: 2 · 16 · K · JB values per output channel), split further only where
-  // the channel blocks give a thread fewer than two tasks.
-  constexpr int64_t kMaxRows = 64;
-  const int64_t want = 2 * at::get_num_threads();
-  const int64_t row_splits = std::clamp<int64_t>((want + col_blocks - 1) / col_blocks,
-                                                 (C_out + kMaxRows - 1) / kMaxRows,
-                                                 std::max<int64_t>(1, (C_out + RB - 1) / RB));
-  const int64_t rows_per_task = ((C_out + row_splits - 1) / row_splits + RB - 1) / RB * RB;
-  const int64_t row_blocks = (C_out + rows_per_task - 1) / rows_per_task;
-  const int64_t tasks = col_blocks * row_blocks;
-  std::vector<acc_t<T>> parts(tasks * N * K, acc_t<T>(0));
-  const std::vector<T> zeros(tiles, T(0));
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t S = K * rows_per_task * JB + L;  // one position's values, padded as V's
-    const winograd::Scratch<T, winograd::Use::task> task_scratch(2 * XI * S + N * K * L +
+    const winograd::Scratch<T, winograd::Use::task> task_scratch(2 * XI * S + count * K * L +
                                                                  kTaps * JB);
     T* const et = task_scratch.data();  // Ẽ [16][K][rows][JB]
     T* const st = et + XI * S;          // Σ_n r·Γ_n, the same layout
     T* const dots = st + XI * S;
-    T* const taps_buf = dots + N * K * L;  // one row of JB kernels, tap-major
+    T* const taps_buf = dots + count * K * L;  // one row of JB kernels, tap-major
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c0 = task % col_blocks * JB, o0 = task / col_blocks * rows_per_task;
       const int64_t rows = std::min(rows_per_task, C_out - o0), cols = std::min<int64_t>(JB, C_in - c0);
       std::fill(et, et + XI * S, T(0));
       std::fill(st, st + XI * S, T(0));
-      std::fill(dots, dots + N * K * L, T(0));
+      std::fill(dots, dots + count * K * L, T(0));
       // Ẽ a row of JB kernels at a time: their taps gathered tap-major ([9][JB], zero past the
       // block's channels), then transformed a vector at a time.
       std::fill(taps_buf, taps_buf + kTaps * JB, T(0));
@@ -247,7 +257,7 @@ void expert_grads3x3_winograd(const T* x, const T* gy, const T* experts, const T
       for (int xi = 0; xi < XI; ++xi) {
         const T* ex = et + xi * S;
         T* sx = st + xi * S;
-        for (int64_t n = 0; n < N; ++n) {
+        for (int64_t n = 0; n < count; ++n) {
           const T* panel = V + (n * XI + xi) * plane + c0;
           const T* un = U + ((n * C_out + o0) * XI + xi) * ut;
           for (int64_t ob = 0; ob < rows; ob += RB) {
@@ -258,7 +268,7 @@ void expert_grads3x3_winograd(const T* x, const T* gy, const T* experts, const T
             simd::fill<T, RB, CV>(acc, nullptr);
             simd::outer_product_sums<T, RB, CV>(g, panel, Cp, tiles, acc);
             for (int64_t k = 0; k < K; ++k) {
-              const T r = routing[n * K + k];
+              const T r = routing[(n0 + n) * K + k];
               T* dk = dots + (n * K + k) * L;
               Vec<T> dot = *reinterpret_cast<const Vec<T>*>(dk);
 #pragma GCC unroll 8
@@ -277,8 +287,8 @@ void expert_grads3x3_winograd(const T* x, const T* gy, const T* experts, const T
           }
         }
       }
-      acc_t<T>* part = parts.data() + task * N * K;
-      for (int64_t i = 0; i < N * K; ++i) {
+      acc_t<T>* part = parts.data() + task * N * K + n0 * K;
+      for (int64_t i = 0; i < count * K; ++i) {
         acc_t<T> sum = 0;
         for (int l = 0; l < L; ++l) sum += dots[i * L + l];
         part[i] = sum;
@@ -296,10 +306,12 @@ void expert_grads3x3_winograd(const T* x, const T* gy, const T* experts, const T
               *reinterpret_cast<Vec<T>*>(taps_buf + tap * JB + v * L) = gv[tap];
           }
           for (int64_t c = 0; c < cols; ++c)
-            for (int tap = 0; tap < kTaps; ++tap) ge[c * kTaps + tap] = taps_buf[tap * JB + c];
+            for (int tap = 0; tap < kTaps; ++tap)
+              ge[c * kTaps + tap] = (n0 > 0 ? ge[c * kTaps + tap] : T(0)) + taps_buf[tap * JB + c];
         }
     }
   });
+  }
   for (int64_t i = 0; i < N * K; ++i) {
     acc_t<T> sum = 0;
     for (int64_t task = 0; task < tasks; ++task) sum += parts[task * N * K + i];

@@ -154,8 +154,8 @@ Plan choose_plan(const Geometry& g, bool forward) {
   // direct_conv's), both with the same input gradient from 16² on. The backward op, 11–15
   // alternating rounds, gemm / folded time, where the gemm plan is taken: 0.65–0.68 at 8 × 64 → 64
   // at 32², 0.83–0.85 at 8 × 128 at 32², 0.81 at 8 × 128 at 16², 0.68–0.74 at 4 and 8 × 64 at 64²,
-  // 0.90 at 8 × 64 at 128², 0.89–0.98 at one sample of 64 and 128 at 32², 128 at 16²; 1.09 at 2 × 64
-  // at 32²; where it is not: 1.05–1.12 at one and two samples of 64 at 64², 1.25–1.5 at 8 × 32 at
+  // 0.90 at 8 × 64 at 128², 0.89–0.98 at one sample of 64 and 128 at 32², 128 at 16²; 1.09 at
+  // 2 × 64 at 32²; where it is not: 1.05–1.12 at one and two samples of 64 at 64², 1.25–1.5 at 8 × 32 at
   // 64², 1.1 at 8 × 32 at 128², 1.9–3.3 at 8 × 16 at 16² and 32², and 0.89 at 8 × 32 at 32² (left).
   if (!forward && direct(g))
     return g.C_out > 16 && (16 * g.C_out >= g.P() || (g.C_out >= 64 && winograd_fits(g)))

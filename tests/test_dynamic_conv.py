@@ -35,16 +35,6 @@ VARIANTS = {
     "cpu-gemm": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm"}),
     "cpu-gemm-blocks": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm",
                                 "FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES": "2500"}),
-    # its expert and routing gradients of 3×3 kernels by each algorithm (expert_grad3x3.h,
-    # expert_grad_winograd.h), whichever the shape would pick
-    "cpu-gemm-direct": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm",
-                                "FASTSEG_DYNAMIC_CONV_CPU_3X3": "direct"}),
-    "cpu-gemm-winograd": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm",
-                                  "FASTSEG_DYNAMIC_CONV_CPU_3X3": "winograd"}),
-    # and the Winograd one's samples in chunks of one (their panels past 32 tiny budgets)
-    "cpu-gemm-winograd-blocks": ("cpu", {"FASTSEG_DYNAMIC_CONV_CPU_PLAN": "gemm",
-                                         "FASTSEG_DYNAMIC_CONV_CPU_3X3": "winograd",
-                                         "FASTSEG_DYNAMIC_CONV_CPU_BLOCK_BYTES": "2500"}),
     "triton": ("triton", {}),
 }
 FUSED = ["cpu", "triton"]
@@ -220,26 +210,11 @@ BLOCK_CASES = [
     Case("one-pixel-vector", 2, 5, 13, 3, 4, 3, (3, 3)),
 ]
 
-# "cpu-gemm-winograd" takes its expert and routing gradients from csrc/cpu/expert_grad_winograd.h:
-# input channels in blocks of 4 vectors (64 float32 or 32 float64 with AVX-512; 32 or 16 with
-# AVX2) with a partial last block (70 = 64 + 6 = 2·32 + 6), output channels in tasks of at most
-# 66 (67 = 36 + 31 at two tasks per thread, 3 = one partial tile) in tiles of 6 or 2 with a
-# partial last one, 2×2 output tiles past odd image edges, tile rows of 18 (35 wide: more than a
-# vector of tiles in both dtypes) or 2 (a vector's lanes past the row), and one tile (1×1);
-# "cpu-gemm-winograd-blocks" runs their samples in chunks of one (transformed back and added to
-# the expert gradients chunk by chunk), at the default budget they come in one chunk.
-WINOGRAD_GRAD_CASES = [
-    Case("two-column-blocks-two-row-tasks", 2, 70, 67, 5, 35, 3, (3, 3)),
-    Case("few-outputs-odd-image", 3, 21, 3, 7, 3, 4, (3, 3), routing="softmax"),
-    Case("one-tile", 2, 9, 8, 1, 1, 2, (3, 3), bias=False),
-]
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("case", BLOCK_CASES + WINOGRAD_GRAD_CASES, ids=repr)
-@pytest.mark.parametrize("variant", ["cpu-gemm-blocks", "cpu-gemm", "cpu-gemm-winograd",
-                                     "cpu-gemm-winograd-blocks", "cpu-folded"], indirect=True)
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=repr)
+@pytest.mark.parametrize("variant", ["cpu-gemm-blocks", "cpu-gemm", "cpu-folded"], indirect=True)
 def test_block_boundaries(variant, case, threads, dtype):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

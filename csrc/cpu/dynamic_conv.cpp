@@ -46,14 +46,12 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
-#include <optional>
 #include <string>
 #include <vector>
 
 #include "cpu/blas.h"
 #include "cpu/direct_conv.h"
 #include "cpu/expert_grad3x3.h"
-#include "cpu/expert_grad_winograd.h"
 #include "cpu/finite.h"
 #include "cpu/mixed_gemm.h"
 #include "cpu/winograd.h"
@@ -117,10 +115,6 @@ void check_cpu(const at::Tensor& x) {
 
 enum class Plan { folded, gemm };
 
-// Whether the gemm plan's expert gradients of 3×3 kernels are computed in the Winograd domain
-// (winograd_expert_grads, below, where the measurements are), by shape.
-bool winograd_fits(const Geometry& g) { return g.P() >= 256 && g.N >= 4; }
-
 // Whether the folded plan runs its 3×3 convolutions itself (conv3x3 below: direct or Winograd)
 // instead of oneDNN.
 bool direct(const Geometry& g) {
@@ -148,19 +142,16 @@ Plan choose_plan(const Geometry& g, bool forward) {
                       want);
   }
   if (forward && direct(g) && g.P() >= 256) return Plan::folded;
-  // The backward of those 3×3 kernels: the gemm plan's expert gradients (expert_grad3x3.h, or in
-  // the Winograd domain from 16² at batch 4 on: winograd_expert_grads) against the folded plan's
-  // per-sample weight gradients (oneDNN's, reduced afterwards; up to 16 output channels
-  // direct_conv's), both with the same input gradient from 16² on. The backward op, 11–15
-  // alternating rounds, gemm / folded time, where the gemm plan is taken: 0.65–0.68 at 8 × 64 → 64
-  // at 32², 0.83–0.85 at 8 × 128 at 32², 0.81 at 8 × 128 at 16², 0.68–0.74 at 4 and 8 × 64 at 64²,
-  // 0.90 at 8 × 64 at 128², 0.89–0.98 at one sample of 64 and 128 at 32², 128 at 16²; 1.09 at
-  // 2 × 64 at 32²; where it is not: 1.05–1.12 at one and two samples of 64 at 64², 1.25–1.5 at 8 × 32 at
-  // 64², 1.1 at 8 × 32 at 128², 1.9–3.3 at 8 × 16 at 16² and 32², and 0.89 at 8 × 32 at 32² (left).
+  // The backward of those 3×3 kernels from 16 output pixels per output channel down, and never
+  // at 16 output channels or fewer: the gemm plan's expert gradients (expert_grad3x3.h) against
+  // the folded plan's per-sample weight gradients (oneDNN's, reduced afterwards; up to 16 output
+  // channels direct_conv's), both with the same input gradient from 16² on. The backward op, 11–15
+  // alternating rounds, gemm / folded time, where the gemm plan is taken: 0.68 at 8 × 128 → 128
+  // at 16², 0.84 at 8 × 128 at 32², 0.91 at 8 × 64 at 32², 0.92–0.99 at one sample of 128 at 16²
+  // and 32², 1.04 and 1.17 at one and two samples of 64 at 32²; where it is not: 1.03 at 8 × 64
+  // at 64², 1.05 at 8 × 32 at 32², 1.26 at 8 × 32 at 64², 1.8 and 2.5 at 8 × 16 at 16² and 32².
   if (!forward && direct(g))
-    return g.C_out > 16 && (16 * g.C_out >= g.P() || (g.C_out >= 64 && winograd_fits(g)))
-               ? Plan::gemm
-               : Plan::folded;
+    return g.C_out > 16 && 16 * g.C_out >= g.P() ? Plan::gemm : Plan::folded;
   // Other kernels' backward from a kernel of half the im2col's size on (measured with 3×3 kernels
   // before the bound above: the backward op alone, 15 alternating rounds, folded / gemm time:
   // 1.07–1.09 at 128 → 128 channels, 16², 1 and 8 samples, where the kernel is half the im2col).
@@ -443,20 +434,14 @@ at::Tensor mix_all(const Geometry& g, const at::Tensor& experts, const at::Tenso
 constexpr int64_t kWinogradKernelBytes = int64_t(2) << 20;  // a sample's transformed kernels
 enum class Conv3x3 { direct, winograd };
 
-// The algorithm FASTSEG_DYNAMIC_CONV_CPU_3X3 forces, if any.
-std::optional<Conv3x3> forced_3x3() {
-  const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_3X3");
-  if (env == nullptr) return std::nullopt;
-  const std::string want(env);
-  if (want == "direct") return Conv3x3::direct;
-  if (want == "winograd") return Conv3x3::winograd;
-  TORCH_CHECK_VALUE(want.empty() || want == "auto",
-                    "FASTSEG_DYNAMIC_CONV_CPU_3X3 must be direct, winograd or auto, got ", want);
-  return std::nullopt;
-}
-
 Conv3x3 choose_3x3(int64_t C_in, int64_t C_out, int64_t W, int64_t item) {
-  if (const auto forced = forced_3x3()) return *forced;
+  if (const char* env = std::getenv("FASTSEG_DYNAMIC_CONV_CPU_3X3")) {
+    const std::string want(env);
+    if (want == "direct") return Conv3x3::direct;
+    if (want == "winograd") return Conv3x3::winograd;
+    TORCH_CHECK_VALUE(want.empty() || want == "auto",
+                      "FASTSEG_DYNAMIC_CONV_CPU_3X3 must be direct, winograd or auto, got ", want);
+  }
   return std::min(C_in, C_out) >= 16 && C_in + C_out > 32 && W >= 16 &&
                  C_in * C_out * winograd::kPositions * item <= kWinogradKernelBytes
              ? Conv3x3::winograd
@@ -738,28 +723,6 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
   return y.view({g.N, g.C_out, g.Ho, g.Wo});
 }
 
-// The gemm plan's expert and routing gradients of 3×3 kernels (direct(g)): in the Winograd domain
-// (expert_grad_winograd.h) from 16² outputs on at batch 4 and more, while its transformed inputs
-// and output gradients stay within the memory it keeps between calls; expert_grad3x3.h's
-// otherwise. The backward op (gemm plan), 21 alternating rounds, Winograd / expert_grad3x3 time:
-// 0.87 at 8 × 128 channels at 16², 0.88 at 4 × 128, 0.90 at 8 × 256, 0.74 at 8 × 64 at 32²;
-// 1.0 at 2 × 128 at 16² and 1.06–1.12 at one sample of 128 and 256 (the experts' transforms
-// and their gradients', once per call, weigh more); 1.10–1.13 at 8 × 128 and 256 at 8² (16
-// positions to fold per kernel of 9 taps, against products over only 16 tiles); 1.21 at 8 × 128
-// at 32² and 1.43 at 8 × 64 at 64², whose 34 MB of panels are allocated afresh on every call.
-// FASTSEG_DYNAMIC_CONV_CPU_3X3=direct|winograd forces one, as for the convolutions.
-template <typename T>
-bool winograd_expert_grads(const Geometry& g) {
-  if (const auto forced = forced_3x3()) return *forced == Conv3x3::winograd;
-  return winograd_fits(g);
-}
-// Its samples run in chunks whose transformed inputs and output gradients fit 32 budgets (32 MB
-// by default, kept between calls up to winograd::kKeptPanelBytes). Each chunk transforms the
-// experts and adds its sums back: the backward op at 8 × 256 at 16² (19 MB of panels), 15
-// rounds, took 27.8 ms in one chunk, 30.7 in two, 44.6 in eight; 8 × 64 at 64² and 8 × 128 at
-// 32² (34 MB) 19.0–21.9 ms in chunks of 4 to 32 budgets.
-constexpr int64_t kWinogradPanelBudgets = 32;
-
 Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
                     const at::Tensor& experts, const at::Tensor& routing) {
   const Blocking b = blocking(g, x.element_size());
@@ -848,14 +811,6 @@ Grads backward_gemm(const Geometry& g, const at::Tensor& grad_out, const at::Ten
   if (blas_weight_side) return {grad_x, grad_experts, grad_routing_parts.sum(0), grad_sum};
   at::Tensor grad_routing = at::empty({g.N, g.K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_conv2d_expert_grads3x3", [&] {
-    if (winograd_expert_grads<scalar_t>(g)) {
-      expert_grad::expert_grads3x3_winograd<scalar_t>(
-          x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), experts.data_ptr<scalar_t>(),
-          routing.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W, g.K,
-          grad_experts.data_ptr<scalar_t>(), grad_routing.data_ptr<acc_t<scalar_t>>(),
-          kWinogradPanelBudgets * block_bytes());
-      return;
-    }
     expert_grad::expert_grads3x3<scalar_t>(
         x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), experts.data_ptr<scalar_t>(),
         routing.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W, g.K,

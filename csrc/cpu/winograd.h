@@ -103,11 +103,9 @@ inline int64_t tile_rows_per_task(int64_t C_in, int64_t C_out, int64_t N, int64_
 // Scratch memory of `values` values, aligned to the vector. Up to kKeptBytes it is the calling
 // thread's buffer for its Use, kept between calls (no allocation and no page faults per call:
 // 1 MB of transformed kernels faulted in afresh cost 0.1–0.2 ms of a 1 ms call); larger requests
-// get memory of their own, freed with the Scratch. `panels`: expert_grad_winograd.h's transformed
-// inputs and output gradients, kept up to kKeptPanelBytes (19 MB at 256 channels, 16², batch 8).
-enum class Use { kernels, task, panels };
+// get memory of their own, freed with the Scratch.
+enum class Use { kernels, task };
 constexpr int64_t kKeptBytes = int64_t(8) << 20;
-constexpr int64_t kKeptPanelBytes = int64_t(32) << 20;
 
 template <typename T, Use use>
 class Scratch {
@@ -115,7 +113,7 @@ class Scratch {
   explicit Scratch(int64_t values) {
     const int64_t size = values + kLanes<T>;
     T* base;
-    if (size * int64_t(sizeof(T)) <= (use == Use::panels ? kKeptPanelBytes : kKeptBytes)) {
+    if (size * int64_t(sizeof(T)) <= kKeptBytes) {
       thread_local std::vector<T> kept;
       if (static_cast<int64_t>(kept.size()) < size) kept.resize(size);
       base = kept.data();

@@ -49,24 +49,28 @@ __attribute__((always_inline)) inline void tile_sums(const T* const* g, const T*
 }
 
 // panel[p][jj] = what kernel column j0 + jj reads at output pixel p of sample x_n [C_in, H, W]
-// (0 in the padding and for columns ≥ C_in·9).
+// (0 in the padding and for columns ≥ C_in·9). Row by row of output pixels: a row's part of the
+// panel (W·JB values, 8 KB at W = 32 in float32) stays in L1 while its columns are written with a
+// stride of JB; column by column over the whole panel, every write missed L1 (38 % of the
+// backward at 8 × 64 at 32² on a Xeon).
 template <typename T>
 void fill_panel(const T* xn, int64_t C_in, int64_t H, int64_t W, int64_t j0, T* panel) {
   constexpr int JB = kColumnVectors * kLanes<T>;
-  for (int64_t jj = 0; jj < JB; ++jj) {
-    const int64_t j = j0 + jj, c = j / kTaps, ky = j % kTaps / 3 - 1, kx = j % 3 - 1;
-    for (int64_t i = 0; i < H; ++i) {
-      T* dst = panel + i * W * JB + jj;
+  for (int64_t i = 0; i < H; ++i) {
+    T* const row = panel + i * W * JB;
+    for (int64_t jj = 0; jj < JB; ++jj) {
+      const int64_t j = j0 + jj, c = j / kTaps, ky = j % kTaps / 3 - 1, kx = j % 3 - 1;
       const int64_t yi = i + ky;
+      T* const dst = row + jj;
       if (c >= C_in || yi < 0 || yi >= H) {
         for (int64_t w = 0; w < W; ++w) dst[w * JB] = T(0);
         continue;
       }
-      const T* src = xn + (c * H + yi) * W;
-      for (int64_t w = 0; w < W; ++w) {
-        const int64_t xi = w + kx;
-        dst[w * JB] = xi >= 0 && xi < W ? src[xi] : T(0);
-      }
+      const T* const src = xn + (c * H + yi) * W + kx;  // src[w] = x_n[c][yi][w + kx]
+      const int64_t lo = kx < 0 ? 1 : 0, hi = kx > 0 ? W - 1 : W;
+      if (lo > 0) dst[0] = T(0);
+      for (int64_t w = lo; w < hi; ++w) dst[w * JB] = src[w];
+      if (hi < W) dst[(W - 1) * JB] = T(0);
     }
   }
 }

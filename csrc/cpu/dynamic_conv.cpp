@@ -681,8 +681,10 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
         }
       });
       if (own_products) {
-        const auto mix = [&](int64_t m0, int64_t samples, int64_t o0, int64_t rows, scalar_t* out) {
-          mix_kernels(r + (n0 + m0) * g.K, samples, g.K, e + o0 * R, g.C_out * R, R, rows, R, out);
+        const auto mix = [&](int64_t m0, int64_t samples, int64_t o0, int64_t rows, int64_t j0,
+                             int64_t cols, scalar_t* out) {
+          mix_kernels(r + (n0 + m0) * g.K, samples, g.K, e + o0 * R + j0, g.C_out * R, R, rows, cols,
+                      out);
         };
         if (!mixed_gemm::forward<scalar_t>(colp, e, mix, bp != nullptr ? bp + n0 * g.C_out : nullptr,
                                            count, g.C_out, R, P, g.K, yp + n0 * g.C_out * P,

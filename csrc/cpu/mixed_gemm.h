@@ -6,11 +6,16 @@
 // im2col, so the BLAS packs a block of each per-sample kernel for a product of only P = 64
 // columns; the forward ran at ≈ 80 GFLOP/s there, half of oneDNN's static convolution.
 //
-// How: tasks are tiles of RB output channels. A task mixes its RB kernel rows for a block of
-// samples (each expert row read once per block, the mixed rows staying in L2), then runs a
-// register tile of RB output channels × PV vectors of pixels over the whole reduction: per
-// kernel column j, PV vector loads of col[n][j], RB broadcasts of the mixed rows, RB·PV FMAs.
-// The accumulators start at the mixed bias and are stored once: no partial sums in memory.
+// How: tasks are tiles of RB output channels; a thread runs its tiles over one chunk of the
+// reduction (C columns of the kernel rows, C rows of im2col) at a time, for a block of samples.
+// Per tile it mixes those C columns of its RB rows for the block's samples (each expert value
+// read once per block of samples) and runs a register tile of RB output channels × PV vectors of
+// pixels over the chunk: per kernel column j, PV vector loads of col[n][j], RB broadcasts of the
+// mixed rows, RB·PV FMAs. The accumulators start at the mixed bias in the first chunk and at y's
+// partial sums in the others. The block's im2col chunks stay in L2 while every tile of the thread
+// reads them; with the whole reduction per tile (before), each tile read every sample's im2col
+// again, from L3 once a block of samples' im2col outgrew L2 (4.7 MB at 8 × 256 channels at 8²:
+// 78 % of the kernel's samples on those loads on a Xeon).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -33,17 +38,29 @@ using simd::Vec;
 constexpr int kRowBlock = simd::kOuterRows;
 constexpr int kPixelVectors = simd::kOuterVectors;
 
-// One tile: RB rows (w[o] the mixed rows) × PV vectors of pixels from pixel p0 of col's rows
-// (P values each); stores the valid rows and the pixels < P of y. A last vector that passes the
-// row's end reads into the next row (or the buffer's padding) and those lanes are not stored.
+// One tile: RB rows (w[o] the mixed rows, `steps` columns) × PV vectors of pixels from pixel p0 of
+// col's rows (P values each). first: the sums start at b (0 where null), else at y's; stores the
+// valid rows and the pixels < P of y. A last vector that passes the row's end reads into the next
+// row (or the buffer's padding) and those lanes are not stored.
 template <typename T, int RB, int PV>
-__attribute__((always_inline)) inline void tile(const T* const* w, const T* col, int64_t R,
-                                                int64_t p0, const T* b, int valid, T* y,
-                                                int64_t P) {
+__attribute__((always_inline)) inline void tile(const T* const* w, const T* col, int64_t steps,
+                                                int64_t p0, bool first, const T* b, int valid,
+                                                T* y, int64_t P) {
   constexpr int L = kLanes<T>;
   Vec<T> acc[RB][PV];
-  simd::fill<T, RB, PV>(acc, b);
-  simd::outer_product_sums<T, RB, PV>(w, col + p0, P, R, acc);
+  if (first) {
+    simd::fill<T, RB, PV>(acc, b);
+  } else {
+    for (int o = 0; o < RB; ++o)
+      for (int v = 0; v < PV; ++v) {
+        const int64_t p = p0 + v * L;
+        // rows ≥ valid are computed, not stored: they start at 0
+        acc[o][v] = o < valid ? simd::load_lanes<T>(y + o * P + p,
+                                                    static_cast<int>(std::min<int64_t>(L, P - p)))
+                              : Vec<T>{};
+      }
+  }
+  simd::outer_product_sums<T, RB, PV>(w, col + p0, P, steps, acc);
   for (int o = 0; o < valid; ++o)
     for (int v = 0; v < PV; ++v) {
       const int64_t p = p0 + v * L;
@@ -52,46 +69,56 @@ __attribute__((always_inline)) inline void tile(const T* const* w, const T* col,
 }
 
 // col: [N][R][P] followed by at least one vector of padding, experts [K][C_out][R], bias
-// [N][C_out] (mixed) or null, y [N][C_out][P]. mix(n0, count, o0, rows, out) writes the mixed
-// kernel rows o0 .. o0 + rows − 1 of samples n0 .. n0 + count − 1 to out ([count][rows][R]); they
-// are kept for blocks of samples of at most `budget` bytes (at least one sample).
+// [N][C_out] (mixed) or null, y [N][C_out][P]. mix(n0, count, o0, rows, j0, cols, out) writes
+// columns j0 .. j0 + cols − 1 of the mixed kernel rows o0 .. o0 + rows − 1 of samples n0 .. n0 +
+// count − 1 to out ([count][rows][cols]). `budget` bytes bound a chunk's im2col rows over a block
+// of samples (a chunk of columns is budget / 8 of one sample's im2col rows, at least one column;
+// a block at least one sample).
 // Returns false where the experts hold a NaN or inf (checked as they are first read).
 template <typename T, typename Mix>
 bool forward(const T* col, const T* experts, const Mix& mix, const T* bias, int64_t N,
              int64_t C_out, int64_t R, int64_t P, int64_t K, T* y, int64_t budget) {
   constexpr int L = kLanes<T>, RB = kRowBlock, PV = kPixelVectors;
-  const int64_t tiles = (C_out + RB - 1) / RB;
-  const int64_t samples = std::clamp<int64_t>(budget / (RB * R * int64_t(sizeof(T))), 1, N);
+  const int64_t tiles = (C_out + RB - 1) / RB, item = sizeof(T);
+  const int64_t chunk = std::clamp<int64_t>(budget / (8 * P * item), 1, R);
+  const int64_t samples = std::clamp<int64_t>(budget / (chunk * P * item), 1, N);
   std::atomic<bool> finite{true};
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> mixed(samples * RB * R);
-    for (int64_t tile_index = begin; tile_index < end; ++tile_index) {
-      const int64_t o0 = tile_index * RB;
-      const int valid = static_cast<int>(std::min<int64_t>(RB, C_out - o0));
-      for (int k = 0; k < K; ++k)
-        for (int o = 0; o < valid; ++o)
-          if (!all_finite(experts + (k * C_out + o0 + o) * R, R)) finite = false;
-      for (int64_t n0 = 0; n0 < N; n0 += samples) {
-        const int64_t count = std::min(samples, N - n0);
-        mix(n0, count, o0, valid, mixed.data());
-        for (int64_t n = 0; n < count; ++n) {
-          // rows past C_out (valid < RB) repeat the last one: computed, not stored
-          const T* w[RB];
-          for (int o = 0; o < RB; ++o) w[o] = mixed.data() + (n * valid + std::min(o, valid - 1)) * R;
-          const T* cn = col + (n0 + n) * R * P;
-          const T* b = bias != nullptr ? bias + (n0 + n) * C_out + o0 : nullptr;
-          T bias_rows[RB] = {};
-          if (b != nullptr) std::copy(b, b + valid, bias_rows);
-          T* yn = y + ((n0 + n) * C_out + o0) * P;
-          const T* br = b != nullptr ? bias_rows : nullptr;
-          int64_t p0 = 0;
-          for (; p0 + PV * L <= P; p0 += PV * L) tile<T, RB, PV>(w, cn, R, p0, br, valid, yn, P);
-          switch ((P - p0 + L - 1) / L) {  // the last 1–4 vectors, the last one maybe partial
-            case 4: tile<T, RB, 4>(w, cn, R, p0, br, valid, yn, P); break;
-            case 3: tile<T, RB, 3>(w, cn, R, p0, br, valid, yn, P); break;
-            case 2: tile<T, RB, 2>(w, cn, R, p0, br, valid, yn, P); break;
-            case 1: tile<T, RB, 1>(w, cn, R, p0, br, valid, yn, P); break;
-            default: break;
+    std::vector<T> mixed(samples * RB * chunk);
+    for (int64_t n0 = 0; n0 < N; n0 += samples) {
+      const int64_t count = std::min(samples, N - n0);
+      for (int64_t j0 = 0; j0 < R; j0 += chunk) {
+        const int64_t cols = std::min(chunk, R - j0);
+        for (int64_t tile_index = begin; tile_index < end; ++tile_index) {
+          const int64_t o0 = tile_index * RB;
+          const int valid = static_cast<int>(std::min<int64_t>(RB, C_out - o0));
+          if (n0 == 0)
+            for (int k = 0; k < K; ++k)
+              for (int o = 0; o < valid; ++o)
+                if (!all_finite(experts + (k * C_out + o0 + o) * R + j0, cols)) finite = false;
+          mix(n0, count, o0, valid, j0, cols, mixed.data());
+          for (int64_t n = 0; n < count; ++n) {
+            // rows past C_out (valid < RB) repeat the last one: computed, not stored
+            const T* w[RB];
+            for (int o = 0; o < RB; ++o)
+              w[o] = mixed.data() + (n * valid + std::min(o, valid - 1)) * cols;
+            const T* cn = col + ((n0 + n) * R + j0) * P;
+            const T* b = bias != nullptr ? bias + (n0 + n) * C_out + o0 : nullptr;
+            T bias_rows[RB] = {};
+            if (b != nullptr) std::copy(b, b + valid, bias_rows);
+            T* yn = y + ((n0 + n) * C_out + o0) * P;
+            const T* br = b != nullptr ? bias_rows : nullptr;
+            const bool first = j0 == 0;
+            int64_t p0 = 0;
+            for (; p0 + PV * L <= P; p0 += PV * L)
+              tile<T, RB, PV>(w, cn, cols, p0, first, br, valid, yn, P);
+            switch ((P - p0 + L - 1) / L) {  // the last 1–4 vectors, the last one maybe partial
+              case 4: tile<T, RB, 4>(w, cn, cols, p0, first, br, valid, yn, P); break;
+              case 3: tile<T, RB, 3>(w, cn, cols, p0, first, br, valid, yn, P); break;
+              case 2: tile<T, RB, 2>(w, cn, cols, p0, first, br, valid, yn, P); break;
+              case 1: tile<T, RB, 1>(w, cn, cols, p0, first, br, valid, yn, P); break;
+              default: break;
+            }
           }
         }
       }

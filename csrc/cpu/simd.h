@@ -45,6 +45,15 @@ __attribute__((always_inline)) inline void store_lanes(T* p, const Vec<T>& v, in
   }
 }
 
+// The first `lanes` values at p, the others 0 (one vector load when lanes is kLanes<T>).
+template <typename T>
+__attribute__((always_inline)) inline Vec<T> load_lanes(const T* p, int lanes) {
+  if (lanes == kLanes<T>) return load(p);
+  Vec<T> v{};
+  for (int l = 0; l < lanes; ++l) v[l] = p[l];
+  return v;
+}
+
 // Outer-product register tiles (expert_grad3x3.h, mixed_gemm.h): kOuterRows rows × kOuterVectors
 // vectors of accumulators, one broadcast per row and kOuterVectors loads per step. AVX-512: 6 × 4
 // accumulators + 4 loaded vectors + a broadcast of 32 registers; AVX2: 2 × 4 + 4 + 1 of 16.

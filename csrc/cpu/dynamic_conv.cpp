@@ -429,8 +429,12 @@ at::Tensor mix_all(const Geometry& g, const at::Tensor& experts, const at::Tenso
 // 256 and 256 → 256 at 16² (batch 1); slower with a single channel on either side (the transforms
 // per product: 0.4–0.7×), about as fast at 16 → 16 (0.9–1.1×: the transforms stream as many
 // bytes as the products take time), and slower where a sample's transformed kernels outgrow the
-// caches (256 → 256 at batch 8: 0.4–0.6×; 16 values per kernel of 9). FASTSEG_DYNAMIC_CONV_CPU_3X3=
-// direct|winograd forces one (tests run both on every shape).
+// caches (256 → 256 at batch 8: 0.4–0.6×; 16 values per kernel of 9). Not where a row of 2×2
+// tiles is narrower than a vector (16² in float32 with AVX-512), whose tiles are gathered and
+// scattered lane by lane: on an AMD EPYC the two were even there (128 at 16², batch 8, 0.97–1.00×),
+// on a Xeon (two 512-bit FMA units) Winograd took 1.05–1.35× the direct convolution's forward
+// time and 1.08–1.18× its forward + backward (64 → 64 to 128 → 256 at 16², batch 1 and 8).
+// FASTSEG_DYNAMIC_CONV_CPU_3X3=direct|winograd forces one (tests run both on every shape).
 constexpr int64_t kWinogradKernelBytes = int64_t(2) << 20;  // a sample's transformed kernels
 enum class Conv3x3 { direct, winograd };
 
@@ -442,7 +446,8 @@ Conv3x3 choose_3x3(int64_t C_in, int64_t C_out, int64_t W, int64_t item) {
     TORCH_CHECK_VALUE(want.empty() || want == "auto",
                       "FASTSEG_DYNAMIC_CONV_CPU_3X3 must be direct, winograd or auto, got ", want);
   }
-  return std::min(C_in, C_out) >= 16 && C_in + C_out > 32 && W >= 16 &&
+  const bool rows_fill_vectors = (W + 1) / 2 * item >= simd::kVectorBytes;  // winograd.h's !narrow
+  return std::min(C_in, C_out) >= 16 && C_in + C_out > 32 && W >= 16 && rows_fill_vectors &&
                  C_in * C_out * winograd::kPositions * item <= kWinogradKernelBytes
              ? Conv3x3::winograd
              : Conv3x3::direct;

@@ -61,7 +61,7 @@ __attribute__((always_inline)) inline void tile(const T* const* w, const T* col,
       }
   }
   simd::outer_product_sums<T, RB, PV>(w, col + p0, P, steps, acc);
-  for (int o = 0; o < valid; ++o)
+  for (int o = 0; o < std::min(valid, RB); ++o)  // (≤ RB: GCC cannot tell, and warns on AVX2)
     for (int v = 0; v < PV; ++v) {
       const int64_t p = p0 + v * L;
       simd::store_lanes<T>(y + o * P + p, acc[o][v], static_cast<int>(std::min<int64_t>(L, P - p)));

@@ -446,8 +446,8 @@ Conv3x3 choose_3x3(int64_t C_in, int64_t C_out, int64_t W, int64_t item) {
     TORCH_CHECK_VALUE(want.empty() || want == "auto",
                       "FASTSEG_DYNAMIC_CONV_CPU_3X3 must be direct, winograd or auto, got ", want);
   }
-  const bool rows_fill_vectors = (W + 1) / 2 * item >= simd::kVectorBytes;  // winograd.h's !narrow
-  return std::min(C_in, C_out) >= 16 && C_in + C_out > 32 && W >= 16 && rows_fill_vectors &&
+  return std::min(C_in, C_out) >= 16 && C_in + C_out > 32 && W >= 16 &&
+                 !winograd::narrow_rows(W, item) &&
                  C_in * C_out * winograd::kPositions * item <= kWinogradKernelBytes
              ? Conv3x3::winograd
              : Conv3x3::direct;

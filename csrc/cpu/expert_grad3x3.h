@@ -89,7 +89,7 @@ inline void fill_panel(const float* xn, int64_t C_in, int64_t H, int64_t W, int6
   const int64_t c0 = j0 / kTaps, channels = std::min(C_in, (j0 + JB - 1) / kTaps + 1) - c0;
   const int64_t Wp = W + 2 + V;
   thread_local std::vector<float> padded;
-  if (channels > 0) padded.assign(channels * 3 * Wp, 0.f);
+  padded.assign(channels * 3 * Wp, 0.f);  // channels ≥ 1: j0 < C_in·9
   const float* src[JB];  // per column: where its row of one output row starts (null: zeros)
   for (int64_t i = 0; i < H; ++i) {
     for (int64_t c = 0; c < channels; ++c)

@@ -89,6 +89,7 @@ bool forward(const T* col, const T* experts, const Mix& mix, const T* bias, int6
       const int64_t count = std::min(samples, N - n0);
       for (int64_t j0 = 0; j0 < R; j0 += chunk) {
         const int64_t cols = std::min(chunk, R - j0);
+        const bool first = j0 == 0;  // the sums start at the bias
         for (int64_t tile_index = begin; tile_index < end; ++tile_index) {
           const int64_t o0 = tile_index * RB;
           const int valid = static_cast<int>(std::min<int64_t>(RB, C_out - o0));
@@ -108,7 +109,6 @@ bool forward(const T* col, const T* experts, const Mix& mix, const T* bias, int6
             if (b != nullptr) std::copy(b, b + valid, bias_rows);
             T* yn = y + ((n0 + n) * C_out + o0) * P;
             const T* br = b != nullptr ? bias_rows : nullptr;
-            const bool first = j0 == 0;
             int64_t p0 = 0;
             for (; p0 + PV * L <= P; p0 += PV * L)
               tile<T, RB, PV>(w, cn, cols, p0, first, br, valid, yn, P);

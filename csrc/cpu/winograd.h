@@ -49,6 +49,10 @@ using simd::Vec;
 
 constexpr int kPositions = 16;  // a transformed 4×4 tile
 
+// Whether an image W wide has rows of 2×2 tiles narrower than a vector of T (item bytes each):
+// conv3x3 then packs them across rows and gathers and scatters them lane by lane.
+inline bool narrow_rows(int64_t W, int64_t item) { return (W + 1) / 2 * item < simd::kVectorBytes; }
+
 // Even and odd lanes of the 2·L values a, b; and the reverse: lanes of a and b interleaved.
 template <typename T, std::size_t... I>
 inline Vec<T> even_lanes(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
@@ -180,7 +184,7 @@ direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
   // rows narrower than a vector (`narrow`: 16² images at 16 lanes) are packed instead, tile
   // t = a·tw + tx, and their patches gathered and outputs scattered lane by lane.
   const int64_t th = (H + 1) / 2, tw = (W + 1) / 2;
-  const bool narrow = tw < L;
+  const bool narrow = narrow_rows(W, sizeof(T));  // tw < L
   const int64_t twp = narrow ? tw : (tw + L - 1) / L * L;
   // Deinterleaved padded rows: E and O of len values each, len ≥ twp + 1 (loads at tx + 1).
   const int64_t len = (tw + L - 1) / L * L + L, padded = 2 * len;

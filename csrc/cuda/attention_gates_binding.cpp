@@ -124,7 +124,7 @@ gated_pointwise_backward_cuda(const at::Tensor& gy_in, const at::Tensor& a_in, c
   });
   const at::Tensor ga = at::matmul(weight.t(), grad).view(a.sizes());
   const at::Tensor gw = at::matmul(grad, flat(a).transpose(1, 2)).sum(0);
-  const at::Tensor sums = grad.sum({0, 2});
+  const at::Tensor sums = grad.sum(at::IntArrayRef{0, 2});
   return {to_output_layout(ga, a_in), gw.narrow(0, 2 * C_out, 1).clone(),
           sums.narrow(0, 2 * C_out, 1).clone(), gw.narrow(0, 0, C_out).clone(),
           gw.narrow(0, C_out, C_out).clone(), sums.narrow(0, 0, C_out).clone()};
@@ -339,7 +339,7 @@ attention_gate_backward_cuda(const at::Tensor& gy_in, const at::Tensor& x_in, co
           to_output_layout(gg, g_in),
           at::matmul(grad_proj, flat(x).transpose(1, 2)).sum(0),
           at::matmul(grad_proj, flat(g).transpose(1, 2)).sum(0),
-          grad_proj.sum({0, 2}),
+          grad_proj.sum(at::IntArrayRef{0, 2}),
           grad_psi.to(x.scalar_type()),
           gt.sum().view({1}).to(x.scalar_type())};
 }

@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   // Bias terms: with gsum[n, c] = Σ_hw grad_out[n, c], grad_bias = routingᵀ · gsum and
   // grad_routing gains gsum · biasᵀ.
   const at::Tensor grad_out_sum = grad_out.sum({2, 3}, false, acc_type);
-  at::Tensor grad_routing = grad_routing_partial.sum({0, 1});
+  at::Tensor grad_routing = grad_routing_partial.sum(at::IntArrayRef{0, 1});
   if (bias_in.has_value()) grad_routing = grad_routing + grad_out_sum.mm(bias_in->to(acc_type).t());
   const at::Tensor grad_bias = routing.to(acc_type).t().mm(grad_out_sum);
   const auto dtype = x.scalar_type();

@@ -94,7 +94,7 @@ def run(fn, args, backend=None, layout=None, grad_y=None):
     inputs = [layout(a) if layout and isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in leaves]
     y = fn(*inputs) if backend is None else fn(*inputs, backend=backend)
     if grad_y is None:
-        grad_y = randn(torch.Generator().manual_seed(1), *y.shape, dtype=y.dtype)
+        grad_y = randn(torch.Generator().manual_seed(1), *y.shape, dtype=y.dtype).to(y.device)
     tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
     return y, torch.autograd.grad(y, tensors, grad_y), grad_y
 

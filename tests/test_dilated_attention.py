@@ -91,7 +91,7 @@ def grads(fn, case, inputs, layout=None, **kwargs):
     out = fn(*args, case.s, case.scale, **kwargs)
     # Drawn in float64 and cast: the same values whatever the dtype of the call.
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                           dtype=torch.float64).to(out.dtype)
+                           dtype=torch.float64).to(out.device, out.dtype)
     return out, torch.autograd.grad(out, leaves, grad_out)
 
 
@@ -473,8 +473,9 @@ def test_layer_state_dicts_identical_across_backends():
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.float16, 1e-2),
                                         (torch.bfloat16, 5e-2)])
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], Case("lightawnet", 2, 16, 16, 1, 32, 256, 1,
-                                                            scale=1.0)], ids=repr)
+@pytest.mark.parametrize("case", CASES + TRITON_CASES + [
+    Case("lightawnet", 2, 16, 16, 1, 32, 256, 1, scale=1.0),
+    Case("lgmsnet-64x64-s2", 2, 64, 64, 4, 8, 8, 2)], ids=repr)
 def test_gpu_matches_reference(backend, dtype, rtol, case):
     inputs = [t.cuda() for t in case.inputs(torch.float64)]
     out_ref, g_ref = grads(dilated_attention2d_reference, case, inputs)

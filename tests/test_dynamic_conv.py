@@ -110,7 +110,8 @@ def grads(fn, case, inputs, layout=None, backend=None):
     kwargs = {} if backend is None else {"backend": backend}
     y = fn(inp, experts, routing, bias, **case.conv(), **kwargs)
     g = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(y.shape, generator=g, dtype=y.dtype)
+    # Drawn in float64 and cast: the same values whatever the dtype and device of the call.
+    grad_out = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
     return y, torch.autograd.grad(y, leaves, grad_out)
 
 
@@ -711,18 +712,32 @@ def test_layer_rejects_wrong_input_channels():
 
 # --- CUDA (runs only where a GPU is present) -------------------------------------------------
 
+# Every case of the CPU tests, and LightAWNet-like shapes past the CUDA kernels' 64 × 64 output
+# tiles and 16-entry reduction steps (and the Triton launchers' model-size tiles), with partial
+# last tiles in every dimension.
+GPU_CASES = CASES + BLOCK_CASES + [
+    Case("gpu-tiles-70-67", 2, 70, 67, 19, 23, 4, (3, 3)),
+    Case("gpu-tiles-stride2", 3, 33, 130, 17, 21, 4, (3, 3), stride=2, padding=1,
+         routing="softmax"),
+    Case("gpu-lightawnet-256-8x8", 2, 256, 256, 8, 8, 4, (3, 3), bias=False),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float16, 1e-2),
                                         (torch.bfloat16, 5e-2)])
-@pytest.mark.parametrize("case", CASES[:2], ids=repr)
-def test_gpu_matches_reference(backend, dtype, rtol, case):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=repr)
+def test_gpu_matches_reference(backend, dtype, rtol, case, layout):
     inputs = case.inputs(torch.float64)
     y_ref, g_ref = grads(dynamic_conv2d_reference, case, [t.cuda() if t is not None else None
                                                           for t in inputs])
     y, g = grads(dynamic_conv2d, case, [t.cuda().to(dtype) if t is not None else None
-                                        for t in inputs], backend=backend)
+                                        for t in inputs], LAYOUTS[layout], backend=backend)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                           else torch.contiguous_format)
     assert_close(y.double(), y_ref, rtol, "output")
     for name, a, b in zip(NAMES, g, g_ref):
         assert_close(a.double(), b, rtol, "grad " + name)

@@ -41,7 +41,8 @@ def grads(fn, x, weights, biases, residual, backend, layout=None):
     y = fn(inp, weights, biases, residual) if backend is None else \
         fn(inp, weights, biases, residual, backend=backend)
     g = torch.Generator().manual_seed(1)
-    gy = torch.randn(y.shape, generator=g, dtype=y.dtype)
+    # Drawn in float64 and cast: the same values whatever the dtype and device of the call.
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
     leaves = [x, *weights, *(biases or [])]
     return y, torch.autograd.grad(y, leaves, gy)
 
@@ -355,16 +356,20 @@ def test_available_backends_on_cpu():
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float16, 1e-2),
                                         (torch.bfloat16, 5e-2)])
-def test_gpu_matches_reference(backend, dtype, rtol):
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_matches_reference(backend, dtype, rtol, layout, residual):
     # Past the CUDA kernels' 32- and 64-row tiles and 64-column tiles, and past launch_config's
     # Triton tiles, with partial last tiles.
     x, weights, biases = make_inputs(2, 10, 70, 131, [4, 2, 2, 2], [3, 5, 7, 9])
     to = lambda t: t.cuda().to(dtype)  # noqa: E731
     y_ref, g_ref = grads(mixed_depthwise_conv2d_reference, x.cuda().double(),
                          [w.cuda().double() for w in weights], [b.cuda().double() for b in biases],
-                         True, None)
+                         residual, None)
+    cl = (lambda t: t.contiguous(memory_format=torch.channels_last)) if layout == "channels_last" \
+        else None
     y, g = grads(mixed_depthwise_conv2d, to(x), [to(w) for w in weights], [to(b) for b in biases],
-                 True, backend)
+                 residual, backend, cl)
     assert_close(y.double(), y_ref, rtol, "output")
     for a, b_ in zip(g, g_ref):
         assert_close(a.double(), b_, rtol, "grad")

@@ -31,5 +31,7 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr):
         acc = tl.dot(a_high, b - b_high, acc, input_precision="tf32")
         acc = tl.dot(a_high, b_high, acc, input_precision="tf32")
     else:
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        # out_dtype: the accumulator's (float64 products accumulate in float64; the compiler
+        # rejects an accumulator of another type than out_dtype, float32 by default)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return acc

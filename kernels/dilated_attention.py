@@ -21,6 +21,7 @@ bfloat16 products with float32 accumulation. Outputs are contiguous.
 """
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple, Optional
 
 import torch
@@ -79,9 +80,20 @@ def _token_offsets(t, a, b, s, Wg, stride_r, stride_c):
 
 
 @triton.jit
+def _scaled(x, scale, scale_rest, ACC_DTYPE: tl.constexpr):
+    """``x · scale`` for the float ``scale + scale_rest`` split in two float32 parts (float
+    arguments reach a kernel as float32): for a float64 ``ACC_DTYPE`` both parts, 48 bits of the
+    scale (1/√8 in float32 alone is 3e-8 off), else ``scale`` alone."""
+    if ACC_DTYPE == tl.float64:
+        return x * scale + x * scale_rest
+    else:
+        return x * scale
+
+
+@triton.jit
 def _dilated_attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    s, heads, Wg, L, D, DV, scale,
+    s, heads, Wg, L, D, DV, scale, scale_rest,
     sq_n, sq_r, sq_c, sq_h, sk_n, sk_r, sk_c, sk_h, sv_n, sv_r, sv_c, sv_h,
     so_n, so_r, so_c, so_h, sl_n, sl_r, sl_c, sl_h,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -114,7 +126,8 @@ def _dilated_attention_forward_kernel(
         k_cols = k_base + _token_offsets(keys, a, b, s, Wg, sk_r, sk_c)
         kt = tl.load(k_cols[None, :] + dims[:, None], mask=(dims < D)[:, None] & key_ok[None, :],
                      other=0.0)
-        scores = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE), DOT_PRECISION) * scale
+        scores = _scaled(dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE), DOT_PRECISION),
+                         scale, scale_rest, ACC_DTYPE)
         scores = tl.where(key_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
@@ -134,10 +147,12 @@ def _dilated_attention_forward_kernel(
 
 
 @triton.jit
-def _probabilities(q, kt, lse, key_ok, scale, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _probabilities(q, kt, lse, key_ok, scale, scale_rest, ACC_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """``P = exp(scale · q kᵀ − lse)`` of a ``[M, N]`` tile, 0 for keys out of range (and for
     queries out of range, whose ``lse`` is +inf)."""
-    scores = dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), ACC_DTYPE), DOT_PRECISION) * scale
+    scores = _scaled(dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), ACC_DTYPE), DOT_PRECISION),
+                     scale, scale_rest, ACC_DTYPE)
     return tl.where(key_ok[None, :], tl.exp(scores - lse[:, None]), 0.0)
 
 
@@ -160,7 +175,7 @@ def _grad_probs(do_rows, row_ok, v_cols, key_ok, DV, acc,
 @triton.jit
 def _dilated_attention_grad_v_kernel(
     q_ptr, k_ptr, do_ptr, lse_ptr, dv_ptr,
-    s, heads, Wg, L, D, DV, scale,
+    s, heads, Wg, L, D, DV, scale, scale_rest,
     sq_n, sq_r, sq_c, sq_h, sk_n, sk_r, sk_c, sk_h, sg_n, sg_r, sg_c, sg_h,
     sl_n, sl_r, sl_c, sl_h, sd_n, sd_r, sd_c, sd_h,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -190,7 +205,7 @@ def _dilated_attention_grad_v_kernel(
                     other=0.0)
         lse_rows = lse_ptr + n * sl_n + h * sl_h + _token_offsets(rows, a, b, s, Wg, sl_r, sl_c)
         lse = tl.load(lse_rows, mask=row_ok, other=float("inf"))
-        probs = _probabilities(q, kt, lse, key_ok, scale, ACC_DTYPE, DOT_PRECISION)
+        probs = _probabilities(q, kt, lse, key_ok, scale, scale_rest, ACC_DTYPE, DOT_PRECISION)
         do_rows = do_ptr + n * sg_n + h * sg_h + _token_offsets(rows, a, b, s, Wg, sg_r, sg_c)
         do = tl.load(do_rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                      other=0.0)
@@ -203,7 +218,7 @@ def _dilated_attention_grad_v_kernel(
 @triton.jit
 def _dilated_attention_grad_qk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, grad_ptr,
-    s, heads, Wg, L, D, DV, scale,
+    s, heads, Wg, L, D, DV, scale, scale_rest,
     sq_n, sq_r, sq_c, sq_h, sk_n, sk_r, sk_c, sk_h, sv_n, sv_r, sv_c, sv_h,
     sg_n, sg_r, sg_c, sg_h, sl_n, sl_r, sl_c, sl_h, sd_n, sd_r, sd_c, sd_h,
     GRAD_K: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -244,7 +259,7 @@ def _dilated_attention_grad_qk_kernel(
                      mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
         lse = tl.load(lse_base + row_offsets, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + row_offsets, mask=row_ok, other=0.0)
-        probs = _probabilities(q, kt, lse, key_ok, scale, ACC_DTYPE, DOT_PRECISION)
+        probs = _probabilities(q, kt, lse, key_ok, scale, scale_rest, ACC_DTYPE, DOT_PRECISION)
         grad_probs = _grad_probs(do_base + _token_offsets(rows, a, b, s, Wg, sg_r, sg_c), row_ok,
                                  v_base + _token_offsets(keys, a, b, s, Wg, sv_r, sv_c), key_ok,
                                  DV, tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE), DOT_PRECISION,
@@ -256,7 +271,8 @@ def _dilated_attention_grad_qk_kernel(
             acc = dot(grad_scores.to(kt.dtype), tl.trans(kt), acc, DOT_PRECISION)
     tokens = fixed + tl.arange(0, BLOCK_N if GRAD_K else BLOCK_M)
     out = grad_ptr + n * sd_n + h * sd_h + _token_offsets(tokens, a, b, s, Wg, sd_r, sd_c)
-    tl.store(out[:, None] + dims[None, :], (acc * scale).to(grad_ptr.dtype.element_ty),
+    tl.store(out[:, None] + dims[None, :],
+             _scaled(acc, scale, scale_rest, ACC_DTYPE).to(grad_ptr.dtype.element_ty),
              mask=(tokens < L)[:, None] & dim_ok[None, :])
 
 
@@ -265,6 +281,12 @@ def _attention_precision(dtype: torch.dtype) -> str:
     (:func:`dot_precision`) holds six operand tiles per product, which with the backward's score-
     sized tiles takes over 200 registers per thread at 32 × 32 tiles."""
     return "ieee"
+
+
+def _split(scale: float) -> tuple[float, float]:
+    """``scale`` as its float32 rounding and the float32 rest (:func:`_scaled`)."""
+    high = struct.unpack("f", struct.pack("f", scale))[0]
+    return high, scale - high
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -314,7 +336,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dilation: int, sc
     lse = torch.empty(q.shape[:4], dtype=acc_torch, device=q.device)
     grid = (problems, triton.cdiv(L, config.block_m), triton.cdiv(d_v, config.block_dv))
     launch(_dilated_attention_forward_kernel, grid,
-           q, k, v, out, lse, s, heads, Wg, L, d_qk, d_v, scale,
+           q, k, v, out, lse, s, heads, Wg, L, d_qk, d_v, *_split(scale),
            *_token_strides(q), *_token_strides(k), *_token_strides(v), *_token_strides(out),
            *_token_strides(lse), num_warps=config.num_warps,
            ACC_DTYPE=acc_tl, DOT_PRECISION=_attention_precision(q.dtype), BLOCK_M=config.block_m,
@@ -347,12 +369,12 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                   BLOCK_N=config.block_n, BLOCK_D=config.block_d, BLOCK_DV=config.block_dv)
     launch(_dilated_attention_grad_v_kernel,
            (problems, triton.cdiv(L, config.block_n), triton.cdiv(d_v, config.block_dv)),
-           q, k, grad_out, lse, grad_v, *geometry, d_qk, d_v, scale,
+           q, k, grad_out, lse, grad_v, *geometry, d_qk, d_v, *_split(scale),
            *_token_strides(q), *_token_strides(k), *_token_strides(grad_out),
            *_token_strides(lse), *_token_strides(grad_v), **common)
     for grad, grad_k_pass, block in ((grad_k, True, config.block_n), (grad_q, False, config.block_m)):
         launch(_dilated_attention_grad_qk_kernel, (problems, triton.cdiv(L, block)),
-               q, k, v, grad_out, lse, delta, grad, *geometry, d_qk, d_v, scale,
+               q, k, v, grad_out, lse, delta, grad, *geometry, d_qk, d_v, *_split(scale),
                *_token_strides(q), *_token_strides(k), *_token_strides(v),
                *_token_strides(grad_out), *_token_strides(lse), *_token_strides(grad),
                GRAD_K=grad_k_pass, **{**common, "num_warps": 2 * config.num_warps})

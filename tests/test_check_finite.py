@@ -54,3 +54,9 @@ def test_cpu_kernels_check_finds_every_position(dtype, bad):
         bad_a.view(-1)[i] = bad
         with pytest.raises(ValueError, match="a contains NaN or inf"):
             torch.ops.fastseg.cross_gate(bad_a, b, True)
+
+
+def test_tensors_off_the_cpu_are_not_checked():
+    """A GPU tensor's check would wait for the device on every call; the meta device stands in
+    for one here (its values cannot be read at all)."""
+    check_finite([("x", torch.empty(3, 4, device="meta"))])

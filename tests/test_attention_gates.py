@@ -365,15 +365,23 @@ def _gpu_case(name):
                                         (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("name", GPU_CASES)
 def test_gpu_matches_reference(backend, dtype, rtol, name):
+    """Output and gradients against the float64 reference on the same (rounded) inputs: within
+    rtol of the largest value, or within twice the error of the reference itself run in dtype.
+    The attention gate's ReLU makes its gradients jump where rounding moves a pre-activation
+    across zero: in bfloat16, PyTorch's own result is that far off, the inputs being exact."""
     op, ref, make = _gpu_case(name)
     args = make(torch.float64, torch.Generator().manual_seed(9))
-    on_gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-    y_ref, g_ref, grad_y = run(ref, on_gpu)
-    y, g, _ = run(op, [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in on_gpu], backend,
-                  grad_y=grad_y.to(dtype))
-    assert_close(y.double(), y_ref, rtol, "output")
-    for i, (a, b) in enumerate(zip(g, g_ref)):
-        assert_close(a.double(), b, rtol, f"grad {i}")
+    on_gpu = [a.cuda().to(dtype) if isinstance(a, torch.Tensor) else a for a in args]
+    grad_y = randn(torch.Generator().manual_seed(1), *ref(*args).shape,
+                   dtype=torch.float64).cuda().to(dtype)
+    y_ref, g_ref, _ = run(ref, [a.double() if isinstance(a, torch.Tensor) else a for a in on_gpu],
+                          grad_y=grad_y.double())
+    y_eager, g_eager, _ = run(ref, on_gpu, grad_y=grad_y)
+    y, g, _ = run(op, on_gpu, backend, grad_y=grad_y)
+    for label, a, b, eager in [("output", y, y_ref, y_eager),
+                               *[(f"grad {i}", *t) for i, t in enumerate(zip(g, g_ref, g_eager))]]:
+        eager_err = (eager.double() - b).abs().max().item()
+        assert_close(a.double(), b, max(rtol, 2 * eager_err / b.abs().max().item()), label)
 
 
 def test_cuda_kernels_registered_when_built_with_cuda():

@@ -731,6 +731,10 @@ GPU_CASES = CASES + BLOCK_CASES + [
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=repr)
 def test_gpu_matches_reference(backend, dtype, rtol, case, layout):
+    if backend == "triton" and dtype == torch.float32:
+        # its float32 products are three TF32 products (kernels/_dot.py), ≈ 2⁻²¹ each: 2e-5 of
+        # the largest output at 256 channels × 9 taps, measured on an H200
+        rtol = 5e-5
     inputs = case.inputs(torch.float64)
     y_ref, g_ref = grads(dynamic_conv2d_reference, case, [t.cuda() if t is not None else None
                                                           for t in inputs])

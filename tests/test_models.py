@@ -202,7 +202,7 @@ def test_gpu_backends_agree_with_the_reference(name, backend):
         with torch.no_grad():
             reference.attention.gamma.fill_(0.5)  # γ = 0 at init leaves the attention out
     fused.load_state_dict(reference.state_dict())
-    x = torch.randn(2, channels, 64, 48, device="cuda", dtype=torch.float64)
+    x = torch.randn(2, channels, 64, 64, device="cuda", dtype=torch.float64)
     y_ref, g_ref = _run(reference, x)
     for layout in (torch.contiguous_format, torch.channels_last):
         y, g = _run(fused, x.contiguous(memory_format=layout))

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -184,3 +187,32 @@ def test_interleaved_gates_sums_each_op_over_its_stages():
 def test_interleaved_gates_rejects_an_unknown_case():
     result = script("interleaved_gates.py", "--cases", "no_such_gate")
     assert result.returncode == 2 and "no case starts with" in result.stderr
+
+
+def test_gpu_ops_checks_times_and_renders_on_the_cpu_backend(tmp_path):
+    """bench/gpu_ops.py (the GPU session's tables) on the cpu backend: every implementation is
+    checked against the float64 reference, timed, and the tables render again from its JSON."""
+    log = tmp_path / "rows.json"
+    out = run("gpu_ops.py", "--device", "cpu", "--max-cases", "1", "--families", "dynamic_conv2d",
+              "models", "--model-batch", "1", "--model-size", "32", "--json", str(log))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {(r["family"], r["impl"], r["mode"]) for r in rows} == {
+        (f, i, m) for f, impls in (("dynamic_conv2d", ("reference", "static-conv", "cpu")),
+                                   ("models", ("reference", "cpu")))
+        for i in impls for m in ("forward", "forward+backward")}, rows
+    assert all("failed" not in r and r["ms"] > 0 for r in rows), rows
+    assert all(r["error"] < 1e-4 for r in rows if r["impl"] != "static-conv" and
+               (r["family"], r["mode"]) != ("models", "forward+backward")), rows
+    # a model's float32 gradients: the train-mode BatchNorms of the coarsest stages amplify
+    # rounding, but not past 5 %
+    assert all(r["error"] < 5e-2 for r in rows if "error" in r), rows
+    table = [line for line in out.splitlines() if line.startswith("| 8x16x128x128 | forward |")]
+    assert len(table) == 1 and table[0].count("|") == 10, out
+    rendered = run("gpu_ops.py", "--render", str(log))
+    assert table[0] in rendered, rendered
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_gpu_ops_without_a_gpu_says_so():
+    result = script("gpu_ops.py")
+    assert result.returncode == 2 and "needs a CUDA device" in result.stderr

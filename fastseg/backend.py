@@ -13,7 +13,8 @@ Which one runs is decided per call, in this order of precedence:
 1. an explicit ``backend=`` argument of an op or layer (anything but ``"auto"``);
 2. :func:`use_backend` (a global setter that also works as a context manager);
 3. the environment variable ``FASTSEG_BACKEND``;
-4. ``"auto"``: the fastest available for the tensor's device (CUDA tensors: triton, else cuda;
+4. ``"auto"``: the fastest fused backend available for the tensor's device (CUDA tensors: cuda,
+   else triton, the cuda backend's calls having been the faster on an H200 for both models;
    CPU tensors: cpu, else reference).
 
 A requested backend that cannot run on the tensor's device is replaced by the ``auto`` choice, with
@@ -126,7 +127,7 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 
 def _auto(device_type: str, dtype: torch.dtype | None) -> str:
-    order = ("triton", "cuda") if device_type == "cuda" else ("cpu",)
+    order = ("cuda", "triton") if device_type == "cuda" else ("cpu",)
     for b in order:
         if unavailable_reason(b, device_type, dtype) is None:
             return b

@@ -376,7 +376,8 @@ def test_gpu_matches_reference(backend, dtype, rtol, name):
                    dtype=torch.float64).cuda().to(dtype)
     y_ref, g_ref, _ = run(ref, [a.double() if isinstance(a, torch.Tensor) else a for a in on_gpu],
                           grad_y=grad_y.double())
-    y_eager, g_eager, _ = run(ref, on_gpu, grad_y=grad_y)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # no TF32 in float32
+        y_eager, g_eager, _ = run(ref, on_gpu, grad_y=grad_y)
     y, g, _ = run(op, on_gpu, backend, grad_y=grad_y)
     for label, a, b, eager in [("output", y, y_ref, y_eager),
                                *[(f"grad {i}", *t) for i, t in enumerate(zip(g, g_ref, g_eager))]]:

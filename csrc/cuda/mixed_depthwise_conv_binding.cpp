@@ -107,7 +107,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> backward_cuda(
     }
   });
   return {to_output_layout(gx, x_in),
-          split_weight_grads(gk_partial.sum(at::IntArrayRef{0, 2}), groups, x.scalar_type()), gy.sum({0, 2, 3})};
+          split_weight_grads(gk_partial.sum(at::IntArrayRef{0, 2}), groups, x.scalar_type()),
+          gy.sum({0, 2, 3})};
 }
 
 }  // namespace

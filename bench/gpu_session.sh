@@ -24,8 +24,10 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=4
 
 { nvidia-smi; nproc; free -g; $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name(0))"; } > "$OUT/setup.log" 2>&1
 tail -3 "$OUT/setup.log"
-# Packages the machine lacks (nibabel; a setuptools that reads the SPDX license field), carried
-# as wheels in .whl/
+# Packages the machine may lack (nibabel; a setuptools ≥ 77, which reads the SPDX license field),
+# as wheels in .whl/ when it cannot reach a package index; made where one is reachable with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform any \
+#     -d .whl "setuptools>=77,<82" nibabel
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1

@@ -4,7 +4,7 @@ backends, forward and forward + backward, at the models' shapes (the ``bench_*.p
 and how far each result is from the float64 reference.
 
     python bench/gpu_ops.py --kernel-time --json eager.json         # eager implementations
-    python bench/gpu_ops.py --impls reference-compiled --json compiled.json
+    python bench/gpu_ops.py --impls reference-compiled cuda-compiled --json compiled.json
     python bench/gpu_ops.py --render eager.json compiled.json      # one set of tables of both
     python bench/gpu_ops.py --compiled --warm-only --shard 0/4     # only compile, a quarter
     python bench/gpu_ops.py --device cpu --max-cases 1             # the cpu backend (a check)
@@ -145,7 +145,9 @@ def model_cases(batch=8, size=128):
             m.load_state_dict(models["reference"].state_dict())
         x = torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(0))
         impls = {b: _Model(m) for b, m in models.items()}
-        impls["reference-compiled"] = _Model(models["reference"], compile_=True)
+        # compiled: the reference, and each fused backend (its ops are custom ops that compile
+        # without graph breaks: what torch.compile then removes is the host time between them)
+        impls.update({f"{b}-compiled": _Model(m, compile_=True) for b, m in models.items()})
         yield Case("models", f"{name} {batch}x{channels}x{size}x{size} (train mode)", [x], impls,
                    impls["reference"])
 
@@ -334,7 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-batch", type=int, default=8)
     p.add_argument("--model-size", type=int, default=128)
     p.add_argument("--impls", nargs="+", default=None,
-                   help="only these implementations (default: all but reference-compiled)")
+                   help="only these implementations (default: all but the compiled ones)")
     p.add_argument("--compiled", action="store_true", help="include the compiled references")
     p.add_argument("--kernel-time", action="store_true",
                    help="also the GPU time of the kernels per call (profiler; --device cuda)")

@@ -17,6 +17,8 @@ OUT=${OUT:-/tmp/gpu-session}
 PY=${PY:-python3}
 DEADLINE=${DEADLINE:-420}
 COMPILED=${COMPILED:-1}
+# the ops' compiled references; for the models also the compiled fused backends
+COMPILED_IMPLS="reference-compiled cuda-compiled triton-compiled"
 mkdir -p "$OUT"
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -57,12 +59,12 @@ for i in 0 1 2 3; do
 done
 for i in 0 1 2 3; do
   [ "$COMPILED" = 1 ] || break
-  nice -n 10 timeout 200 $PY bench/gpu_ops.py --impls reference-compiled --warm-only --shard $i/4 \
+  nice -n 10 timeout 200 $PY bench/gpu_ops.py --impls $COMPILED_IMPLS --warm-only --shard $i/4 \
     > "$OUT/warm-compiled$i.log" 2>&1 &
 done
 wait $tests; echo "gpu tests: exit $? at $(elapsed) s"; tail -25 "$OUT/gpu_tests.log"
 wait "${warm[@]}"
-pkill -f "gpu_ops.py --impls reference-compiled --warm-only"; wait; pkill -f compile_worker
+pkill -f "gpu_ops.py --impls $COMPILED_IMPLS --warm-only"; wait; pkill -f compile_worker
 for f in "$OUT"/warm*[0-9].log; do echo "== $f"; cat "$f"; done > "$OUT/warm.log"; rm -f "$OUT"/warm*[0-9].log
 echo "warm: $(elapsed) s; failures: $(grep -c failed "$OUT/warm.log")"
 
@@ -72,7 +74,7 @@ $PY bench/gpu_ops.py --kernel-time --json "$OUT/eager.json" \
   --deadline $(( DEADLINE - 60 * COMPILED - $(elapsed) )) > "$OUT/run.log" 2>&1
 echo "eager: $(elapsed) s"
 if [ "$COMPILED" = 1 ]; then
-  $PY bench/gpu_ops.py --impls reference-compiled --json "$OUT/compiled.json" \
+  $PY bench/gpu_ops.py --impls $COMPILED_IMPLS --json "$OUT/compiled.json" \
     --deadline $(( DEADLINE - $(elapsed) )) >> "$OUT/run.log" 2>&1
   echo "compiled: $(elapsed) s"
 fi

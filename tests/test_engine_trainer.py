@@ -234,3 +234,38 @@ def test_plots_and_overlays(tmp_path):
     masks = (torch.rand(2, 16, 16) > 0.5).long()
     grid = Image.open(overlay_grid(images, masks, 1 - masks, tmp_path / "o.png"))
     assert grid.size[0] > 3 * 160 and grid.size[1] > 2 * 160
+
+
+# --- CUDA (runs only where a GPU is present) -------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("amp", [None, "float16", "bfloat16"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", ["lightawnet", "lgmsnet"])
+def test_seed_models_train_on_the_gpu(data, tmp_path, name, backend, amp):
+    """Both models train on the GPU on each fused backend, in float32 and under autocast
+    (float16 with the gradient scaler, which only a GPU runs): finite losses and weights, a
+    checkpoint, and LightAWNet in float32 learns (as test_a_seed_model_learns on the CPU)."""
+    if name == "lgmsnet":
+        ids = [f"synthetic_{i:04d}" for i in range(16)]
+        common = dict(size=32, channels=3, intensity="imagenet")
+        train_set, val_set = (ImageDataset(data, case_ids=ids[:12], **common),
+                              ImageDataset(data, case_ids=ids[12:], **common))
+    else:
+        train_set, val_set = datasets(data)
+    make_recipe = lgmsnet_recipe if name == "lgmsnet" else lightawnet_recipe
+    epochs = 3 if (name, amp) == ("lightawnet", None) else 1
+    torch.manual_seed(0)
+    trainer = Trainer(name, train_set, val_set,
+                      make_recipe(lr=2e-3, epochs=epochs, batch_size=4, size=32, backend=backend,
+                                  amp=amp),
+                      tmp_path, progress=False)
+    assert trainer.device.type == "cuda"
+    history = trainer.fit()["history"]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in history)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert (tmp_path / "last.pt").exists()
+    if epochs > 1:
+        assert history[-1]["train_loss"] < history[0]["train_loss"]
+        assert history[-1]["val_dice"] > history[0]["val_dice"]

@@ -328,6 +328,30 @@ void row_sums(const T* t, int64_t rows, int64_t P, T* sums) {
 template <typename T>
 void im2col(const T* x, const Geometry& g, int64_t c_begin, int64_t c_end, T* col) {
   const int64_t P = g.P();
+  if (g.sh == 1 && g.sw == 1) {
+    // Stride 1: the plane is copied into a zero-padded one, [H + 2·ph, W + 2·pw], from which
+    // every tap's row of output pixels is a run of Wo contiguous values: no per-row bounds (at
+    // 8² a row is 8 values, and the bounds cost more than the copy).
+    const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
+    thread_local std::vector<T> padded;
+    padded.assign(Hp * Wp, T(0));
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const T* plane = x + c * g.H * g.W;
+      for (int64_t h = 0; h < g.H; ++h)
+        std::copy(plane + h * g.W, plane + (h + 1) * g.W, padded.data() + (h + g.ph) * Wp + g.pw);
+      for (int64_t i = 0; i < g.kh; ++i)
+        for (int64_t j = 0; j < g.kw; ++j) {
+          T* dst = col + (((c - c_begin) * g.kh + i) * g.kw + j) * P;
+          for (int64_t oh = 0; oh < g.Ho; ++oh) {
+            const T* __restrict src = padded.data() + (oh + i * g.dh) * Wp + j * g.dw;
+            T* __restrict d = dst + oh * g.Wo;
+#pragma omp simd
+            for (int64_t ow = 0; ow < g.Wo; ++ow) d[ow] = src[ow];
+          }
+        }
+    }
+    return;
+  }
   for (int64_t c = c_begin; c < c_end; ++c) {
     const T* plane = x + c * g.H * g.W;
     for (int64_t i = 0; i < g.kh; ++i) {

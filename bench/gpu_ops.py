@@ -153,8 +153,8 @@ def model_cases(batch=8, size=128):
 
 
 class _Model:
-    """A model as a function of its input, moved to the input's device and dtype on first use;
-    the gradients taken are the input's (the parameters' are computed on the way)."""
+    """A model as a function of its input, moved to the input's device and dtype on first use
+    (:func:`prepare` takes the gradients of the input and of every parameter, as training does)."""
 
     def __init__(self, model, compile_=False):
         self.model, self.compile_, self.fn = model, compile_, None

@@ -79,6 +79,19 @@ def _run(model, x, seed=3):
     return y, grads
 
 
+def _assert_agree(y, grads, y_ref, grads_ref, reference, rtol):
+    """Logits within rtol/20 of the largest reference logit; each gradient (of x, then of
+    ``reference``'s parameters in order) within rtol of its largest value plus rtol/20 of the
+    largest gradient. In train mode the gradient of a conv bias followed by BatchNorm is zero in
+    exact arithmetic (the norm removes any constant): there both sides are rounding noise, hence
+    the absolute part."""
+    assert (y - y_ref).abs().max() <= rtol / 20 * y_ref.abs().max()
+    largest = max(b.abs().max() for b in grads_ref)
+    names = ["x"] + [n for n, _ in reference.named_parameters()]
+    for param, a, b in zip(names, grads, grads_ref):
+        assert (a - b).abs().max() <= rtol * b.abs().max() + rtol / 20 * largest, param
+
+
 # Under the Triton interpreter every kernel launch is slow: LGMSNet only (≈ 90 s; LightAWNet's
 # dynamic convs and gates take > 12 min there, and test_every_fused_layer_gets_the_backend
 # covers its wiring), on the smallest input, in train mode only (eval mode normalises with
@@ -135,15 +148,7 @@ def test_backends_agree_with_the_reference(name, backend, train, monkeypatch):
         if channels_last is not None:  # LGMSNet: returned in the input's layout
             assert y.is_contiguous(memory_format=layout)
             assert seen[-1] == ((channels_last and backend == "cpu") or layout == torch.channels_last)
-        scale = y_ref.abs().max()
-        assert (y - y_ref).abs().max() <= rtol / 20 * scale
-        # In train mode the gradient of a conv bias followed by BatchNorm is zero in exact
-        # arithmetic (the norm removes any constant): there both sides are rounding noise, so
-        # every gradient also gets 1e-4 of the largest one as absolute tolerance.
-        largest = max(b.abs().max() for b in g_ref)
-        names = ["x"] + [n for n, _ in reference.named_parameters()]
-        for param, a, b in zip(names, g, g_ref):
-            assert (a - b).abs().max() <= rtol * b.abs().max() + rtol / 20 * largest, param
+        _assert_agree(y, g, y_ref, g_ref, reference, rtol)
     hook.remove()
 
 
@@ -206,9 +211,4 @@ def test_gpu_backends_agree_with_the_reference(name, backend):
     y_ref, g_ref = _run(reference, x)
     for layout in (torch.contiguous_format, torch.channels_last):
         y, g = _run(fused, x.contiguous(memory_format=layout))
-        rtol = 1e-9
-        assert (y - y_ref).abs().max() <= rtol / 20 * y_ref.abs().max()
-        largest = max(b.abs().max() for b in g_ref)
-        names = ["x"] + [n for n, _ in reference.named_parameters()]
-        for param, a, b in zip(names, g, g_ref):
-            assert (a - b).abs().max() <= rtol * b.abs().max() + rtol / 20 * largest, param
+        _assert_agree(y, g, y_ref, g_ref, reference, rtol=1e-9)

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiled import compile_static
+from compiled import compiled_on_first_call
 import fastseg
 import peak_memory
 from fastseg.ops import dilated_attention2d, dilated_attention2d_reference
@@ -48,22 +48,11 @@ def sdpa(q, k, v, dilation, scale):
             .reshape(N, H, W, heads, -1))
 
 
-_compiled = {}
-
-
-def compiled(fn):
-    def run(*args):
-        if fn not in _compiled:
-            _compiled[fn] = compile_static(fn)
-        return _compiled[fn](*args)
-    return run
-
-
 IMPLS = {
     "reference": dilated_attention2d_reference,
-    "reference-compiled": compiled(dilated_attention2d_reference),
+    "reference-compiled": compiled_on_first_call(dilated_attention2d_reference),
     "sdpa": sdpa,
-    "sdpa-compiled": compiled(sdpa),
+    "sdpa-compiled": compiled_on_first_call(sdpa),
 }
 for _name in fastseg.available_backends("cpu"):
     if _name not in ("reference", "triton"):  # triton runs on CPU only in its (slow) interpreter

@@ -12,6 +12,18 @@ RECOMPILE_LIMIT = 64
 ACCUMULATED_RECOMPILE_LIMIT = 4096
 
 
+def compiled_on_first_call(fn):
+    """A function that compiles ``fn`` with :func:`compile_static` when first called (so that
+    building a table of implementations compiles nothing) and then calls the compiled one."""
+    cache = {}
+
+    def run(*args):
+        if "fn" not in cache:
+            cache["fn"] = compile_static(fn)
+        return cache["fn"](*args)
+    return run
+
+
 def compile_static(fn, **kwargs):
     """``torch.compile(fn, dynamic=False, **kwargs)`` after raising dynamo's recompile limits to
     at least RECOMPILE_LIMIT graphs per function (ACCUMULATED_RECOMPILE_LIMIT in all)."""

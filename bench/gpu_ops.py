@@ -40,7 +40,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from compiled import compile_static  # noqa: E402
+from compiled import compile_static, compiled_on_first_call  # noqa: E402
 from fastseg.ops import (dilated_attention2d, dilated_attention2d_reference,  # noqa: E402
                          dynamic_conv2d, dynamic_conv2d_reference, mixed_depthwise_conv2d,
                          mixed_depthwise_conv2d_reference)
@@ -64,21 +64,11 @@ def _backend(op, **fixed):
     return {b: (lambda b: lambda *a: op(*a, backend=b, **fixed))(b) for b in FUSED}
 
 
-def _compiled(fn):
-    cache = {}
-
-    def run(*args):
-        if "fn" not in cache:
-            cache["fn"] = compile_static(fn)
-        return cache["fn"](*args)
-    return run
-
-
 def dynamic_conv_cases():
     import bench_dynamic_conv as b
 
     ref = b.reference
-    impls = {"reference": ref, "reference-compiled": _compiled(ref), "static-conv": b.static_conv,
+    impls = {"reference": ref, "reference-compiled": compiled_on_first_call(ref), "static-conv": b.static_conv,
              **_backend(dynamic_conv2d, padding=1)}
     for shape in b.SHAPES:
         x, experts, routing, _ = b.inputs(shape)
@@ -93,7 +83,7 @@ def mixed_depthwise_cases():
     def split(fn):
         return lambda x, *wb: fn(x, list(wb[:n]), list(wb[n:]))
     ref = split(mixed_depthwise_conv2d_reference)
-    impls = {"reference": ref, "reference-compiled": _compiled(ref),
+    impls = {"reference": ref, "reference-compiled": compiled_on_first_call(ref),
              "padded-dwconv": split(b.padded_dwconv),
              **{k: split(f) for k, f in _backend(mixed_depthwise_conv2d).items()}}
     for shape, channels_last in b.CASES:
@@ -119,7 +109,7 @@ def dilated_attention_cases():
         def fix(fn, s=s, scale=scale):
             return lambda q, k, v: fn(q, k, v, s, scale)
         ref = fix(dilated_attention2d_reference)
-        impls = {"reference": ref, "reference-compiled": _compiled(ref), "sdpa": fix(b.sdpa),
+        impls = {"reference": ref, "reference-compiled": compiled_on_first_call(ref), "sdpa": fix(b.sdpa),
                  **{name: fix(f) for name, f in _backend(dilated_attention2d).items()}}
         yield Case("dilated_attention2d", "x".join(map(str, shape[:6])) + f"-s{s}", [q, k, v],
                    impls, ref)

@@ -364,17 +364,18 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     grad_q, grad_k = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(
         k.shape, dtype=k.dtype, device=k.device)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    scales = _split(scale)
     common = dict(num_warps=config.num_warps, ACC_DTYPE=acc_tl,
                   DOT_PRECISION=_attention_precision(q.dtype), BLOCK_M=config.block_m,
                   BLOCK_N=config.block_n, BLOCK_D=config.block_d, BLOCK_DV=config.block_dv)
     launch(_dilated_attention_grad_v_kernel,
            (problems, triton.cdiv(L, config.block_n), triton.cdiv(d_v, config.block_dv)),
-           q, k, grad_out, lse, grad_v, *geometry, d_qk, d_v, *_split(scale),
+           q, k, grad_out, lse, grad_v, *geometry, d_qk, d_v, *scales,
            *_token_strides(q), *_token_strides(k), *_token_strides(grad_out),
            *_token_strides(lse), *_token_strides(grad_v), **common)
     for grad, grad_k_pass, block in ((grad_k, True, config.block_n), (grad_q, False, config.block_m)):
         launch(_dilated_attention_grad_qk_kernel, (problems, triton.cdiv(L, block)),
-               q, k, v, grad_out, lse, delta, grad, *geometry, d_qk, d_v, *_split(scale),
+               q, k, v, grad_out, lse, delta, grad, *geometry, d_qk, d_v, *scales,
                *_token_strides(q), *_token_strides(k), *_token_strides(v),
                *_token_strides(grad_out), *_token_strides(lse), *_token_strides(grad),
                GRAD_K=grad_k_pass, **{**common, "num_warps": 2 * config.num_warps})

@@ -4,7 +4,7 @@
 #   make test   set up, build, run the test suite
 #   make bench  the full benchmark suite (pytest bench), JSON in .benchmarks/
 #   make gpu-report  compile every kernel for sm_80/sm_90 (no GPU needed): registers, spills
-#   make gpu-check   the part of it CI runs: sm_90, the configs the models launch
+#   make gpu-check   the part of it CI runs: sm_90, the configs the models launch, every dtype
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -49,7 +49,7 @@ gpu-report: setup
 	$(PY) -m fastseg gpu-report
 
 gpu-check: setup
-	$(PY) -m fastseg gpu-report --arch 90 --dtype float32 float16
+	$(PY) -m fastseg gpu-report --arch 90
 
 clean:
 	rm -rf build fastseg/_C*.so

@@ -209,12 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "their launchers pick for the models' shapes (batch 8, 128² and 256²), and "
                        "its CUDA kernels for real GPU targets, and print what ptxas reports. Exits "
                        "1 if a configuration the models use fails to compile, spills, or exceeds "
-                       "its register bound.")
+                       "its register bound (float64 ones, run only by the tests, need only "
+                       "compile).")
     p.add_argument("--ops", nargs="+", default=None, help="op families (default: all)")
     p.add_argument("--arch", nargs="+", type=int, default=[80, 90], choices=[80, 90],
                    help="compute capabilities to compile for")
-    p.add_argument("--dtype", nargs="+", default=["float32", "float16"],
-                   help="element types of the model runs (float32, float16, bfloat16, float64)")
+    p.add_argument("--dtype", nargs="+", default=None,
+                   help="element types (default: float32 float16 bfloat16 float64)")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA C++ kernels")
     p.add_argument("--cuda-all", action="store_true",
                    help="also list CUDA template instances the models do not use")

@@ -56,6 +56,18 @@ def test_row_problems():
     assert unused.problems == []
 
 
+def test_float64_needs_only_compile():
+    """float64 (the tests' gradchecks) fails on a compile error only; its spills are reported."""
+    row = gpu_report.Row("op", "k", "cfg", "float64", 90, ["case"], warps=4, registers=172,
+                         spill_bytes=76)
+    assert row.problems == [] and row.findings == ["spills 76 B", "172 > 128 registers"]
+    table = gpu_report.markdown_table([row], "triton")
+    assert "| spills 76 B; 172 > 128 registers (float64: compiles; not checked) |" in table
+    row.error = "CompilationError: out_dtype"
+    assert row.problems == ["compile error"]
+    assert "| FAILED: CompilationError: out_dtype |" in gpu_report.markdown_table([row], "triton")
+
+
 def test_cuda_names_and_launch_bounds():
     name = ("void fastseg::mdc::cuda::(anonymous namespace)::conv_kernel<7, __half>("
             "fastseg::mdc::cuda::GroupShape, fastseg::mdc::cuda::Tiling, __half const*)")

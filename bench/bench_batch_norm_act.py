@@ -16,7 +16,7 @@ Implementations: ``reference`` (``F.batch_norm`` then the activation, ATen), ``r
 import pytest
 import torch
 
-from compiled import compile_static
+from compiled import compiled_on_first_call
 from fastseg.backend import unavailable_reason
 from fastseg.ops import batch_norm_act, batch_norm_act_reference
 
@@ -27,13 +27,7 @@ SHAPES = [((8, 16, 256, 256), "silu", "identity", False), ((8, 16, 256, 256), "r
           ((8, 16, 256, 256), "silu", "identity", True), ((8, 32, 128, 128), "identity", "gelu", False),
           ((8, 32, 128, 128), "identity", "gelu", True), ((8, 64, 128, 128), "identity", "gelu", True)]
 
-_compiled = {}
-
-
-def reference_compiled(*args):
-    if "fn" not in _compiled:
-        _compiled["fn"] = compile_static(batch_norm_act_reference)
-    return _compiled["fn"](*args)
+reference_compiled = compiled_on_first_call(batch_norm_act_reference)
 
 
 IMPLS = {"reference": batch_norm_act_reference, "reference-compiled": reference_compiled}

@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiled import compile_static
+from compiled import compiled_on_first_call
 import fastseg
 import peak_memory
 from fastseg.ops import dynamic_conv2d, dynamic_conv2d_reference
@@ -53,13 +53,7 @@ def reference(x, experts, routing):
     return dynamic_conv2d_reference(x, experts, routing, padding=1)
 
 
-_compiled = {}
-
-
-def reference_compiled(x, experts, routing):
-    if "fn" not in _compiled:
-        _compiled["fn"] = compile_static(reference)
-    return _compiled["fn"](x, experts, routing)
+reference_compiled = compiled_on_first_call(reference)
 
 
 def static_conv(x, experts, routing):

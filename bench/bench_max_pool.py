@@ -13,20 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiled import compile_static
+from compiled import compiled_on_first_call
 from fastseg.backend import unavailable_reason
 from fastseg.ops import max_pool2x2, max_pool2x2_reference
 
 SHAPES = [(8, 16, 128, 128), (8, 32, 64, 64), (8, 64, 32, 32), (1, 16, 256, 256),
           (1, 32, 128, 128), (1, 64, 64, 64)]
 
-_compiled = {}
-
-
-def reference_compiled(x):
-    if "fn" not in _compiled:
-        _compiled["fn"] = compile_static(max_pool2x2_reference)
-    return _compiled["fn"](x)
+reference_compiled = compiled_on_first_call(max_pool2x2_reference)
 
 
 IMPLS = {"reference": max_pool2x2_reference, "reference-compiled": reference_compiled}

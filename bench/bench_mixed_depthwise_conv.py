@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiled import compile_static
+from compiled import compiled_on_first_call
 import fastseg
 from fastseg.ops import mixed_depthwise_conv2d, mixed_depthwise_conv2d_reference
 
@@ -33,13 +33,7 @@ def padded_dwconv(x, weights, biases, residual=False):
     return y + x if residual else y
 
 
-_compiled = {}
-
-
-def reference_compiled(x, weights, biases, residual=False):
-    if "fn" not in _compiled:
-        _compiled["fn"] = compile_static(mixed_depthwise_conv2d_reference)
-    return _compiled["fn"](x, weights, biases, residual)
+reference_compiled = compiled_on_first_call(mixed_depthwise_conv2d_reference)
 
 
 IMPLS = {

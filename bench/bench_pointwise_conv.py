@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiled import compile_static
+from compiled import compiled_on_first_call
 from fastseg.backend import unavailable_reason
 from fastseg.ops import pointwise_conv2d, pointwise_conv2d_reference
 
@@ -28,13 +28,7 @@ SHAPES = [(1, 16, 128, 128, 64), (1, 32, 64, 64, 128), (1, 64, 32, 32, 256),
           (1, 128, 16, 16, 512), (1, 64, 32, 32, 128), (1, 32, 128, 128, 16),
           (1, 64, 64, 64, 32), (8, 16, 64, 64, 64), (8, 32, 32, 32, 128), (8, 64, 16, 16, 256)]
 
-_compiled = {}
-
-
-def reference_compiled(x, w, b):
-    if "fn" not in _compiled:
-        _compiled["fn"] = compile_static(pointwise_conv2d_reference)
-    return _compiled["fn"](x, w, b)
+reference_compiled = compiled_on_first_call(pointwise_conv2d_reference)
 
 
 IMPLS = {"reference": pointwise_conv2d_reference, "reference-compiled": reference_compiled,

@@ -17,10 +17,10 @@ def compiled_on_first_call(fn):
     building a table of implementations compiles nothing) and then calls the compiled one."""
     cache = {}
 
-    def run(*args):
+    def run(*args, **kwargs):
         if "fn" not in cache:
             cache["fn"] = compile_static(fn)
-        return cache["fn"](*args)
+        return cache["fn"](*args, **kwargs)
     return run
 
 

@@ -219,8 +219,9 @@ void mix_kernels(const T* routing, int64_t samples, int64_t K, const T* experts,
               *reinterpret_cast<simd::UnalignedVec<T>*>(w + i) = sum;
             }
           }
-          for (; i < len; ++i)
-            w[i] = static_cast<T>(mixed_weight<acc_t<T>>(r, k_count, e, expert_stride, i));
+#pragma omp simd  // (the whole row for more than 8 experts)
+          for (int64_t j = i; j < len; ++j)
+            w[j] = static_cast<T>(mixed_weight<acc_t<T>>(r, k_count, e, expert_stride, j));
         }
       }
     }

@@ -68,8 +68,8 @@ def dynamic_conv_cases():
     import bench_dynamic_conv as b
 
     ref = b.reference
-    impls = {"reference": ref, "reference-compiled": compiled_on_first_call(ref), "static-conv": b.static_conv,
-             **_backend(dynamic_conv2d, padding=1)}
+    impls = {"reference": ref, "reference-compiled": compiled_on_first_call(ref),
+             "static-conv": b.static_conv, **_backend(dynamic_conv2d, padding=1)}
     for shape in b.SHAPES:
         x, experts, routing, _ = b.inputs(shape)
         yield Case("dynamic_conv2d", "x".join(map(str, shape)), [x, experts, routing], impls, ref)
@@ -109,7 +109,8 @@ def dilated_attention_cases():
         def fix(fn, s=s, scale=scale):
             return lambda q, k, v: fn(q, k, v, s, scale)
         ref = fix(dilated_attention2d_reference)
-        impls = {"reference": ref, "reference-compiled": compiled_on_first_call(ref), "sdpa": fix(b.sdpa),
+        impls = {"reference": ref, "reference-compiled": compiled_on_first_call(ref),
+                 "sdpa": fix(b.sdpa),
                  **{name: fix(f) for name, f in _backend(dilated_attention2d).items()}}
         yield Case("dilated_attention2d", "x".join(map(str, shape[:6])) + f"-s{s}", [q, k, v],
                    impls, ref)

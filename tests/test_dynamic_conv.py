@@ -194,7 +194,8 @@ def test_matches_reference(variant, case, layout):
 # 10·9 = 90) or none (64·9 = 576), output channels in tiles of 6 (AVX-512) or 2 (AVX2) with a
 # partial last one (19, 37, 3) or none (24), rows split into two tasks per column block where
 # the blocks alone give a thread fewer than two (19 at 2 threads: 12 + 7), samples in blocks whose
-# panels fit half the budget (one at the tiny budget, all at the default one).
+# panels fit half the budget (one at the tiny budget, all at the default one), their tiles folded
+# in groups of up to 8 samples (11 = 8 + 3).
 #
 # The gemm plan's forward (groups 1) is csrc/cpu/mixed_gemm.h's: output channels in tiles of 6 or
 # 2 as above, pixels in tiles of 4 vectors and a rest of 1–4 vectors whose last may be partial
@@ -209,6 +210,7 @@ BLOCK_CASES = [
     Case("fewer-outputs-than-a-tile", 2, 10, 3, 6, 10, 2, (3, 3), routing="softmax"),
     Case("three-pixel-vectors", 2, 8, 7, 5, 9, 2, (3, 3)),
     Case("one-pixel-vector", 2, 5, 13, 3, 4, 3, (3, 3)),
+    Case("two-fold-groups", 11, 6, 13, 4, 5, 3, (3, 3)),
 ]
 
 

@@ -14,6 +14,19 @@ the cpu backend.
     .venv/bin/python bench/interleaved_dynamic_conv.py --mode forward --shapes 1x128x256x16x16 \
         --impls static-conv cpu cpu-gemm-plan cpu-direct3x3
 
+``--floor`` adds two timings that are not the op, to show how far below the static conv any
+implementation with per-sample kernels can get here: ``products``, the per-sample products alone
+(batched BLAS GEMMs on operands made beforehand: forward y_n = W_n · col_n; backward also
+gW_n = gy_n · col_nᵀ and W_nᵀ · gy_n, with W_n [C_out, C_in·9] and col_n [C_in·9, H·W]: the
+FLOPs of the static conv, at the BLAS's rate for one sample's shapes; no mixing, im2col, col2im or
+reductions), and ``expert-traffic``, the memory traffic the experts themselves cause (forward:
+reading them once; forward + backward: twice, and writing a tensor of their size, grad_experts),
+each printed with its ratio to the static conv, and their sum's ("floor / static", per round):
+what the op would take were that traffic not overlapped with the products.
+
+    .venv/bin/python bench/interleaved_dynamic_conv.py --floor --impls static-conv cpu \
+        --shapes 8x128x16x16 8x256x8x8 8x256x16x16
+
 ``cpu-direct3x3`` and ``cpu-winograd3x3`` are the cpu backend with its folded plan's 3×3
 convolutions forced to one algorithm (``FASTSEG_DYNAMIC_CONV_CPU_3X3``), ``cpu-gemm-plan`` with
 its gemm plan forced (``FASTSEG_DYNAMIC_CONV_CPU_PLAN``), each set for the whole call, backward
@@ -29,7 +42,7 @@ import statistics
 
 import torch
 
-from bench_dynamic_conv import IMPLS, SHAPES, make_run
+from bench_dynamic_conv import EXPERTS, IMPLS, SHAPES, make_run
 from interleave import interleaved_times, median_ratio
 
 
@@ -51,6 +64,37 @@ def make_forced_run(impl, shape, mode, c_out=None):
         finally:
             del os.environ[variable]
     return forced
+
+
+def make_floor_run(name, shape, mode, c_out):
+    """A run of one of the ``--floor`` timings (see the module's docstring) at `shape`: the
+    per-sample ``products`` or the ``expert-traffic``."""
+    N, C, H, W = shape
+    R, P = C * 9, H * W
+    g = torch.Generator().manual_seed(0)
+    if name == "products":
+        w, col, gy = (torch.randn(size, generator=g) for size in
+                      [(N, c_out, R), (N, R, P), (N, c_out, P)])
+        y, gw, gcol = torch.empty(N, c_out, P), torch.empty(N, c_out, R), torch.empty(N, R, P)
+
+        def run():
+            torch.bmm(w, col, out=y)
+            if mode != "forward":
+                torch.bmm(gy, col.transpose(1, 2), out=gw)
+                torch.bmm(w.transpose(1, 2), gy, out=gcol)
+        return run
+    experts = torch.randn(EXPERTS, c_out, R, generator=g)
+    grad = torch.empty_like(experts)
+
+    def run():
+        experts.sum()  # the forward's read
+        if mode != "forward":
+            experts.sum()  # the backward's read
+            grad.fill_(1.0)  # and its write of grad_experts
+    return run
+
+
+FLOOR = ["products", "expert-traffic"]
 
 
 def with_c_out(shape):
@@ -78,6 +122,9 @@ def main(argv=None):
     parser.add_argument("--impls", nargs="+", choices=list(IMPLS) + list(FORCED),
                         default=["static-conv", "reference", "reference-compiled", "cpu"])
     parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the per-sample products and the experts' memory traffic "
+                             "alone (see the module's docstring)")
     parser.add_argument("--shapes", nargs="+", metavar="NxCxHxW", type=parse_shape,
                         default=[with_c_out(s) for s in SHAPES],
                         help="default: LightAWNet's, as in bench_dynamic_conv.py")
@@ -89,12 +136,18 @@ def main(argv=None):
           f"median over rounds of the per-round ratio\n")
     others = [i for i in args.impls if i not in ("static-conv", "cpu")]
     header = ["C → C at H×W", "static conv ms", "cpu ms", "cpu / static"]
-    print("| " + " | ".join(header + [f"{i} ms (/ cpu)" for i in others]) + " |")
-    print("|---|---:|---:|---:|" + "---:|" * len(others))
+    header += [f"{i} ms (/ cpu)" for i in others]
+    if args.floor:
+        header += [f"{i} ms (/ static)" for i in FLOOR] + ["floor / static"]
+    print("| " + " | ".join(header) + " |")
+    print("|---|" + "---:|" * (len(header) - 1))
     for shape in args.shapes:
         N, c_in, c_out, H, W = shape
-        times = interleaved_times({impl: (make_forced_run if impl in FORCED else make_run)(
-            impl, (N, c_in, H, W), args.mode, c_out) for impl in args.impls}, args.rounds)
+        runs = {impl: (make_forced_run if impl in FORCED else make_run)(
+            impl, (N, c_in, H, W), args.mode, c_out) for impl in args.impls}
+        if args.floor:
+            runs.update({f: make_floor_run(f, (N, c_in, H, W), args.mode, c_out) for f in FLOOR})
+        times = interleaved_times(runs, args.rounds)
 
         def ms(impl):
             return statistics.median(times[impl]) * 1e3
@@ -104,6 +157,11 @@ def main(argv=None):
                  f"{ms('static-conv'):.2f}", f"{ms('cpu'):.2f}",
                  f"{median_ratio(times, 'cpu', 'static-conv'):.2f}×"]
         cells += [f"{ms(i):.2f} ({median_ratio(times, i, 'cpu'):.2f}×)" for i in others]
+        if args.floor:
+            cells += [f"{ms(i):.2f} ({median_ratio(times, i, 'static-conv'):.2f}×)" for i in FLOOR]
+            floor = statistics.median((a + b) / s for a, b, s in zip(
+                times["products"], times["expert-traffic"], times["static-conv"]))
+            cells.append(f"{floor:.2f}×")
         print("| " + " | ".join(cells) + " |", flush=True)
 
 

@@ -41,6 +41,17 @@ def test_interleaved_dynamic_conv_forces_each_plan_and_3x3_algorithm():
     assert len(rows) == 2 and all(row.count("|") == 8 for row in rows), out
 
 
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+def test_interleaved_dynamic_conv_floor(mode):
+    out = run("interleaved_dynamic_conv.py", "--shapes", "2x4x6x8x8", "--rounds", "2", "--mode",
+              mode, "--impls", "static-conv", "cpu", "--floor")
+    header = next(line for line in out.splitlines() if line.startswith("| C → C"))
+    assert "products ms (/ static)" in header and "floor / static" in header, out
+    row = next(line for line in out.splitlines() if line.startswith("| 4 → 6 at 8×8 (batch 2)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 7 and float(cells[-1].rstrip("×")) > 0, out
+
+
 def test_interleaved_dynamic_conv_rejects_a_bad_shape():
     result = script("interleaved_dynamic_conv.py", "--shapes", "8x16")
     assert result.returncode == 2 and "NxCxHxW" in result.stderr

@@ -530,14 +530,16 @@ Conv3x3 choose_3x3(int64_t C_in, int64_t C_out, int64_t W, int64_t item) {
 // 19.4–20.1.
 template <typename T>
 direct_conv::Finite conv3x3(const T* x, const T* w, int64_t w_stride,
-                            const direct_conv::MixRows<T>* mix, const T* bias, int64_t b_stride,
-                            T* y, int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W) {
+                            const direct_conv::MixRows<T>* mix,
+                            const direct_conv::MixedFrom<T>* mixed_from, const T* bias,
+                            int64_t b_stride, T* y, int64_t N, int64_t C_in, int64_t C_out,
+                            int64_t H, int64_t W) {
   const int64_t chunk_bytes = 8 * block_bytes();
   if (choose_3x3(C_in, C_out, W, sizeof(T)) == Conv3x3::winograd)
     return winograd::conv3x3<T>(x, w, w_stride, mix, bias, b_stride, y, N, C_in, C_out, H, W,
                                 block_bytes(), chunk_bytes);
   return direct_conv::conv3x3<T>(x, w, w_stride, mix, bias, b_stride, y, N, C_in, C_out, H, W,
-                                 block_bytes() / 4, chunk_bytes);
+                                 block_bytes() / 4, chunk_bytes, mixed_from);
 }
 
 at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tensor& experts,
@@ -555,8 +557,9 @@ at::Tensor forward_folded(const Geometry& g, const at::Tensor& x, const at::Tens
                                                      scalar_t* out) {
         mix_kernels(r + n * g.K, 1, g.K, e + co * row, kernel, row, channels, row, out);
       };
+      const direct_conv::MixedFrom<scalar_t> from{r, g.K, e, kernel, row};
       const direct_conv::Finite finite = conv3x3<scalar_t>(
-          x.data_ptr<scalar_t>(), e, 0, &mix,
+          x.data_ptr<scalar_t>(), e, 0, &mix, &from,
           folded_bias ? folded_bias->data_ptr<scalar_t>() : nullptr, g.C_out,
           y.data_ptr<scalar_t>(), g.N, g.C_in, g.C_out, g.H, g.W);
       // A NaN or inf expert value makes every mixed kernel non-finite (finite routing weights:
@@ -625,7 +628,8 @@ at::Tensor grad_x_3x3(const Geometry& g, const at::Tensor& grad_out, const at::T
                                                    scalar_t* out) {
       mix_kernels(r + n * g.K, 1, g.K, e + ci * row, kernel, row, channels, row, out);
     };
-    conv3x3<scalar_t>(grad_out.data_ptr<scalar_t>(), e, 0, &mix, nullptr, 0,
+    const direct_conv::MixedFrom<scalar_t> from{r, g.K, e, kernel, row};
+    conv3x3<scalar_t>(grad_out.data_ptr<scalar_t>(), e, 0, &mix, &from, nullptr, 0,
                       grad_x.data_ptr<scalar_t>(), g.N, g.C_out, g.C_in, g.H, g.W);
   });
   return grad_x;

@@ -128,6 +128,27 @@ __attribute__((always_inline)) inline void transpose_round(Float32x16 (&v)[16]) 
 }
 }  // namespace detail
 
+// 8 rows of 16 values, v[r][j], → the 16 columns as 16 runs of 8 values, in 8 vectors: lane
+// 8·(j mod 2) + r of v[j / 2] (rows r interleaved, as a GEMM or direct_conv packs a block of 8
+// kernel rows). Four rounds, each exchanging a bit of the vector index with a bit of the lane
+// index (the lane's 1, 2, 4, then 8 with the vector's 1, 2, 4, then 1); the vectors end up in the
+// order 0, 2, 4, 6, 1, 3, 5, 7 of the result, which the last line puts right.
+__attribute__((always_inline)) inline void transpose8x16(Float32x16 (&v)[8]) {
+  const auto round = [&]<int K, int B>() {
+#pragma GCC unroll 8
+    for (int a = 0; a < 8; ++a)
+      if (!(a & B)) detail::swap_blocks<K>(v[a], v[a + B], std::make_index_sequence<16>{});
+  };
+  round.template operator()<1, 1>();
+  round.template operator()<2, 2>();
+  round.template operator()<4, 4>();
+  round.template operator()<8, 1>();
+  // vector (b2 b1 b0) holds columns 2·m, 2·m + 1 with m = 4·b0 + 2·b2 + b1
+  const Float32x16 t[8] = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
+  v[0] = t[0], v[1] = t[2], v[2] = t[4], v[3] = t[6], v[4] = t[1], v[5] = t[3], v[6] = t[5],
+  v[7] = t[7];
+}
+
 // v[r][c] → v[c][r]
 __attribute__((always_inline)) inline void transpose16(Float32x16 (&v)[16]) {
   detail::transpose_round<8>(v);

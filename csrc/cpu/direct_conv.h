@@ -213,7 +213,9 @@ inline bool mix_packed_block(const MixedFrom<float>& from, int64_t n, int64_t co
 // the remaining channels one by one: pack(n, co, channels, rows) with rows = `channels` rows
 // [C_in·9] of w_{n0 + n} from row co on (w + (n0 + n)·w_stride, or mixed by `mix` into a
 // per-thread buffer). Returns whether every row was finite. samples n0 .. n0 + samples − 1 (a
-// chunk of them, see chunk_samples), or 1 where one kernel serves all samples.
+// chunk of them, see chunk_samples), or 1 where one kernel serves all samples. Given
+// `mixed_from` (and kMixesPacked), a full block is instead mixed by mix_packed_block straight to
+// packed + n·packed_stride + co·row, conv3x3's packed place for it, and `pack` is not called.
 template <typename T, int CB, typename Pack>
 bool for_each_kernel_block(const T* w, int64_t w_stride, const MixRows<T>* mix, int64_t n0,
                            int64_t samples, int64_t C_out, int64_t row, Pack&& pack,

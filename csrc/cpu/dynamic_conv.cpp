@@ -170,23 +170,6 @@ bool tensor_finite(const at::Tensor& t) {
   return finite;
 }
 
-// Calls f.template operator()<KC>() with KC = k as a compile-time constant for k in 1..8 (the
-// expert count of almost every model: the per-element loops then vectorise), else with KC = 0.
-template <typename F>
-void dispatch_experts(int64_t k, F&& f) {
-  switch (k) {
-    case 1: return f.template operator()<1>();
-    case 2: return f.template operator()<2>();
-    case 3: return f.template operator()<3>();
-    case 4: return f.template operator()<4>();
-    case 5: return f.template operator()<5>();
-    case 6: return f.template operator()<6>();
-    case 7: return f.template operator()<7>();
-    case 8: return f.template operator()<8>();
-    default: return f.template operator()<0>();
-  }
-}
-
 // --- mixing and reductions ---------------------------------------------------------------------
 
 // out[n][o][i] = Σ_k routing[n][k] · experts[k·expert_stride + o·row_stride + i] for n < samples,
@@ -198,7 +181,7 @@ void dispatch_experts(int64_t k, F&& f) {
 template <typename T>
 void mix_kernels(const T* routing, int64_t samples, int64_t K, const T* experts,
                  int64_t expert_stride, int64_t row_stride, int64_t rows, int64_t cols, T* out) {
-  dispatch_experts(K, [&]<int KC>() {
+  simd::dispatch_up_to_8(K, [&]<int KC>() {
     const int k_count = KC > 0 ? KC : static_cast<int>(K);
     for (int64_t o = 0; o < rows; ++o) {
       for (int64_t i0 = 0; i0 < cols; i0 += kMixColumns) {
@@ -303,7 +286,7 @@ void reduce_weight_grads(const T* gw, int64_t samples, int64_t gw_stride, int64_
                          int64_t expert_stride, int64_t row_stride, T* grad_experts,
                          bool accumulate, acc_t<T>* grad_routing) {
   for (int64_t k0 = 0; k0 < K; k0 += 4) {
-    dispatch_experts(std::min<int64_t>(4, K - k0), [&]<int KC>() {
+    simd::dispatch_up_to_8(std::min<int64_t>(4, K - k0), [&]<int KC>() {
       if constexpr (KC > 0 && KC <= 4) {
         reduce_expert_grads<KC>(gw, gw_stride, static_cast<int>(samples), rows, len, routing + k0,
                                 K, expert_stride, row_stride, grad_experts + k0 * expert_stride,

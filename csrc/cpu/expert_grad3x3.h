@@ -126,7 +126,8 @@ struct Tile {
   Vec<T> v[kRowBlock][kColumnVectors];
 };
 
-// Samples whose tiles are folded together: their routing sums stay in registers (8 + 3 vectors).
+// Samples whose tiles are folded together: their routing sums stay in registers (8 + 3 vectors;
+// at most 8, simd::dispatch_up_to_8's range).
 constexpr int kFoldSamples = 8;
 
 // Folds NS samples' finished tiles into one expert k: its gradient rows
@@ -166,21 +167,6 @@ __attribute__((always_inline)) inline void fold_expert(const Tile<T>* tiles, con
   }
 #pragma GCC unroll 8
   for (int i = 0; i < NS; ++i) *reinterpret_cast<Vec<T>*>(dots + i * K * L) = dot[i];
-}
-
-// f.template operator()<NS>() with NS = n (1 ≤ n ≤ kFoldSamples) as a compile-time constant.
-template <typename F>
-void dispatch_fold_samples(int n, F&& f) {
-  switch (n) {
-    case 1: return f.template operator()<1>();
-    case 2: return f.template operator()<2>();
-    case 3: return f.template operator()<3>();
-    case 4: return f.template operator()<4>();
-    case 5: return f.template operator()<5>();
-    case 6: return f.template operator()<6>();
-    case 7: return f.template operator()<7>();
-    default: return f.template operator()<8>();
-  }
 }
 
 // x [N, C_in, H, W], gy [N, C_out, H, W], experts [K, C_out, C_in, 3, 3], routing [N, K], all
@@ -251,8 +237,9 @@ void expert_grads3x3(const T* x, const T* gy, const T* experts, const T* routing
               const int64_t off = k * e_kstride + ob * e_rstride;
               const T* r = routing + (n0 + n1) * K + k;
               T* dk = dots + (n1 * K + k) * L;
-              dispatch_fold_samples(group, [&]<int NS>() {
-                fold_expert<T, RB, NS>(tiles, r, K, e + off, ge + off, e_rstride, valid, first, dk);
+              simd::dispatch_up_to_8(group, [&]<int NS>() {  // 1 ≤ group ≤ kFoldSamples = 8
+                if constexpr (NS > 0)
+                  fold_expert<T, RB, NS>(tiles, r, K, e + off, ge + off, e_rstride, valid, first, dk);
               });
             }
           }

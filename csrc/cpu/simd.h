@@ -83,6 +83,24 @@ __attribute__((always_inline)) inline void outer_product_sums(const T* const* ro
   }
 }
 
+// Calls f.template operator()<N>() with N = n as a compile-time constant for n in 1..8 (expert
+// counts, samples folded together: loops over them then unroll and their values stay in
+// registers), else with N = 0 (the caller's general case).
+template <typename F>
+void dispatch_up_to_8(int64_t n, F&& f) {
+  switch (n) {
+    case 1: return f.template operator()<1>();
+    case 2: return f.template operator()<2>();
+    case 3: return f.template operator()<3>();
+    case 4: return f.template operator()<4>();
+    case 5: return f.template operator()<5>();
+    case 6: return f.template operator()<6>();
+    case 7: return f.template operator()<7>();
+    case 8: return f.template operator()<8>();
+    default: return f.template operator()<0>();
+  }
+}
+
 // A tile's accumulators: acc[c][v] = b[c] in every lane (0 where b is null).
 template <typename T, int CB, int PV>
 __attribute__((always_inline)) inline void fill(Vec<T> (&acc)[CB][PV], const T* b) {

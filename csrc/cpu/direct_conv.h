@@ -231,8 +231,8 @@ bool for_each_kernel_block(const T* w, int64_t w_stride, const MixRows<T>* mix, 
       const int channels = b < full_blocks ? CB : 1;
       if constexpr (kMixesPacked<T, CB>) {
         if (mixed_from != nullptr && channels == CB) {  // mixed straight into its packed place
-          if (!mix_packed_block(*mixed_from, n0 + n, co, row, packed + n * packed_stride + co * row))
-            finite = false;
+          T* dst = packed + n * packed_stride + co * row;
+          if (!mix_packed_block(*mixed_from, n0 + n, co, row, dst)) finite = false;
           continue;
         }
       }

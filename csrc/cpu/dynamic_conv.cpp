@@ -410,9 +410,10 @@ void col2im(const T* col, const Geometry& g, int64_t channels, T* grad_x) {
           }
         }
       T* plane = grad_x + c * g.H * g.W;
-      for (int64_t h = 0; h < g.H; ++h)
-        std::copy(padded.data() + (h + g.ph) * Wp + g.pw, padded.data() + (h + g.ph) * Wp + g.pw + g.W,
-                  plane + h * g.W);
+      for (int64_t h = 0; h < g.H; ++h) {
+        const T* inside = padded.data() + (h + g.ph) * Wp + g.pw;
+        std::copy(inside, inside + g.W, plane + h * g.W);
+      }
     }
     return;
   }

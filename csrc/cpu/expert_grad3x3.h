@@ -239,7 +239,8 @@ void expert_grads3x3(const T* x, const T* gy, const T* experts, const T* routing
               T* dk = dots + (n1 * K + k) * L;
               simd::dispatch_up_to_8(group, [&]<int NS>() {  // 1 ≤ group ≤ kFoldSamples = 8
                 if constexpr (NS > 0)
-                  fold_expert<T, RB, NS>(tiles, r, K, e + off, ge + off, e_rstride, valid, first, dk);
+                  fold_expert<T, RB, NS>(tiles, r, K, e + off, ge + off, e_rstride, valid, first,
+                                         dk);
               });
             }
           }

@@ -149,8 +149,8 @@ __attribute__((always_inline)) inline void transpose_round(Float32x16 (&v)[16]) 
 // 8 rows of 16 values, v[r][j], → the 16 columns as 16 runs of 8 values, in 8 vectors: lane
 // 8·(j mod 2) + r of v[j / 2] (rows r interleaved, as a GEMM or direct_conv packs a block of 8
 // kernel rows). Four rounds, each exchanging a bit of the vector index with a bit of the lane
-// index (the lane's 1, 2, 4, then 8 with the vector's 1, 2, 4, then 1); the vectors end up in the
-// order 0, 2, 4, 6, 1, 3, 5, 7 of the result, which the last line puts right.
+// index (the lane's 1, 2, 4, then 8 with the vector's 1, 2, 4, then 1), after which result
+// vector m is in v[0, 2, 4, 6, 1, 3, 5, 7][m]; the last lines put them in order.
 __attribute__((always_inline)) inline void transpose8x16(Float32x16 (&v)[8]) {
   const auto round = [&]<int K, int B>() {
 #pragma GCC unroll 8

@@ -77,34 +77,36 @@ void fill_panel(const T* xn, int64_t C_in, int64_t H, int64_t W, int64_t j0, T* 
   }
 }
 
-// The same in float32, 16 pixels × 16 columns at a time: the 16 columns' source rows (zero-padded
-// copies of the input rows a panel row reads, made once per output row) loaded as vectors and
-// transposed in registers, then stored as 16 pixels' runs of 16 columns. The scalar fill above
-// took 14 % of the backward at 8 × 64 at 32² on a Xeon, a third of the expert gradients' time.
+// The same in float32, 16 pixels × 16 columns at a time: the 16 columns' source rows (in a
+// zero-padded copy of the sample's planes of the block's input channels, made once) loaded as
+// vectors and transposed in registers, then stored as 16 pixels' runs of 16 columns. The scalar
+// fill above took 14 % of the backward at 8 × 64 at 32² on a Xeon, a third of the expert
+// gradients' time. The copy was made per output row before, three rows per channel, each row a
+// memcpy call (64 bytes at 16²): in `perf` of the backward at 8 × 128 at 16², fill_panel took
+// 4.6 % of the samples and memmove, those calls among others, 1.6 %.
 inline void fill_panel(const float* xn, int64_t C_in, int64_t H, int64_t W, int64_t j0,
                        float* panel) {
   constexpr int JB = kColumnVectors * kLanes<float>, V = 16;
   static_assert(JB % V == 0, "a panel row is whole runs of 16 columns");
-  // padded[(c − c0)·3 + ky + 1][1 + w] = x_n[c][i + ky][w]; zeros around, room for a vector load
-  // from any column ≤ W + 1
+  // padded[c − c0][1 + h][1 + w] = x_n[c][h][w]; zeros around, room for a vector load from any
+  // column ≤ W + 1
   const int64_t c0 = j0 / kTaps, channels = std::min(C_in, (j0 + JB - 1) / kTaps + 1) - c0;
-  const int64_t Wp = W + 2 + V;
+  const int64_t Wp = W + 2 + V, plane = (H + 2) * Wp;
   thread_local std::vector<float> padded;
-  padded.assign(channels * 3 * Wp, 0.f);  // channels ≥ 1: j0 < C_in·9
-  const float* src[JB];  // per column: where its row of one output row starts (null: zeros)
-  for (int64_t i = 0; i < H; ++i) {
-    for (int64_t c = 0; c < channels; ++c)
-      for (int64_t ky = -1; ky <= 1; ++ky) {
-        float* row = padded.data() + (c * 3 + ky + 1) * Wp + 1;
-        if (i + ky >= 0 && i + ky < H)
-          std::memcpy(row, xn + ((c0 + c) * H + i + ky) * W, W * sizeof(float));
-        else
-          std::fill(row, row + W, 0.f);
-      }
-    for (int64_t jj = 0; jj < JB; ++jj) {
-      const int64_t j = j0 + jj, c = j / kTaps, ky = j % kTaps / 3 - 1, kx = j % 3 - 1;
-      src[jj] = c < C_in ? padded.data() + ((c - c0) * 3 + ky + 1) * Wp + 1 + kx : nullptr;
+  padded.assign(channels * plane, 0.f);  // channels ≥ 1: j0 < C_in·9
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t h = 0; h < H; ++h) {
+      const float* __restrict from = xn + ((c0 + c) * H + h) * W;
+      float* __restrict to = padded.data() + c * plane + (h + 1) * Wp + 1;
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) to[w] = from[w];
     }
+  const float* src[JB];  // per column: its source row for output row 0 (null: zeros)
+  for (int64_t jj = 0; jj < JB; ++jj) {
+    const int64_t j = j0 + jj, c = j / kTaps, ky = j % kTaps / 3 - 1, kx = j % 3 - 1;
+    src[jj] = c < C_in ? padded.data() + (c - c0) * plane + (ky + 1) * Wp + 1 + kx : nullptr;
+  }
+  for (int64_t i = 0; i < H; ++i) {
     for (int64_t w0 = 0; w0 < W; w0 += V) {
       const int64_t pixels = std::min<int64_t>(V, W - w0);
       float* dst = panel + (i * W + w0) * JB;
@@ -112,7 +114,8 @@ inline void fill_panel(const float* xn, int64_t C_in, int64_t H, int64_t W, int6
         simd::Float32x16 v[V];
 #pragma GCC unroll 16
         for (int t = 0; t < V; ++t)
-          v[t] = src[g + t] != nullptr ? simd::load16(src[g + t] + w0) : simd::Float32x16{};
+          v[t] = src[g + t] != nullptr ? simd::load16(src[g + t] + i * Wp + w0)
+                                       : simd::Float32x16{};
         simd::transpose16(v);  // v[l][t]: pixel w0 + l, column g + t
         for (int64_t l = 0; l < pixels; ++l) simd::store16(dst + l * JB + g, v[l]);
       }

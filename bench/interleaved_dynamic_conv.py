@@ -14,15 +14,17 @@ the cpu backend.
     .venv/bin/python bench/interleaved_dynamic_conv.py --mode forward --shapes 1x128x256x16x16 \
         --impls static-conv cpu cpu-gemm-plan cpu-direct3x3
 
-``--floor`` adds two timings that are not the op, to show how far below the static conv any
-implementation with per-sample kernels can get here: ``products``, the per-sample products alone
+``--floor`` adds two timings that are not the op, to show how much of the gap to the static conv
+the per-sample kernels bring by themselves here: ``products``, the per-sample products alone
 (batched BLAS GEMMs on operands made beforehand: forward y_n = W_n · col_n; backward also
 gW_n = gy_n · col_nᵀ and W_nᵀ · gy_n, with W_n [C_out, C_in·9] and col_n [C_in·9, H·W]: the
 FLOPs of the static conv, at the BLAS's rate for one sample's shapes; no mixing, im2col, col2im or
 reductions), and ``expert-traffic``, the memory traffic the experts themselves cause (forward:
 reading them once; forward + backward: twice, and writing a tensor of their size, grad_experts),
 each printed with its ratio to the static conv, and their sum's ("floor / static", per round):
-what the op would take were that traffic not overlapped with the products.
+what the op would take were that traffic not overlapped with the products. Neither is a bound
+on a fused implementation: the products read per-sample kernels from memory, which the cpu
+backend never writes there (it mixes them in cache-sized blocks).
 
     .venv/bin/python bench/interleaved_dynamic_conv.py --floor --impls static-conv cpu \
         --shapes 8x128x16x16 8x256x8x8 8x256x16x16

@@ -207,7 +207,7 @@ void expert_grads3x3(const T* x, const T* gy, const T* experts, const T* routing
       int64_t e_kstride = kernel, e_rstride = R;
       if (cols < JB) {
         tail_e.assign(K * rows * JB, T(0));
-        tail_g.assign(K * rows * JB, T(0));
+        tail_g.resize(K * rows * JB);  // every value stored by the first group's fold
         for (int64_t k = 0; k < K; ++k)
           for (int64_t o = 0; o < rows; ++o)
             std::copy(e + k * kernel + o * R, e + k * kernel + o * R + cols,

@@ -3,8 +3,11 @@
 // otherwise (AVX2; -march decides, see setup.py).
 #pragma once
 
+#include <immintrin.h>
+
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 namespace fastseg {
@@ -52,6 +55,32 @@ __attribute__((always_inline)) inline Vec<T> load_lanes(const T* p, int lanes) {
   Vec<T> v{};
   for (int l = 0; l < lanes; ++l) v[l] = p[l];
   return v;
+}
+
+// Stores v to p (aligned to the vector; called as stream<T>) with a non-temporal store: the
+// cache line is written without being read first and is not kept in the caches. Such stores are
+// not ordered with other stores: a thread calls stream_fence() after its last one, before another
+// thread reads them. (A plain store without AVX.)
+template <typename T>
+__attribute__((always_inline)) inline void stream(T* p, const Vec<T>& v) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, (__m512)v);
+  else _mm512_stream_pd(p, (__m512d)v);
+#elif defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, (__m256)v);
+  else _mm256_stream_pd(p, (__m256d)v);
+#else
+  *reinterpret_cast<Vec<T>*>(p) = v;
+#endif
+}
+
+__attribute__((always_inline)) inline void stream_fence() { _mm_sfence(); }
+
+// Whether p is aligned to the vector.
+template <typename T>
+inline bool is_aligned(const T* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % kVectorBytes == 0;
 }
 
 // Outer-product register tiles (expert_grad3x3.h, mixed_gemm.h): kOuterRows rows × kOuterVectors

@@ -757,7 +757,7 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
         };
         if (!mixed_gemm::forward<scalar_t>(colp, e, mix, bp != nullptr ? bp + n0 * g.C_out : nullptr,
                                            count, g.C_out, R, P, g.K, yp + n0 * g.C_out * P,
-                                           block_bytes() / 2))
+                                           block_bytes()))
           experts_finite = false;
         continue;
       }

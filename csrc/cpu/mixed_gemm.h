@@ -8,14 +8,18 @@
 //
 // How: tasks are tiles of RB output channels; a thread runs its tiles over one chunk of the
 // reduction (C columns of the kernel rows, C rows of im2col) at a time, for a block of samples.
-// Per tile it mixes those C columns of its RB rows for the block's samples (each expert value
-// read once per block of samples) and runs a register tile of RB output channels × PV vectors of
-// pixels over the chunk: per kernel column j, PV vector loads of col[n][j], RB broadcasts of the
+// Per chunk it first mixes those C columns of all its tiles' rows for the block's samples (each
+// expert value read once per block of samples), then, sample by sample, runs every one of its
+// tiles over the chunk: per kernel column j, PV vector loads of col[n][j], RB broadcasts of the
 // mixed rows, RB·PV FMAs. The accumulators start at the mixed bias in the first chunk and at y's
-// partial sums in the others. The block's im2col chunks stay in L2 while every tile of the thread
-// reads them; with the whole reduction per tile (before), each tile read every sample's im2col
-// again, from L3 once a block of samples' im2col outgrew L2 (4.7 MB at 8 × 256 channels at 8²:
-// 78 % of the kernel's samples on those loads on a Xeon).
+// partial sums in the others. A sample's chunk of im2col (32 KB) stays in L1 while every tile of
+// the thread reads it. With each tile running over a chunk of every sample in turn before the
+// next tile (chunks of 64 KB, from L2), the forward op took 3.02 ms against 2.80 now (8 × 256
+// channels at 8², 8 alternating rounds of 100 calls, medians); chunks of 16 KB: 3.08 (y's
+// partial sums, loaded and stored per chunk, twice as often). Before that, with the whole
+// reduction per tile, each tile read every sample's im2col again, from L3 once a block of
+// samples' im2col outgrew L2 (4.7 MB at 8 × 256 channels at 8²: 78 % of the kernel's samples on
+// those loads on a Xeon).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -37,6 +41,7 @@ using simd::Vec;
 
 constexpr int kRowBlock = simd::kOuterRows;
 constexpr int kPixelVectors = simd::kOuterVectors;
+constexpr int64_t kL1Bytes = int64_t(32) << 10;  // a sample's chunk of im2col rows (see above)
 
 // One tile: RB rows (w[o] the mixed rows, `steps` columns) × PV vectors of pixels from pixel p0 of
 // col's rows (P values each). first: the sums start at b (0 where null), else at y's; stores the
@@ -71,39 +76,48 @@ __attribute__((always_inline)) inline void tile(const T* const* w, const T* col,
 // col: [N][R][P] followed by at least one vector of padding, experts [K][C_out][R], bias
 // [N][C_out] (mixed) or null, y [N][C_out][P]. mix(n0, count, o0, rows, j0, cols, out) writes
 // columns j0 .. j0 + cols − 1 of the mixed kernel rows o0 .. o0 + rows − 1 of samples n0 .. n0 +
-// count − 1 to out ([count][rows][cols]). `budget` bytes bound a chunk's im2col rows over a block
-// of samples (a chunk of columns is budget / 8 of one sample's im2col rows, at least one column;
-// a block at least one sample).
+// count − 1 to out ([count][rows][cols]). `budget` bytes bound a thread's mixed rows of one chunk
+// for a block of samples (at least one sample), and a chunk of one sample's im2col rows is at
+// most kL1Bytes and budget / 8 (at least one column; tests shrink the budget).
 // Returns false where the experts hold a NaN or inf (checked as they are first read).
 template <typename T, typename Mix>
 bool forward(const T* col, const T* experts, const Mix& mix, const T* bias, int64_t N,
              int64_t C_out, int64_t R, int64_t P, int64_t K, T* y, int64_t budget) {
   constexpr int L = kLanes<T>, RB = kRowBlock, PV = kPixelVectors;
   const int64_t tiles = (C_out + RB - 1) / RB, item = sizeof(T);
-  const int64_t chunk = std::clamp<int64_t>(budget / (8 * P * item), 1, R);
-  const int64_t samples = std::clamp<int64_t>(budget / (chunk * P * item), 1, N);
+  // A sample's chunk of im2col rows fits L1 and is used by every tile of the thread in turn; the
+  // thread's tiles' mixed rows of the chunk for a block of samples fit the budget.
+  const int64_t chunk = std::clamp<int64_t>(std::min(kL1Bytes, budget / 8) / (P * item), 1, R);
+  const int64_t per_thread = (tiles + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t samples =
+      std::clamp<int64_t>(budget / (per_thread * RB * chunk * item), 1, N);
   std::atomic<bool> finite{true};
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> mixed(samples * RB * chunk);
+    const int64_t tile_values = samples * RB * chunk;  // one tile's mixed rows, [n][rows][cols]
+    std::vector<T> mixed((end - begin) * tile_values);
     for (int64_t n0 = 0; n0 < N; n0 += samples) {
       const int64_t count = std::min(samples, N - n0);
       for (int64_t j0 = 0; j0 < R; j0 += chunk) {
         const int64_t cols = std::min(chunk, R - j0);
         const bool first = j0 == 0;  // the sums start at the bias
-        for (int64_t tile_index = begin; tile_index < end; ++tile_index) {
-          const int64_t o0 = tile_index * RB;
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t o0 = t * RB;
           const int valid = static_cast<int>(std::min<int64_t>(RB, C_out - o0));
           if (n0 == 0)
             for (int k = 0; k < K; ++k)
               for (int o = 0; o < valid; ++o)
                 if (!all_finite(experts + (k * C_out + o0 + o) * R + j0, cols)) finite = false;
-          mix(n0, count, o0, valid, j0, cols, mixed.data());
-          for (int64_t n = 0; n < count; ++n) {
+          mix(n0, count, o0, valid, j0, cols, mixed.data() + (t - begin) * tile_values);
+        }
+        for (int64_t n = 0; n < count; ++n) {
+          const T* cn = col + ((n0 + n) * R + j0) * P;
+          for (int64_t t = begin; t < end; ++t) {
+            const int64_t o0 = t * RB;
+            const int valid = static_cast<int>(std::min<int64_t>(RB, C_out - o0));
+            const T* mt = mixed.data() + (t - begin) * tile_values;
             // rows past C_out (valid < RB) repeat the last one: computed, not stored
             const T* w[RB];
-            for (int o = 0; o < RB; ++o)
-              w[o] = mixed.data() + (n * valid + std::min(o, valid - 1)) * cols;
-            const T* cn = col + ((n0 + n) * R + j0) * P;
+            for (int o = 0; o < RB; ++o) w[o] = mt + (n * valid + std::min(o, valid - 1)) * cols;
             const T* b = bias != nullptr ? bias + (n0 + n) * C_out + o0 : nullptr;
             T bias_rows[RB] = {};
             if (b != nullptr) std::copy(b, b + valid, bias_rows);

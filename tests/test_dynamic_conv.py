@@ -301,7 +301,7 @@ def test_direct_conv_checks_every_row_of_x(variant, where):
         dynamic_conv2d(x, experts, routing, bias, backend=variant)
 
 
-@pytest.mark.parametrize("where", [0, -1])  # the first and the last value of all the experts
+@pytest.mark.parametrize("where", ["first", "middle", "last"])  # of all the experts' values
 @pytest.mark.parametrize("variant", THREE_BY_THREE + ["cpu-gemm", "cpu-gemm-blocks"], indirect=True)
 def test_direct_conv_checks_the_experts(variant, where):
     """The direct convolution checks the mixed kernels while it packs them, the gemm plan each
@@ -309,7 +309,7 @@ def test_direct_conv_checks_the_experts(variant, where):
     from finite experts is not."""
     x, experts, routing, bias = DIRECT_CASES[0].inputs()
     bad = experts.clone()
-    bad.view(-1)[where] = float("nan")
+    bad.view(-1)[{"first": 0, "middle": experts.numel() // 2 + 3, "last": -1}[where]] = float("nan")
     with pytest.raises(ValueError, match="experts contains NaN"):
         dynamic_conv2d(x, bad, routing, bias, backend=variant)
     huge = experts.clone()

@@ -14,6 +14,11 @@ the cpu backend.
     .venv/bin/python bench/interleaved_dynamic_conv.py --mode forward --shapes 1x128x256x16x16 \
         --impls static-conv cpu cpu-gemm-plan cpu-direct3x3
 
+``--calls N`` (N > 1) times each implementation's steady state: every round runs it once untimed
+and then N times back to back, and records the mean of those N. With the default, one call a
+round, each call starts on the caches the other implementations left (as it would between the
+other layers of a network), which costs the implementations that read more memory more.
+    .venv/bin/python bench/interleaved_dynamic_conv.py --calls 3 --rounds 9
 ``--floor`` adds two timings that are not the op, to show how much of the gap to the static conv
 the per-sample kernels bring by themselves here: ``products``, the per-sample products alone
 (batched BLAS GEMMs on operands made beforehand: forward y_n = W_n · col_n; backward also
@@ -124,6 +129,10 @@ def main(argv=None):
     parser.add_argument("--impls", nargs="+", choices=list(IMPLS) + list(FORCED),
                         default=["static-conv", "reference", "reference-compiled", "cpu"])
     parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--calls", type=int, default=1,
+                        help="timed calls per implementation and round, after one untimed call "
+                             "when more than 1: steady state on caches the implementation filled "
+                             "itself (default 1: each call starts on what the others left)")
     parser.add_argument("--floor", action="store_true",
                         help="also time the per-sample products and the experts' memory traffic "
                              "alone (see the module's docstring)")
@@ -133,7 +142,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if "static-conv" not in args.impls or "cpu" not in args.impls:
         parser.error("--impls must include static-conv and cpu (the ratios are to them)")
-    print(f"dynamic_conv2d, {args.mode}, {args.rounds} interleaved rounds per shape, torch "
+    if args.calls < 1:
+        parser.error(f"--calls must be at least 1, got {args.calls}")
+    calls = ("one call" if args.calls == 1 else
+             f"one untimed call and the mean of {args.calls} timed ones")
+    print(f"dynamic_conv2d, {args.mode}, {args.rounds} interleaved rounds per shape ({calls} per "
+          f"implementation and round), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; median ms, and in brackets the "
           f"median over rounds of the per-round ratio\n")
     others = [i for i in args.impls if i not in ("static-conv", "cpu")]
@@ -149,7 +163,7 @@ def main(argv=None):
             impl, (N, c_in, H, W), args.mode, c_out) for impl in args.impls}
         if args.floor:
             runs.update({f: make_floor_run(f, (N, c_in, H, W), args.mode, c_out) for f in FLOOR})
-        times = interleaved_times(runs, args.rounds)
+        times = interleaved_times(runs, args.rounds, args.calls)
 
         def ms(impl):
             return statistics.median(times[impl]) * 1e3

@@ -52,6 +52,40 @@ def test_interleaved_dynamic_conv_floor(mode):
     assert len(cells) == 7 and float(cells[-1].rstrip("×")) > 0, out
 
 
+def test_interleaved_times_counts_calls():
+    """One warm-up call each, then per round one untimed call and `calls` timed ones (one call a
+    round by default), each round's time the mean of the timed ones."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from interleave import interleaved_times
+    finally:
+        sys.path.remove(str(BENCH))
+    counts = {"a": 0, "b": 0}
+
+    def counter(name):
+        def run():
+            counts[name] += 1
+        return run
+
+    times = interleaved_times({name: counter(name) for name in counts}, rounds=3, calls=2)
+    assert counts == {"a": 1 + 3 * 3, "b": 1 + 3 * 3} and all(len(t) == 3 for t in times.values())
+    counts.update(a=0, b=0)
+    times = interleaved_times({name: counter(name) for name in counts}, rounds=4)
+    assert counts == {"a": 5, "b": 5} and all(len(t) == 4 for t in times.values())
+    with pytest.raises(ValueError, match="calls must be at least 1"):
+        interleaved_times({"a": counter("a")}, rounds=1, calls=0)
+
+
+def test_interleaved_dynamic_conv_steady_state_calls():
+    out = run("interleaved_dynamic_conv.py", "--shapes", "2x4x8x8", "--rounds", "2", "--calls", "2",
+              "--impls", "static-conv", "cpu")
+    assert "one untimed call and the mean of 2 timed ones" in out, out
+    row = next(line for line in out.splitlines() if line.startswith("| 4 at 8×8 (batch 2)"))
+    assert row.count("|") == 5, out
+    result = script("interleaved_dynamic_conv.py", "--calls", "0")
+    assert result.returncode == 2 and "--calls must be at least 1" in result.stderr
+
+
 def test_interleaved_dynamic_conv_rejects_a_bad_shape():
     result = script("interleaved_dynamic_conv.py", "--shapes", "8x16")
     assert result.returncode == 2 and "NxCxHxW" in result.stderr

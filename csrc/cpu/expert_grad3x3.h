@@ -222,9 +222,10 @@ void expert_grads3x3(const T* x, const T* gy, const T* experts, const T* routing
       }
       // Where a single group of samples folds each gradient value once, the values are streamed
       // to grad_experts (simd::stream: at 256 channels its 9.4 MB would otherwise be read from
-      // memory only to be overwritten) if its rows are aligned to the vector. The backward op, 8 alternating rounds of 100 calls at batch 8, medians, plain /
-      // streamed: 5.91 / 5.61 ms at 256 channels, 8²; 18.3 / 17.7 at 256, 16²; 4.59 / 4.50 at 128,
-      // 16² (the folds' share of `perf` samples at 256, 8²: 2416 → 1999).
+      // memory only to be overwritten) if its rows are aligned to the vector. The backward op,
+      // 8 alternating rounds of 100 calls at batch 8, medians, plain / streamed: 5.91 / 5.61 ms
+      // at 256 channels, 8²; 18.3 / 17.7 at 256, 16²; 4.59 / 4.50 at 128, 16² (the folds'
+      // `perf` samples at 256, 8²: 2416 → 1999).
       const bool streamable = simd::is_aligned(ge) && simd::is_aligned(ge + e_rstride) &&
                               simd::is_aligned(ge + e_kstride);
       acc_t<T>* part = parts.data() + task * N * K;
@@ -249,7 +250,7 @@ void expert_grads3x3(const T* x, const T* gy, const T* experts, const T* routing
               std::copy(&acc[0][0], &acc[0][0] + RB * CV, &tiles[i].v[0][0]);
             }
             const bool first = n0 + n1 == 0;  // no pass zeroes grad_experts beforehand
-            const bool only = first && n1 + group == count && count == N;
+            const bool only = first && n1 + group == count && count == N;  // the one group
             for (int64_t k = 0; k < K; ++k) {
               const int64_t off = k * e_kstride + ob * e_rstride;
               const T* r = routing + (n0 + n1) * K + k;

@@ -19,6 +19,11 @@ and then N times back to back, and records the mean of those N. With the default
 round, each call starts on the caches the other implementations left (as it would between the
 other layers of a network), which costs the implementations that read more memory more.
     .venv/bin/python bench/interleaved_dynamic_conv.py --calls 3 --rounds 9
+``--retain-freed-memory`` calls ``fastseg.retain_freed_memory()`` first, so that no
+implementation pays for fresh pages: by default the grouped reference's per-sample kernels and
+their gradients are fresh mappings on most calls (thousands of page faults per call at 256
+channels), and its time moves with them.
+    .venv/bin/python bench/interleaved_dynamic_conv.py --retain-freed-memory
 ``--floor`` adds two timings that are not the op, to show how much of the gap to the static conv
 the per-sample kernels bring by themselves here: ``products``, the per-sample products alone
 (batched BLAS GEMMs on operands made beforehand: forward y_n = W_n · col_n; backward also
@@ -50,6 +55,7 @@ import statistics
 import torch
 
 from bench_dynamic_conv import EXPERTS, IMPLS, SHAPES, make_run
+from fastseg.memory import retain_freed_memory
 from interleave import interleaved_times, median_ratio
 
 
@@ -133,6 +139,9 @@ def main(argv=None):
                         help="timed calls per implementation and round, after one untimed call "
                              "when more than 1: steady state on caches the implementation filled "
                              "itself (default 1: each call starts on what the others left)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="call fastseg.retain_freed_memory() first: no implementation pays "
+                             "for fresh pages (the grouped reference's per-sample kernels)")
     parser.add_argument("--floor", action="store_true",
                         help="also time the per-sample products and the experts' memory traffic "
                              "alone (see the module's docstring)")
@@ -144,10 +153,13 @@ def main(argv=None):
         parser.error("--impls must include static-conv and cpu (the ratios are to them)")
     if args.calls < 1:
         parser.error(f"--calls must be at least 1, got {args.calls}")
+    retained = args.retain_freed_memory and retain_freed_memory()
+    if args.retain_freed_memory and not retained:
+        parser.error("--retain-freed-memory needs Linux with glibc")
     calls = ("one call" if args.calls == 1 else
              f"one untimed call and the mean of {args.calls} timed ones")
     print(f"dynamic_conv2d, {args.mode}, {args.rounds} interleaved rounds per shape ({calls} per "
-          f"implementation and round), torch "
+          f"implementation and round{', freed memory retained' if retained else ''}), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; median ms, and in brackets the "
           f"median over rounds of the per-round ratio\n")
     others = [i for i in args.impls if i not in ("static-conv", "cpu")]

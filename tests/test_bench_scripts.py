@@ -86,6 +86,14 @@ def test_interleaved_dynamic_conv_steady_state_calls():
     assert result.returncode == 2 and "--calls must be at least 1" in result.stderr
 
 
+def test_interleaved_dynamic_conv_retains_freed_memory():
+    out = run("interleaved_dynamic_conv.py", "--shapes", "2x4x8x8", "--rounds", "2",
+              "--retain-freed-memory", "--impls", "static-conv", "reference", "cpu")
+    assert "freed memory retained" in out, out
+    row = next(line for line in out.splitlines() if line.startswith("| 4 at 8×8 (batch 2)"))
+    assert row.count("|") == 6, out
+
+
 def test_interleaved_dynamic_conv_rejects_a_bad_shape():
     result = script("interleaved_dynamic_conv.py", "--shapes", "8x16")
     assert result.returncode == 2 and "NxCxHxW" in result.stderr

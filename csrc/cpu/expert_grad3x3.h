@@ -197,6 +197,8 @@ void expert_grads3x3(const T* x, const T* gy, const T* experts, const T* routing
   std::vector<acc_t<T>> parts(tasks * N * K, acc_t<T>(0));
   const std::vector<T> zeros(P, T(0));
   const int64_t samples = std::clamp<int64_t>(budget / (P * JB * int64_t(sizeof(T))), 1, N);
+  // whether one group of samples folds every gradient value (one block of samples, one group)
+  const bool one_group = samples == N && N <= kFoldSamples;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> panel_buf(samples * P * JB + L), dot_buf(samples * K * L + L);
     std::vector<Tile<T>> tile_buf(kFoldSamples);
@@ -226,8 +228,8 @@ void expert_grads3x3(const T* x, const T* gy, const T* experts, const T* routing
       // 8 alternating rounds of 100 calls at batch 8, medians, plain / streamed: 5.91 / 5.61 ms
       // at 256 channels, 8²; 18.3 / 17.7 at 256, 16²; 4.59 / 4.50 at 128, 16² (the folds'
       // `perf` samples at 256, 8²: 2416 → 1999).
-      const bool streamable = simd::is_aligned(ge) && simd::is_aligned(ge + e_rstride) &&
-                              simd::is_aligned(ge + e_kstride);
+      const bool stream = one_group && simd::is_aligned(ge) &&
+                          simd::is_aligned(ge + e_rstride) && simd::is_aligned(ge + e_kstride);
       acc_t<T>* part = parts.data() + task * N * K;
       for (int64_t n0 = 0; n0 < N; n0 += samples) {
         const int64_t count = std::min(samples, N - n0);
@@ -250,14 +252,13 @@ void expert_grads3x3(const T* x, const T* gy, const T* experts, const T* routing
               std::copy(&acc[0][0], &acc[0][0] + RB * CV, &tiles[i].v[0][0]);
             }
             const bool first = n0 + n1 == 0;  // no pass zeroes grad_experts beforehand
-            const bool only = first && n1 + group == count && count == N;  // the one group
             for (int64_t k = 0; k < K; ++k) {
               const int64_t off = k * e_kstride + ob * e_rstride;
               const T* r = routing + (n0 + n1) * K + k;
               T* dk = dots + (n1 * K + k) * L;
               simd::dispatch_up_to_8(group, [&]<int NS>() {  // 1 ≤ group ≤ kFoldSamples = 8
                 if constexpr (NS > 0) {
-                  if (only && streamable)
+                  if (stream)  // the one group: first
                     fold_expert<T, RB, NS, true>(tiles, r, K, e + off, ge + off, e_rstride, valid,
                                                  true, dk);
                   else

@@ -27,7 +27,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <vector>
+#include <memory>
 
 #include "common/macros.h"
 #include "cpu/finite.h"
@@ -94,7 +94,8 @@ bool forward(const T* col, const T* experts, const Mix& mix, const T* bias, int6
   std::atomic<bool> finite{true};
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     const int64_t tile_values = samples * RB * chunk;  // one tile's mixed rows, [n][rows][cols]
-    std::vector<T> mixed((end - begin) * tile_values);
+    // not zero-filled (0.54 MB per thread at 256 channels, 8²): mix writes every value read
+    const std::unique_ptr<T[]> mixed(new T[(end - begin) * tile_values]);
     for (int64_t n0 = 0; n0 < N; n0 += samples) {
       const int64_t count = std::min(samples, N - n0);
       for (int64_t j0 = 0; j0 < R; j0 += chunk) {
@@ -107,14 +108,14 @@ bool forward(const T* col, const T* experts, const Mix& mix, const T* bias, int6
             for (int k = 0; k < K; ++k)
               for (int o = 0; o < valid; ++o)
                 if (!all_finite(experts + (k * C_out + o0 + o) * R + j0, cols)) finite = false;
-          mix(n0, count, o0, valid, j0, cols, mixed.data() + (t - begin) * tile_values);
+          mix(n0, count, o0, valid, j0, cols, mixed.get() + (t - begin) * tile_values);
         }
         for (int64_t n = 0; n < count; ++n) {
           const T* cn = col + ((n0 + n) * R + j0) * P;
           for (int64_t t = begin; t < end; ++t) {
             const int64_t o0 = t * RB;
             const int valid = static_cast<int>(std::min<int64_t>(RB, C_out - o0));
-            const T* mt = mixed.data() + (t - begin) * tile_values;
+            const T* mt = mixed.get() + (t - begin) * tile_values;
             // rows past C_out (valid < RB) repeat the last one: computed, not stored
             const T* w[RB];
             for (int o = 0; o < RB; ++o) w[o] = mt + (n * valid + std::min(o, valid - 1)) * cols;

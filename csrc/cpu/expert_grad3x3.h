@@ -224,11 +224,12 @@ void expert_grads3x3(const T* x, const T* gy, const T* experts, const T* routing
       }
       // Where a single group of samples folds each gradient value once, the values are streamed
       // to grad_experts (simd::stream: at 256 channels its 9.4 MB would otherwise be read from
-      // memory only to be overwritten) if its rows are aligned to the vector. The backward op,
-      // 8 alternating rounds of 100 calls at batch 8, medians, plain / streamed: 5.91 / 5.61 ms
-      // at 256 channels, 8²; 18.3 / 17.7 at 256, 16²; 4.59 / 4.50 at 128, 16² (the folds'
-      // `perf` samples at 256, 8²: 2416 → 1999).
-      const bool stream = one_group && simd::is_aligned(ge) &&
+      // memory only to be overwritten) if its rows are aligned to the vector; not a partial last
+      // block's scratch copy, which is read back at once (and whose alignment the heap decides).
+      // The backward op, 8 alternating rounds of 100 calls at batch 8, medians, plain /
+      // streamed: 5.91 / 5.61 ms at 256 channels, 8²; 18.3 / 17.7 at 256, 16²; 4.59 / 4.50 at
+      // 128, 16² (the folds' `perf` samples at 256, 8²: 2416 → 1999).
+      const bool stream = one_group && cols == JB && simd::is_aligned(ge) &&
                           simd::is_aligned(ge + e_rstride) && simd::is_aligned(ge + e_kstride);
       acc_t<T>* part = parts.data() + task * N * K;
       for (int64_t n0 = 0; n0 < N; n0 += samples) {

@@ -201,7 +201,12 @@ def test_matches_reference(variant, case, layout):
 # 2 as above, pixels in tiles of 4 vectors and a rest of 1–4 vectors whose last may be partial
 # (float32 with 16 lanes: 143 = 2·64 + 15, 64 whole, 60 = 4 vectors, 45 = 3, 30 = 2, 12 and 4 =
 # 1; float64's 8 lanes: 64 = 2·32, 60 = 32 + 4 vectors, ...), each tile's mixed rows for a block
-# of samples (one at the tiny budget, all at the default one).
+# of samples (one at the tiny budget, all at the default one), on im2col rows built per chunk
+# (im2col_rows): at stride 1 and outputs as wide as the input, a row is the plane shifted, in
+# masked vectors (the cases above; dilation 2 at 37 wide: 333 pixels, 20 vectors of 16 lanes + 13,
+# 41 of 8 + 5); otherwise rows of output pixels in masked vectors, one or several a row (37 wide:
+# 3 of 16 lanes, 5 of 8), rows above and below the plane, H stride and W dilation; W stride 2 value
+# by value.
 BLOCK_CASES = [
     Case("tiny-budget-blocks", 3, 21, 19, 11, 13, 4, (3, 3)),
     Case("tiny-budget-small-image", 3, 21, 19, 2, 2, 4, (3, 3), routing="softmax"),
@@ -211,6 +216,11 @@ BLOCK_CASES = [
     Case("three-pixel-vectors", 2, 8, 7, 5, 9, 2, (3, 3)),
     Case("one-pixel-vector", 2, 5, 13, 3, 4, 3, (3, 3)),
     Case("two-fold-groups", 11, 6, 13, 4, 5, 3, (3, 3)),
+    Case("dilation-2-same-37wide", 2, 5, 7, 9, 37, 3, (3, 3), padding=2, dilation=2),
+    Case("stride-2x1-dilation-1x2-37wide", 2, 5, 7, 9, 37, 3, (3, 3), stride=(2, 1),
+         padding=(1, 2), dilation=(1, 2)),
+    Case("stride-2-dilation-2x1-3x2", 3, 6, 9, 13, 10, 2, (3, 2), stride=2, padding=(1, 0),
+         dilation=(2, 1), routing="softmax"),
 ]
 
 
@@ -293,8 +303,8 @@ def test_direct_conv_boundaries(variant, case, threads, dtype):
 @pytest.mark.parametrize("where", [0, 36, -1])  # first value, a middle row's first, last value
 @pytest.mark.parametrize("variant", THREE_BY_THREE + ["cpu-gemm", "cpu-gemm-blocks"], indirect=True)
 def test_direct_conv_checks_every_row_of_x(variant, where):
-    """The direct convolution checks x for NaN while it copies x's rows, the gemm plan while it
-    writes im2col: every row, every task."""
+    """The direct convolution checks x for NaN while it copies x's rows, the gemm plan before
+    its products (groups 1) or while it writes im2col: every row, every task."""
     x, experts, routing, bias = DIRECT_CASES[0].inputs()
     x.view(-1)[where] = float("nan")
     with pytest.raises(ValueError, match="x contains NaN"):

@@ -384,6 +384,85 @@ void im2col(const T* x, const Geometry& g, int64_t c_begin, int64_t c_end, T* co
   }
 }
 
+// Where a convolution at stride 1 has outputs as wide as its input (Wo = W: 'same' padding),
+// output pixel p of tap (i, j) reads the plane's pixel p + (i·dh − ph)·W + j·dw − pw, where that
+// lies inside the plane: a row of im2col is the flattened plane shifted, with a fixed mask per tap
+// and vector. These masks: bit l of [tap][v] is set where pixel v·L + l reads inside the plane
+// (L = simd::kLanes<T>). Empty for other geometries.
+template <typename T>
+std::vector<uint32_t> shifted_row_masks(const Geometry& g) {
+  constexpr int L = simd::kLanes<T>;
+  if (g.sh != 1 || g.sw != 1 || g.Wo != g.W) return {};
+  const int64_t P = g.P(), vectors = (P + L - 1) / L;
+  std::vector<uint32_t> masks(g.taps() * vectors, 0);
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j)
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t ih = p / g.Wo + i * g.dh - g.ph, iw = p % g.Wo + j * g.dw - g.pw;
+        if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
+          masks[(i * g.kw + j) * vectors + p / L] |= 1u << (p % L);
+      }
+  return masks;
+}
+
+// Rows [j_begin, j_end) of one sample's im2col (as im2col's: row (c·kh + i)·kw + j for input
+// channel c and tap (i, j)), straight from the planes, vectors stored whole: `col` needs one
+// vector of room past its rows, as a row's last vector may run into the next row (written after
+// it). With `masks` (shifted_row_masks) a row is its P/L masked loads of the shifted plane;
+// otherwise, at unit stride along W, each row of Wo output pixels is read a vector at a time with
+// loads masked to the plane's inside (other strides: value by value), and rows outside the plane
+// are stored as zero vectors. mixed_gemm.h builds each sample's chunk of rows this way, per
+// thread while in L1 (the forward op at 8 × 256 channels at 8², 8 alternating rounds of 100
+// calls, medians: 2.56 ms with one im2col pass over the batch whose rows every thread then read
+// from L3, 2.45 with rows built per thread by rows of output pixels, 2.12 by the shifted plane;
+// by im2col's per-channel copies through a padded plane, per thread: 0.1–0.3 ms slower than the
+// single pass).
+template <typename T>
+void im2col_rows(const T* x, const Geometry& g, const uint32_t* masks, int64_t j_begin,
+                 int64_t j_end, T* col) {
+  using V = simd::UnalignedVec<T>;
+  constexpr int L = simd::kLanes<T>;
+  const int64_t taps = g.taps(), P = g.P();
+  int64_t c = j_begin / taps, i = j_begin % taps / g.kw, j = j_begin % g.kw;
+  const int64_t vectors = (P + L - 1) / L;
+  for (int64_t row = j_begin; row < j_end; ++row) {
+    T* d = col + (row - j_begin) * P;
+    if (masks != nullptr) {
+      const T* src = x + c * g.H * g.W + (i * g.dh - g.ph) * g.W + j * g.dw - g.pw;
+      const uint32_t* m = masks + (i * g.kw + j) * vectors;
+      for (int64_t v = 0; v < vectors; ++v)
+        *reinterpret_cast<V*>(d + v * L) = simd::load_masked(src + v * L, m[v]);
+    } else {
+      T* const next_row = d + P;
+      const int64_t oh_lo = std::min(first_inside(i, g.sh, g.ph, g.dh), g.Ho);
+      const int64_t oh_hi = std::max(end_inside(i, g.H, g.Ho, g.sh, g.ph, g.dh), oh_lo);
+      // output columns [lo, hi) read inside the plane
+      const int64_t lo = std::min(first_inside(j, g.sw, g.pw, g.dw), g.Wo);
+      const int64_t hi = std::max(end_inside(j, g.W, g.Wo, g.sw, g.pw, g.dw), lo);
+      for (T* const end = d + oh_lo * g.Wo; d < end; d += L)
+        *reinterpret_cast<V*>(d) = simd::Vec<T>{};
+      d = next_row - P + oh_lo * g.Wo;
+      // output column 0's input (src may point before the plane: those lanes are masked off)
+      const T* src =
+          x + (c * g.H + input_coord(oh_lo, i, g.sh, g.ph, g.dh)) * g.W + j * g.dw - g.pw;
+      for (int64_t oh = oh_lo; oh < oh_hi; ++oh, d += g.Wo, src += g.sh * g.W) {
+        if (g.sw == 1) {
+          for (int64_t ow = 0; ow < g.Wo; ow += L)
+            *reinterpret_cast<V*>(d + ow) = simd::load_range(src + ow, lo - ow, hi - ow);
+        } else {
+          for (int64_t ow = 0; ow < g.Wo; ++ow)
+            d[ow] = ow >= lo && ow < hi ? src[ow * g.sw] : T(0);
+        }
+      }
+      for (; d < next_row; d += L) *reinterpret_cast<V*>(d) = simd::Vec<T>{};
+    }
+    if (++j == g.kw) {
+      j = 0;
+      if (++i == g.kh) i = 0, ++c;
+    }
+  }
+}
+
 // The adjoint of im2col for `channels` input channels: grad_x [channels, H, W] = Σ over taps of
 // the rows of `col` ([channels·kh·kw, Ho·Wo]) scattered back to the pixels they were read from.
 template <typename T>
@@ -723,10 +802,10 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
   at::Tensor y = cpu::empty_output({g.N, g.C_out, P}, x.options());
   // groups 1: mixed_gemm.h's products instead of the BLAS blocks below (forward at batch 8, 21
   // alternating rounds, twice, new / BLAS time: 0.63 and 0.77 at 256 channels, 8²; 0.83 and 0.84
-  // at 128, 8²; 0.80 and 0.86 at one sample of 256, 8²). Its last vector of a row may read past
-  // the row: one vector of padding after the columns.
+  // at 128, 8²; 0.80 and 0.86 at one sample of 256, 8²), on im2col rows that each thread builds
+  // per chunk while they are in L1 (see im2col_rows).
   const bool own_products = g.groups == 1;
-  at::Tensor col = at::empty({b.samples * g.C_in * taps * P + 64}, x.options());
+  at::Tensor col = at::empty({own_products ? 0 : b.samples * g.C_in * taps * P}, x.options());
   at::Tensor scratch = at::empty(
       {at::get_num_threads(), own_products ? 0 : b.samples * b.rows * b.channels * taps}, x.options());
   const at::Tensor mixed_bias = bias.defined() ? mix_bias(routing, bias) : at::Tensor();
@@ -737,8 +816,23 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
     const scalar_t* r = routing.data_ptr<scalar_t>();
     const scalar_t* bp = mixed_bias.defined() ? mixed_bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* colp = col.data_ptr<scalar_t>();
     const int64_t plane = g.H * g.W, sample_cols = g.C_in * taps * P;
+    if (own_products) {
+      x_finite = tensor_finite<scalar_t>(x);
+      const std::vector<uint32_t> masks = shifted_row_masks<scalar_t>(g);
+      const auto col_rows = [&](int64_t n, int64_t j0, int64_t j1, scalar_t* out) {
+        im2col_rows(xp + n * g.C_in * plane, g, masks.empty() ? nullptr : masks.data(), j0, j1,
+                    out);
+      };
+      const auto mix = [&](int64_t n0, int64_t samples, int64_t o0, int64_t rows, int64_t j0,
+                           int64_t cols, scalar_t* out) {
+        mix_kernels(r + n0 * g.K, samples, g.K, e + o0 * R + j0, g.C_out * R, R, rows, cols, out);
+      };
+      experts_finite = mixed_gemm::forward<scalar_t>(col_rows, e, mix, bp, g.N, g.C_out, R, P, g.K,
+                                                     yp, block_bytes());
+      return;
+    }
+    scalar_t* colp = col.data_ptr<scalar_t>();
     for (int64_t n0 = 0; n0 < g.N; n0 += b.samples) {
       const int64_t count = std::min(b.samples, g.N - n0);
       at::parallel_for(0, count * g.C_in, 1, [&](int64_t begin, int64_t end) {
@@ -749,18 +843,6 @@ at::Tensor forward_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor
           im2col(xn, g, c, c + 1, colp + n * sample_cols + c * taps * P);
         }
       });
-      if (own_products) {
-        const auto mix = [&](int64_t m0, int64_t samples, int64_t o0, int64_t rows, int64_t j0,
-                             int64_t cols, scalar_t* out) {
-          mix_kernels(r + (n0 + m0) * g.K, samples, g.K, e + o0 * R + j0, g.C_out * R, R, rows, cols,
-                      out);
-        };
-        if (!mixed_gemm::forward<scalar_t>(colp, e, mix, bp != nullptr ? bp + n0 * g.C_out : nullptr,
-                                           count, g.C_out, R, P, g.K, yp + n0 * g.C_out * P,
-                                           block_bytes()))
-          experts_finite = false;
-        continue;
-      }
       at::parallel_for(0, g.groups * rows_per_group, 1, [&](int64_t begin, int64_t end) {
         scalar_t* w = slot<scalar_t>(scratch);
         for (int64_t task = begin; task < end; ++task) {

@@ -12,8 +12,10 @@
 // expert value read once per block of samples), then, sample by sample, runs every one of its
 // tiles over the chunk: per kernel column j, PV vector loads of col[n][j], RB broadcasts of the
 // mixed rows, RB·PV FMAs. The accumulators start at the mixed bias in the first chunk and at y's
-// partial sums in the others. A sample's chunk of im2col (32 KB) stays in L1 while every tile of
-// the thread reads it. With each tile running over a chunk of every sample in turn before the
+// partial sums in the others. A sample's chunk of im2col (32 KB) is built by the thread itself,
+// into L1, where it stays while every tile of the thread reads it (the im2col rows are not
+// stored: before, one pass over the batch wrote them, 4.7 MB at 8 × 256 channels at 8², and
+// every thread read them all back from L3; see im2col_rows in dynamic_conv.cpp). With each tile running over a chunk of every sample in turn before the
 // next tile (chunks of 64 KB, from L2), the forward op took 3.02 ms against 2.80 now (8 × 256
 // channels at 8², 8 alternating rounds of 100 calls, medians); chunks of 16 KB: 3.08 (y's
 // partial sums, loaded and stored per chunk, twice as often). Before that, with the whole
@@ -73,16 +75,17 @@ __attribute__((always_inline)) inline void tile(const T* const* w, const T* col,
     }
 }
 
-// col: [N][R][P] followed by at least one vector of padding, experts [K][C_out][R], bias
-// [N][C_out] (mixed) or null, y [N][C_out][P]. mix(n0, count, o0, rows, j0, cols, out) writes
+// im2col(n, j0, j1, out) writes rows j0 .. j1 − 1 of sample n's im2col ([R][P]) to out, which
+// has room for one vector more; experts [K][C_out][R], bias [N][C_out] (mixed) or null, y
+// [N][C_out][P]. mix(n0, count, o0, rows, j0, cols, out) writes
 // columns j0 .. j0 + cols − 1 of the mixed kernel rows o0 .. o0 + rows − 1 of samples n0 .. n0 +
 // count − 1 to out ([count][rows][cols]). `budget` bytes bound a thread's mixed rows of one chunk
 // for a block of samples (at least one sample), and a chunk of one sample's im2col rows is at
 // most kL1Bytes and budget / 8 (at least one column; tests shrink the budget).
 // Returns false where the experts hold a NaN or inf (checked as they are first read).
-template <typename T, typename Mix>
-bool forward(const T* col, const T* experts, const Mix& mix, const T* bias, int64_t N,
-             int64_t C_out, int64_t R, int64_t P, int64_t K, T* y, int64_t budget) {
+template <typename T, typename Im2col, typename Mix>
+bool forward(const Im2col& im2col, const T* experts, const Mix& mix, const T* bias,
+             int64_t N, int64_t C_out, int64_t R, int64_t P, int64_t K, T* y, int64_t budget) {
   constexpr int L = kLanes<T>, RB = kRowBlock, PV = kPixelVectors;
   const int64_t tiles = (C_out + RB - 1) / RB, item = sizeof(T);
   // A sample's chunk of im2col rows fits L1 and is used by every tile of the thread in turn; the
@@ -96,6 +99,8 @@ bool forward(const T* col, const T* experts, const Mix& mix, const T* bias, int6
     const int64_t tile_values = samples * RB * chunk;  // one tile's mixed rows, [n][rows][cols]
     // not zero-filled (0.54 MB per thread at 256 channels, 8²): mix writes every value read
     const std::unique_ptr<T[]> mixed(new T[(end - begin) * tile_values]);
+    // a sample's chunk of im2col rows, vector-aligned, with a vector of room after it
+    const std::unique_ptr<T[]> cols_buffer(new T[chunk * P + 2 * L]());
     for (int64_t n0 = 0; n0 < N; n0 += samples) {
       const int64_t count = std::min(samples, N - n0);
       for (int64_t j0 = 0; j0 < R; j0 += chunk) {
@@ -111,7 +116,8 @@ bool forward(const T* col, const T* experts, const Mix& mix, const T* bias, int6
           mix(n0, count, o0, valid, j0, cols, mixed.get() + (t - begin) * tile_values);
         }
         for (int64_t n = 0; n < count; ++n) {
-          const T* cn = col + ((n0 + n) * R + j0) * P;
+          T* const cn = simd::aligned(cols_buffer.get());
+          im2col(n0 + n, j0, j0 + cols, cn);
           for (int64_t t = begin; t < end; ++t) {
             const int64_t o0 = t * RB;
             const int valid = static_cast<int>(std::min<int64_t>(RB, C_out - o0));

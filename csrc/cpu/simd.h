@@ -57,6 +57,45 @@ __attribute__((always_inline)) inline Vec<T> load_lanes(const T* p, int lanes) {
   return v;
 }
 
+// Lanes l of p whose bit l of `lanes` is set, the others 0; the others are not read (no fault
+// where they lie outside the buffer). One masked load with AVX2 and AVX-512: im2col's rows, whose
+// pixels in the padding are 0.
+template <typename T>
+__attribute__((always_inline)) inline Vec<T> load_masked(const T* p, uint32_t lanes) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>)
+    return (Vec<T>)_mm512_maskz_loadu_ps(static_cast<__mmask16>(lanes), p);
+  else
+    return (Vec<T>)_mm512_maskz_loadu_pd(static_cast<__mmask8>(lanes), p);
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i set = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes)), bit);
+    return (Vec<T>)_mm256_maskload_ps(p, _mm256_cmpeq_epi32(set, bit));
+  } else {
+    const __m256i bit = _mm256_setr_epi64x(1, 2, 4, 8);
+    const __m256i set = _mm256_and_si256(_mm256_set1_epi64x(lanes), bit);
+    return (Vec<T>)_mm256_maskload_pd(p, _mm256_cmpeq_epi64(set, bit));
+  }
+#else
+  Vec<T> v{};
+  for (int l = 0; l < kLanes<T>; ++l)
+    if (lanes >> l & 1) v[l] = p[l];
+  return v;
+#endif
+}
+
+// Lanes l of p with lo <= l < hi (lo and hi may lie outside [0, kLanes<T>]), the others 0 and not
+// read, as load_masked.
+template <typename T>
+__attribute__((always_inline)) inline Vec<T> load_range(const T* p, int64_t lo, int64_t hi) {
+  constexpr int L = kLanes<T>;
+  lo = lo < 0 ? 0 : lo > L ? L : lo;
+  hi = hi < lo ? lo : hi > L ? L : hi;
+  return load_masked(p, ((1u << hi) - 1) & ~((1u << lo) - 1));
+}
+
 // Stores v to p (aligned to the vector; called as stream<T>) with a non-temporal store: the
 // cache line is written without being read first and is not kept in the caches. Such stores are
 // not ordered with other stores: a thread calls stream_fence() after its last one, before another

@@ -20,7 +20,8 @@
 //   A block of W_n (some output rows × some input channels' taps) is mixed for a block of samples
 //   into a per-thread buffer that stays in cache and is used at once: y_n += W_n-block ·
 //   im2col(x_n)-block in the forward (for groups 1 csrc/cpu/mixed_gemm.h's register tiles over
-//   rows mixed a few at a time instead); in the backward W_n-blockᵀ · grad_out_n → col2im gives the
+//   rows mixed a few at a time instead, on chunks of im2col rows each thread builds in L1); in
+//   the backward W_n-blockᵀ · grad_out_n → col2im gives the
 //   input gradient, and the block of each per-sample weight gradient gW_n = grad_out_n ·
 //   im2col(x_n)ᵀ is reduced while in cache into grad_experts (Σ_n routing[n, k] · gW_n) and
 //   grad_routing (⟨gW_n, E_k⟩). Each expert value is read once per block of samples. For 3×3
@@ -31,7 +32,8 @@
 // Neither plan keeps a per-sample kernel between forward and backward: the backward recomputes.
 // Layouts: x and grad_out are used NCHW-contiguous (a channels-last or strided input is copied
 // once); outputs come back in x's memory format. The forward checks its inputs for NaN/inf: the
-// gemm plan checks x and the experts while it first reads them (im2col, mixing), the folded plan
+// gemm plan checks x and the experts while it first reads them (im2col, mixing; for groups 1 x
+// in a pass of its own, as each thread builds im2col rows of every sample), the folded plan
 // x and the mixed kernels while the direct convolution copies them, or else x and the experts in
 // parallel passes of their own (one read, where torch.isfinite in Python would also write a
 // mask); routing and bias always in a pass (they are small).

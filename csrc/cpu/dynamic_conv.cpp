@@ -21,13 +21,13 @@
 //   into a per-thread buffer that stays in cache and is used at once: y_n += W_n-block ·
 //   im2col(x_n)-block in the forward (for groups 1 csrc/cpu/mixed_gemm.h's register tiles over
 //   rows mixed a few at a time instead, on chunks of im2col rows each thread builds in L1); in
-//   the backward W_n-blockᵀ · grad_out_n → col2im gives the
-//   input gradient, and the block of each per-sample weight gradient gW_n = grad_out_n ·
-//   im2col(x_n)ᵀ is reduced while in cache into grad_experts (Σ_n routing[n, k] · gW_n) and
-//   grad_routing (⟨gW_n, E_k⟩). Each expert value is read once per block of samples. For 3×3
-//   kernels at stride 1, padding 1 that weight side is csrc/cpu/expert_grad3x3.h's kernel instead,
-//   which folds each register tile of gW_n into both gradients as soon as it is summed, and from
-//   16² outputs on their input gradient is the folded plan's 3×3 convolution (grad_x_3x3).
+//   the backward W_n-blockᵀ · grad_out_n → col2im gives the input gradient, and the block of
+//   each per-sample weight gradient gW_n = grad_out_n · im2col(x_n)ᵀ is reduced while in cache
+//   into grad_experts (Σ_n routing[n, k] · gW_n) and grad_routing (⟨gW_n, E_k⟩). Each expert
+//   value is read once per block of samples. For 3×3 kernels at stride 1, padding 1 that weight
+//   side is csrc/cpu/expert_grad3x3.h's kernel instead, which folds each register tile of gW_n
+//   into both gradients as soon as it is summed, and from 16² outputs on their input gradient
+//   is the folded plan's 3×3 convolution (grad_x_3x3).
 //
 // Neither plan keeps a per-sample kernel between forward and backward: the backward recomputes.
 // Layouts: x and grad_out are used NCHW-contiguous (a channels-last or strided input is copied
@@ -416,9 +416,7 @@ std::vector<uint32_t> shifted_row_masks(const Geometry& g) {
 // are stored as zero vectors. mixed_gemm.h builds each sample's chunk of rows this way, per
 // thread while in L1 (the forward op at 8 × 256 channels at 8², 8 alternating rounds of 100
 // calls, medians: 2.56 ms with one im2col pass over the batch whose rows every thread then read
-// from L3, 2.45 with rows built per thread by rows of output pixels, 2.12 by the shifted plane;
-// by im2col's per-channel copies through a padded plane, per thread: 0.1–0.3 ms slower than the
-// single pass).
+// from L3, 2.12 with the shifted plane; the variants tried are in bench/RESULTS.md).
 template <typename T>
 void im2col_rows(const T* x, const Geometry& g, const uint32_t* masks, int64_t j_begin,
                  int64_t j_end, T* col) {

@@ -15,10 +15,11 @@
 // partial sums in the others. A sample's chunk of im2col (32 KB) is built by the thread itself,
 // into L1, where it stays while every tile of the thread reads it (the im2col rows are not
 // stored: before, one pass over the batch wrote them, 4.7 MB at 8 × 256 channels at 8², and
-// every thread read them all back from L3; see im2col_rows in dynamic_conv.cpp). With each tile running over a chunk of every sample in turn before the
-// next tile (chunks of 64 KB, from L2), the forward op took 3.02 ms against 2.80 now (8 × 256
-// channels at 8², 8 alternating rounds of 100 calls, medians); chunks of 16 KB: 3.08 (y's
-// partial sums, loaded and stored per chunk, twice as often). Before that, with the whole
+// every thread read them all back from L3; see im2col_rows in dynamic_conv.cpp). With each tile
+// running over a chunk of every sample in turn before the next tile (chunks of 64 KB, from L2),
+// the forward op took 3.02 ms against 2.80 (8 × 256 channels at 8², 8 alternating rounds of 100
+// calls, medians, with the im2col pass); chunks of 16 KB: 3.08 (y's partial sums, loaded and
+// stored per chunk, twice as often). Before that, with the whole
 // reduction per tile, each tile read every sample's im2col again, from L3 once a block of
 // samples' im2col outgrew L2 (4.7 MB at 8 × 256 channels at 8²: 78 % of the kernel's samples on
 // those loads on a Xeon).

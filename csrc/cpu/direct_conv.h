@@ -224,7 +224,7 @@ bool for_each_kernel_block(const T* w, int64_t w_stride, const MixRows<T>* mix, 
   const int64_t full_blocks = C_out / CB, blocks = full_blocks + (C_out - full_blocks * CB);
   std::atomic<bool> finite{true};
   at::parallel_for(0, blocks * samples, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> mixed(mix ? CB * row : 0);
+    std::vector<T> mixed;  // sized on first use: blocks mixed straight into place never need it
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i % samples, b = i / samples;
       const int64_t co = b < full_blocks ? b * CB : full_blocks * CB + (b - full_blocks);
@@ -238,6 +238,7 @@ bool for_each_kernel_block(const T* w, int64_t w_stride, const MixRows<T>* mix, 
       }
       const T* rows = w + (n0 + n) * w_stride + co * row;
       if (mix) {
+        if (mixed.empty()) mixed.resize(CB * row);
         (*mix)(n0 + n, co, channels, mixed.data());
         rows = mixed.data();
       }

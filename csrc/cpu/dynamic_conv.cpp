@@ -426,14 +426,14 @@ void im2col_rows(const T* x, const Geometry& g, const uint32_t* masks, int64_t j
   int64_t c = j_begin / taps, i = j_begin % taps / g.kw, j = j_begin % g.kw;
   const int64_t vectors = (P + L - 1) / L;
   for (int64_t row = j_begin; row < j_end; ++row) {
-    T* d = col + (row - j_begin) * P;
+    T* const start = col + (row - j_begin) * P;
+    T* d = start;
     if (masks != nullptr) {
       const T* src = x + c * g.H * g.W + (i * g.dh - g.ph) * g.W + j * g.dw - g.pw;
       const uint32_t* m = masks + (i * g.kw + j) * vectors;
       for (int64_t v = 0; v < vectors; ++v)
         *reinterpret_cast<V*>(d + v * L) = simd::load_masked(src + v * L, m[v]);
     } else {
-      T* const next_row = d + P;
       const int64_t oh_lo = std::min(first_inside(i, g.sh, g.ph, g.dh), g.Ho);
       const int64_t oh_hi = std::max(end_inside(i, g.H, g.Ho, g.sh, g.ph, g.dh), oh_lo);
       // output columns [lo, hi) read inside the plane
@@ -441,7 +441,7 @@ void im2col_rows(const T* x, const Geometry& g, const uint32_t* masks, int64_t j
       const int64_t hi = std::max(end_inside(j, g.W, g.Wo, g.sw, g.pw, g.dw), lo);
       for (T* const end = d + oh_lo * g.Wo; d < end; d += L)
         *reinterpret_cast<V*>(d) = simd::Vec<T>{};
-      d = next_row - P + oh_lo * g.Wo;
+      d = start + oh_lo * g.Wo;
       // output column 0's input (src may point before the plane: those lanes are masked off)
       const T* src =
           x + (c * g.H + input_coord(oh_lo, i, g.sh, g.ph, g.dh)) * g.W + j * g.dw - g.pw;
@@ -454,7 +454,7 @@ void im2col_rows(const T* x, const Geometry& g, const uint32_t* masks, int64_t j
             d[ow] = ow >= lo && ow < hi ? src[ow * g.sw] : T(0);
         }
       }
-      for (; d < next_row; d += L) *reinterpret_cast<V*>(d) = simd::Vec<T>{};
+      for (; d < start + P; d += L) *reinterpret_cast<V*>(d) = simd::Vec<T>{};
     }
     if (++j == g.kw) {
       j = 0;

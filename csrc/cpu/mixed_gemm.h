@@ -19,10 +19,9 @@
 // running over a chunk of every sample in turn before the next tile (chunks of 64 KB, from L2),
 // the forward op took 3.02 ms against 2.80 (8 × 256 channels at 8², 8 alternating rounds of 100
 // calls, medians, with the im2col pass); chunks of 16 KB: 3.08 (y's partial sums, loaded and
-// stored per chunk, twice as often). Before that, with the whole
-// reduction per tile, each tile read every sample's im2col again, from L3 once a block of
-// samples' im2col outgrew L2 (4.7 MB at 8 × 256 channels at 8²: 78 % of the kernel's samples on
-// those loads on a Xeon).
+// stored per chunk, twice as often). Before that, with the whole reduction per tile, each tile
+// read every sample's im2col again, from L3 once a block of samples' im2col outgrew L2 (4.7 MB
+// at 8 × 256 channels at 8²: 78 % of the kernel's samples on those loads on a Xeon).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -102,6 +101,7 @@ bool forward(const Im2col& im2col, const T* experts, const Mix& mix, const T* bi
     const std::unique_ptr<T[]> mixed(new T[(end - begin) * tile_values]);
     // a sample's chunk of im2col rows, vector-aligned, with a vector of room after it
     const std::unique_ptr<T[]> cols_buffer(new T[chunk * P + 2 * L]());
+    T* const cn = simd::aligned(cols_buffer.get());
     for (int64_t n0 = 0; n0 < N; n0 += samples) {
       const int64_t count = std::min(samples, N - n0);
       for (int64_t j0 = 0; j0 < R; j0 += chunk) {
@@ -117,7 +117,6 @@ bool forward(const Im2col& im2col, const T* experts, const Mix& mix, const T* bi
           mix(n0, count, o0, valid, j0, cols, mixed.get() + (t - begin) * tile_values);
         }
         for (int64_t n = 0; n < count; ++n) {
-          T* const cn = simd::aligned(cols_buffer.get());
           im2col(n0 + n, j0, j0 + cols, cn);
           for (int64_t t = begin; t < end; ++t) {
             const int64_t o0 = t * RB;

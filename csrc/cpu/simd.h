@@ -48,15 +48,6 @@ __attribute__((always_inline)) inline void store_lanes(T* p, const Vec<T>& v, in
   }
 }
 
-// The first `lanes` values at p, the others 0 (one vector load when lanes is kLanes<T>).
-template <typename T>
-__attribute__((always_inline)) inline Vec<T> load_lanes(const T* p, int lanes) {
-  if (lanes == kLanes<T>) return load(p);
-  Vec<T> v{};
-  for (int l = 0; l < lanes; ++l) v[l] = p[l];
-  return v;
-}
-
 // Lanes l of p whose bit l of `lanes` is set, the others 0; the others are not read (no fault
 // where they lie outside the buffer). One masked load with AVX2 and AVX-512: im2col's rows, whose
 // pixels in the padding are 0.
@@ -94,6 +85,13 @@ __attribute__((always_inline)) inline Vec<T> load_range(const T* p, int64_t lo, 
   lo = lo < 0 ? 0 : lo > L ? L : lo;
   hi = hi < lo ? lo : hi > L ? L : hi;
   return load_masked(p, ((1u << hi) - 1) & ~((1u << lo) - 1));
+}
+
+// The first `lanes` values at p, the others 0 and not read (one plain vector load when lanes is
+// kLanes<T>): a tile's last vector of a row that ends inside it.
+template <typename T>
+__attribute__((always_inline)) inline Vec<T> load_lanes(const T* p, int lanes) {
+  return lanes == kLanes<T> ? load(p) : load_range(p, 0, lanes);
 }
 
 // Stores v to p (aligned to the vector; called as stream<T>) with a non-temporal store: the

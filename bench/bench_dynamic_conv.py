@@ -72,17 +72,18 @@ for _name in fastseg.available_backends("cpu"):
         IMPLS[_name] = (lambda b: lambda x, e, r: dynamic_conv2d(x, e, r, padding=1, backend=b))(_name)
 
 
-def inputs(shape, seed=0, c_out=None):
-    """x [N, C, H, W] (`shape`), experts [K, c_out, C, 3, 3] (c_out: C unless given; scaled like
-    LightAWNet's normal init over the fan-in), routing (sigmoid), grad_y [N, c_out, H, W]."""
+def inputs(shape, seed=0, c_out=None, experts=EXPERTS):
+    """x [N, C, H, W] (`shape`), experts [K, c_out, C, 3, 3] (K = `experts`; c_out: C unless
+    given; scaled like LightAWNet's normal init over the fan-in), routing [N, K] (sigmoid),
+    grad_y [N, c_out, H, W]."""
     g = torch.Generator().manual_seed(seed)
     N, C, H, W = shape
     c_out = C if c_out is None else c_out
     x = torch.randn(shape, generator=g)
-    experts = torch.randn(EXPERTS, c_out, C, 3, 3, generator=g) / (3 * C ** 0.5)
-    routing = torch.sigmoid(torch.randn(N, EXPERTS, generator=g))
+    kernels = torch.randn(experts, c_out, C, 3, 3, generator=g) / (3 * C ** 0.5)
+    routing = torch.sigmoid(torch.randn(N, experts, generator=g))
     grad_y = torch.randn(N, c_out, H, W, generator=g)
-    return x, experts, routing, grad_y
+    return x, kernels, routing, grad_y
 
 
 def op_cost(shape, mode):
@@ -118,10 +119,10 @@ def run_once(impl, shape):
                          routing.requires_grad_(), grad_y)
 
 
-def make_run(impl, shape, mode, c_out=None):
+def make_run(impl, shape, mode, c_out=None, experts=EXPERTS):
     """A function running one forward (no autograd) or forward + backward of `impl` at `shape`
-    (and c_out output channels, as in :func:`inputs`) on :func:`inputs`."""
-    x, experts, routing, grad_y = inputs(shape, c_out=c_out)
+    (with c_out output channels and `experts` experts, as in :func:`inputs`) on :func:`inputs`."""
+    x, experts, routing, grad_y = inputs(shape, c_out=c_out, experts=experts)
     fn = IMPLS[impl]
     if mode == "forward":
         def run():

@@ -39,6 +39,13 @@ backend never writes there (it mixes them in cache-sized blocks).
     .venv/bin/python bench/interleaved_dynamic_conv.py --floor --impls static-conv cpu \
         --shapes 8x128x16x16 8x256x8x8 8x256x16x16
 
+``--experts K`` sets the number of experts (default 4): with one, the cpu backend still mixes
+(one routing weight) and keeps per-sample kernels, but moves no more kernel memory than the static
+conv, so ``--experts 1`` against the default separates what the experts' number costs from what
+the per-sample kernels cost by themselves.
+
+    .venv/bin/python bench/interleaved_dynamic_conv.py --experts 1 --impls static-conv cpu
+
 ``cpu-direct3x3`` and ``cpu-winograd3x3`` are the cpu backend with its folded plan's 3×3
 convolutions forced to one algorithm (``FASTSEG_DYNAMIC_CONV_CPU_3X3``), ``cpu-gemm-plan`` with
 its gemm plan forced (``FASTSEG_DYNAMIC_CONV_CPU_PLAN``), each set for the whole call, backward
@@ -46,7 +53,8 @@ included; ``cpu`` picks by shape. A shape of five sizes, NxC_inxC_outxHxW, has d
 and output channel counts.
 
 Shapes, inputs and implementations as in ``bench_dynamic_conv.py`` (batch 8, K = 4 experts of
-3×3); compiled implementations are compiled before the first round.
+3×3 unless ``--experts`` says otherwise); compiled implementations are compiled before the first
+round.
 """
 import argparse
 import os
@@ -65,9 +73,9 @@ FORCED = {"cpu-direct3x3": ("FASTSEG_DYNAMIC_CONV_CPU_3X3", "direct"),
           "cpu-gemm-plan": ("FASTSEG_DYNAMIC_CONV_CPU_PLAN", "gemm")}
 
 
-def make_forced_run(impl, shape, mode, c_out=None):
+def make_forced_run(impl, shape, mode, c_out=None, experts=EXPERTS):
     """make_run's cpu run with the impl's environment variable set around every call."""
-    run = make_run("cpu", shape, mode, c_out)
+    run = make_run("cpu", shape, mode, c_out, experts)
     variable, value = FORCED[impl]
 
     def forced():
@@ -79,7 +87,7 @@ def make_forced_run(impl, shape, mode, c_out=None):
     return forced
 
 
-def make_floor_run(name, shape, mode, c_out):
+def make_floor_run(name, shape, mode, c_out, experts=EXPERTS):
     """A run of one of the ``--floor`` timings (see the module's docstring) at `shape`: the
     per-sample ``products`` or the ``expert-traffic``."""
     N, C, H, W = shape
@@ -96,13 +104,13 @@ def make_floor_run(name, shape, mode, c_out):
                 torch.bmm(gy, col.transpose(1, 2), out=gw)
                 torch.bmm(w.transpose(1, 2), gy, out=gcol)
         return run
-    experts = torch.randn(EXPERTS, c_out, R, generator=g)
-    grad = torch.empty_like(experts)
+    kernels = torch.randn(experts, c_out, R, generator=g)
+    grad = torch.empty_like(kernels)
 
     def run():
-        experts.sum()  # the forward's read
+        kernels.sum()  # the forward's read
         if mode != "forward":
-            experts.sum()  # the backward's read
+            kernels.sum()  # the backward's read
             grad.fill_(1.0)  # and its write of grad_experts
     return run
 
@@ -145,12 +153,17 @@ def main(argv=None):
     parser.add_argument("--floor", action="store_true",
                         help="also time the per-sample products and the experts' memory traffic "
                              "alone (see the module's docstring)")
+    parser.add_argument("--experts", type=int, default=EXPERTS,
+                        help=f"K, the number of experts (default {EXPERTS}, LightAWNet's); the "
+                             f"static conv is the first one's")
     parser.add_argument("--shapes", nargs="+", metavar="NxCxHxW", type=parse_shape,
                         default=[with_c_out(s) for s in SHAPES],
                         help="default: LightAWNet's, as in bench_dynamic_conv.py")
     args = parser.parse_args(argv)
     if "static-conv" not in args.impls or "cpu" not in args.impls:
         parser.error("--impls must include static-conv and cpu (the ratios are to them)")
+    if args.experts < 1:
+        parser.error(f"--experts must be at least 1, got {args.experts}")
     if args.calls < 1:
         parser.error(f"--calls must be at least 1, got {args.calls}")
     retained = args.retain_freed_memory and retain_freed_memory()
@@ -158,7 +171,8 @@ def main(argv=None):
         parser.error("--retain-freed-memory needs Linux with glibc")
     calls = ("one call" if args.calls == 1 else
              f"one untimed call and the mean of {args.calls} timed ones")
-    print(f"dynamic_conv2d, {args.mode}, {args.rounds} interleaved rounds per shape ({calls} per "
+    print(f"dynamic_conv2d, K = {args.experts} experts, {args.mode}, {args.rounds} interleaved "
+          f"rounds per shape ({calls} per "
           f"implementation and round{', freed memory retained' if retained else ''}), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; median ms, and in brackets the "
           f"median over rounds of the per-round ratio\n")
@@ -172,9 +186,10 @@ def main(argv=None):
     for shape in args.shapes:
         N, c_in, c_out, H, W = shape
         runs = {impl: (make_forced_run if impl in FORCED else make_run)(
-            impl, (N, c_in, H, W), args.mode, c_out) for impl in args.impls}
+            impl, (N, c_in, H, W), args.mode, c_out, args.experts) for impl in args.impls}
         if args.floor:
-            runs.update({f: make_floor_run(f, (N, c_in, H, W), args.mode, c_out) for f in FLOOR})
+            runs.update({f: make_floor_run(f, (N, c_in, H, W), args.mode, c_out, args.experts)
+                         for f in FLOOR})
         times = interleaved_times(runs, args.rounds, args.calls)
 
         def ms(impl):

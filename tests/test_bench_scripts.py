@@ -94,6 +94,31 @@ def test_interleaved_dynamic_conv_retains_freed_memory():
     assert row.count("|") == 6, out
 
 
+def test_interleaved_dynamic_conv_runs_with_the_experts_asked_for(monkeypatch):
+    """--experts K reaches every implementation's inputs (and the floor's expert traffic)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_dynamic_conv
+        import interleaved_dynamic_conv
+    finally:
+        sys.path.remove(str(BENCH))
+    seen = set()
+
+    def recording(x, experts, routing):
+        seen.add((experts.shape[0], routing.shape[1]))
+        return bench_dynamic_conv.static_conv(x, experts, routing)
+
+    monkeypatch.setitem(bench_dynamic_conv.IMPLS, "cpu", recording)
+    interleaved_dynamic_conv.main(["--shapes", "2x4x8x8", "--rounds", "1", "--experts", "3",
+                                   "--impls", "static-conv", "cpu", "--floor"])
+    assert seen == {(3, 3)}
+    out = run("interleaved_dynamic_conv.py", "--shapes", "2x4x8x8", "--rounds", "2", "--experts",
+              "1", "--impls", "static-conv", "cpu")
+    assert "K = 1 experts" in out, out
+    result = script("interleaved_dynamic_conv.py", "--experts", "0")
+    assert result.returncode == 2 and "--experts must be at least 1" in result.stderr
+
+
 def test_interleaved_dynamic_conv_rejects_a_bad_shape():
     result = script("interleaved_dynamic_conv.py", "--shapes", "8x16")
     assert result.returncode == 2 and "NxCxHxW" in result.stderr

@@ -95,7 +95,7 @@ def test_interleaved_dynamic_conv_retains_freed_memory():
 
 
 def test_interleaved_dynamic_conv_runs_with_the_experts_asked_for(monkeypatch):
-    """--experts K reaches every implementation's inputs (and the floor's expert traffic)."""
+    """--experts K reaches the implementations' inputs; K < 1 is refused."""
     sys.path.insert(0, str(BENCH))
     try:
         import bench_dynamic_conv
